@@ -1,0 +1,266 @@
+"""Direction sets: one matrix per weight matrix ("module"), dense or in low-rank factors.
+
+A danger set points where harmful fine-tuning moves the weights, a safety set where safety
+training moves them. Keys are the base model's own module names
+(``model.layers.0.self_attn.q_proj``) whatever PEFT wrapping the training model has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+KINDS = ("danger", "safety")
+_PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """The base model's own module name: PEFT's ``base_model.model.`` prefix removed."""
+    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+
+
+@dataclass
+class Direction:
+    """V for one module: ``dense`` (out×in), or ``B @ A`` with ``B`` (out×k) and ``A`` (k×in)."""
+
+    dense: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.dense is not None:
+            return tuple(self.dense.shape)
+        return (self.B.shape[0], self.A.shape[1])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.dense, self.B, self.A) if t is not None]
+
+    def sq_norm(self) -> float:
+        """‖V‖²_F, from the k×k Gram matrices when V is low-rank (never forms out×in)."""
+        if self.dense is not None:
+            return float(self.dense.double().pow(2).sum())
+        B, A = self.B.double(), self.A.double()
+        return float(((B.T @ B) * (A @ A.T)).sum())
+
+    def materialize(self) -> torch.Tensor:
+        """Dense V (out×in). For oracles and small models only."""
+        return self.dense if self.dense is not None else self.B @ self.A
+
+    def times_right(self, M: torch.Tensor) -> torch.Tensor:
+        """V @ M for M (in×r), through the factors when V is low-rank."""
+        return self.dense @ M if self.dense is not None else self.B @ (self.A @ M)
+
+    def times_left(self, M: torch.Tensor) -> torch.Tensor:
+        """M @ V for M (r×out), through the factors when V is low-rank."""
+        return M @ self.dense if self.dense is not None else (M @ self.B) @ self.A
+
+    def to(self, device=None, dtype=None) -> "Direction":
+        def move(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+        return Direction(move(self.dense), move(self.B), move(self.A))
+
+
+class DirectionSet:
+    """A named danger or safety direction set: ``{module name: Direction}``."""
+
+    def __init__(self, modules: Mapping[str, Direction], kind: str, name: str, source: str = "") -> None:
+        if kind not in KINDS:
+            raise ValueError(f"DirectionSet kind must be one of {KINDS}, got {kind!r}.")
+        if not modules:
+            raise ValueError(f"Direction set {name!r} ({source or 'in memory'}) holds no module directions.")
+        self.modules: dict[str, Direction] = {canonical_name(k): v for k, v in modules.items()}
+        self.kind, self.name, self.source = kind, name, source
+
+    def __repr__(self) -> str:
+        return f"DirectionSet(kind={self.kind!r}, name={self.name!r}, modules={len(self.modules)})"
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_peft_adapter(cls, path: str | Path, kind: str, name: str | None = None) -> "DirectionSet":
+        """A PEFT LoRA adapter directory; V = lora_B @ lora_A per module (the adapter's scaling is irrelevant:
+        every metric divides by ‖V‖)."""
+        path = Path(path)
+        config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"{f} not found: a PEFT adapter directory needs adapter_config.json and "
+                    f"adapter_model.safetensors (save it with `model.save_pretrained(dir)`)."
+                )
+        config = json.loads(config_file.read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{path} is a {config['peft_type']} adapter; direction sets need a LoRA adapter.")
+        if config.get("use_dora"):
+            raise ValueError(f"{path} is a DoRA adapter; its update is not B@A. Use a plain LoRA adapter.")
+        tensors = load_file(str(weights_file))
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            for part in ("lora_A", "lora_B"):
+                marker = f".{part}."
+                if marker in key and key.endswith("weight") and value.dim() == 2:
+                    factors.setdefault(key.split(marker)[0], {})[part] = value.float()
+        modules = {}
+        for module, f in factors.items():
+            if set(f) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{weights_file}: module {module} has {sorted(f)} but needs lora_A and lora_B.")
+            modules[module] = Direction(B=f["lora_B"], A=f["lora_A"])
+        return cls(modules, kind, name or path.name, source=str(path))
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path, kind: str, name: str | None = None) -> "DirectionSet":
+        """Keys ``<module>.weight`` (out×in), or ``<module>.lora_A`` (k×in) with ``<module>.lora_B`` (out×k)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: expected a safetensors file of per-module directions.")
+        modules: dict[str, Direction] = {}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(str(path)).items():
+            stem, _, suffix = key.rpartition(".")
+            if suffix == "weight" and value.dim() == 2:
+                modules[stem] = Direction(dense=value.float())
+            elif suffix in ("lora_A", "lora_B") and value.dim() == 2:
+                pending.setdefault(stem, {})[suffix] = value.float()
+            else:
+                raise ValueError(
+                    f"{path}: key {key!r} (shape {tuple(value.shape)}) is not '<module>.weight' (2-D) or "
+                    f"'<module>.lora_A' / '<module>.lora_B'."
+                )
+        for stem, f in pending.items():
+            if set(f) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{path}: module {stem} has {sorted(f)} but needs both lora_A and lora_B.")
+            modules[stem] = Direction(B=f["lora_B"], A=f["lora_A"])
+        return cls(modules, kind, name or path.stem, source=str(path))
+
+    @classmethod
+    def from_weight_diff(
+        cls, aligned, base, kind: str, name: str = "weight_diff", rank: int | None = None
+    ) -> "DirectionSet":
+        """V = W_aligned − W_base per Linear weight (models or state dicts); ``rank=k`` keeps a truncated SVD
+        and records the fraction of ‖V‖² kept in ``energy_kept``."""
+        a_sd, b_sd = _linear_weights(aligned), _linear_weights(base)
+        modules, energy = {}, {}
+        for key, wa in a_sd.items():
+            wb = b_sd.get(key)
+            if wb is None or wb.shape != wa.shape:
+                continue
+            diff = wa.float() - wb.float()
+            if rank is None:
+                modules[key] = Direction(dense=diff)
+                continue
+            U, S, Vh = torch.linalg.svd(diff.double(), full_matrices=False)
+            k = min(rank, S.numel())
+            total = float(S.pow(2).sum())
+            energy[key] = float(S[:k].pow(2).sum()) / total if total > 0 else 1.0
+            modules[key] = Direction(B=(U[:, :k] * S[:k]).float(), A=Vh[:k].float())
+        if not modules:
+            raise ValueError("from_weight_diff: the two models share no 2-D weight of the same name and shape.")
+        ds = cls(modules, kind, name, source="weight_diff")
+        ds.energy_kept = energy
+        return ds
+
+    def save(self, path: str | Path) -> None:
+        """Safetensors in the ``from_safetensors`` format; kind and name go in the file's metadata."""
+        out = {}
+        for module, d in self.modules.items():
+            if d.dense is not None:
+                out[f"{module}.weight"] = d.dense.contiguous()
+            else:
+                out[f"{module}.lora_A"] = d.A.contiguous()
+                out[f"{module}.lora_B"] = d.B.contiguous()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(out, str(path), metadata={"kind": self.kind, "name": self.name})
+
+    # --------------------------------------------------------------- validation
+    def check_values(self) -> None:
+        """Raise on NaN/Inf or zero-norm directions: they would make every score NaN or meaningless."""
+        bad = [m for m, d in self.modules.items() if not all(torch.isfinite(t).all() for t in d.tensors())]
+        if bad:
+            raise ValueError(
+                f"Direction set {self.name!r}: {len(bad)} module(s) contain NaN/Inf, e.g. {bad[:3]}. "
+                f"Rebuild the directions (a diverged adapter?) or drop those modules."
+            )
+        zero = [m for m, d in self.modules.items() if d.sq_norm() == 0.0]
+        if zero:
+            raise ValueError(
+                f"Direction set {self.name!r}: {len(zero)} module(s) have a zero direction, e.g. {zero[:3]} "
+                f"(an untrained adapter has lora_B = 0). Train the adapter or drop those modules."
+            )
+
+    def match(self, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+        """Module names this set shares with a model whose covered modules have ``shapes``; raises where the set
+        cannot be meant for that model, warns with counts where it covers only part of it."""
+        self.check_values()
+        common = [m for m in shapes if m in self.modules]
+        if not common:
+            raise ValueError(
+                f"Direction set {self.name!r} matches no module of the model: its modules look like "
+                f"{sorted(self.modules)[:2]}, the model's trainable modules like {sorted(shapes)[:2]}. "
+                f"The directions were made for another architecture, or for modules the model does not train "
+                f"(check the LoRA target_modules)."
+            )
+        wrong = [(m, self.modules[m].shape, tuple(shapes[m])) for m in common
+                 if tuple(self.modules[m].shape) != tuple(shapes[m])]
+        if wrong:
+            m, have, want = wrong[0]
+            raise ValueError(
+                f"Direction set {self.name!r}: {len(wrong)} module(s) have the wrong shape, e.g. {m}: direction "
+                f"{have} vs model weight {want}. The directions were made for a model of another size."
+            )
+        missing = len(shapes) - len(common)
+        extra = len(self.modules) - len(common)
+        if missing or extra:
+            warnings.warn(
+                f"Direction set {self.name!r} covers {len(common)} of the model's {len(shapes)} trained modules "
+                f"({extra} of its {len(self.modules)} directions are for modules the model does not train); "
+                f"scores sum over the {len(common)} shared modules.",
+                stacklevel=3,
+            )
+        return common
+
+
+def _linear_weights(model_or_state) -> dict[str, torch.Tensor]:
+    """Linear weights by canonical module name, from an nn.Module or a state dict (2-D ``.weight`` entries)."""
+    if isinstance(model_or_state, torch.nn.Module):
+        return {canonical_name(n): m.weight.detach() for n, m in model_or_state.named_modules()
+                if isinstance(m, torch.nn.Linear)}
+    return {canonical_name(k[: -len(".weight")]): v for k, v in model_or_state.items()
+            if k.endswith(".weight") and getattr(v, "dim", lambda: 0)() == 2}
+
+
+class DirectionBank:
+    """Several direction sets validated against one model and laid out per covered module: the engines read
+    ``per_module[m]`` (one Direction or None per set), scoring reads ``v_norm`` and ``present`` (M×K)."""
+
+    def __init__(self, sets: list[DirectionSet], shapes: Mapping[str, tuple[int, int]]) -> None:
+        if not sets:
+            raise ValueError("No direction sets given: pass danger=[DirectionSet(...)] and/or safety=[...].")
+        names = [f"{s.kind}/{s.name}" for s in sets]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"Direction set names must be unique per kind; repeated: {sorted(dup)}. "
+                             f"Pass name=... when loading.")
+        matched = [set(s.match(shapes)) for s in sets]
+        self.sets = sets
+        self.keys = names
+        self.modules = [m for m in shapes if any(m in mk for mk in matched)]
+        self.per_module = {m: [s.modules[m] if m in mk else None for s, mk in zip(sets, matched)]
+                           for m in self.modules}
+        self.present = torch.tensor([[d is not None for d in self.per_module[m]] for m in self.modules])
+        self.v_norm = torch.tensor(
+            [[math.sqrt(d.sq_norm()) if d is not None else 0.0 for d in self.per_module[m]] for m in self.modules],
+            dtype=torch.float64,
+        )
+
+    def to(self, device) -> "DirectionBank":
+        """Move every direction to ``device`` (fp32) once, before the first step."""
+        for m, dirs in self.per_module.items():
+            self.per_module[m] = [None if d is None else d.to(device, torch.float32) for d in dirs]
+        return self

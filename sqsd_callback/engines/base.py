@@ -1,0 +1,117 @@
+"""What every engine shares: the batch it scores, the per-module quantities it returns, and the reference math."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..directions import DirectionBank
+from ..modules import LoraTarget
+
+
+@dataclass
+class Batch:
+    """A padded batch of examples; ``labels == -100`` marks positions that are not scored."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    index: list[int | None] = field(default_factory=list)
+
+    @property
+    def n_scored(self) -> torch.Tensor:
+        """Scored (next-token) positions per example, counted as the causal-LM loss counts them."""
+        return scored_tokens(self.labels)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Inputs whose positions do not depend on the padding side (position ids from the attention mask)."""
+        position_ids = (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.index)
+
+
+def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, how many next-token targets are not −100."""
+    return (labels[:, 1:] != -100).sum(-1)
+
+
+@dataclass
+class Stats:
+    """Per example i and module m: ``dots[i, m, k] = <ΔW_i,m, V_m,k>`` for each direction set k and
+    ``sq[i, m] = ‖ΔW_i,m‖²``, where ΔW_i is the example's first-order weight update (fp32)."""
+
+    dots: torch.Tensor
+    sq: torch.Tensor
+
+
+def example_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's mean next-token cross-entropy over its scored tokens (0 where it has none): summed over
+    a batch, its gradient is the sum of the examples' batch-size-1 gradients."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    tok = nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+    mask = (target != -100).float()
+    return (tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def dense_stats(grads: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: dict[str, LoraTarget],
+                bank: DirectionBank) -> Stats:
+    """Reference math from per-example factor gradients ``(gA (n×r×in), gB (n×out×r))``: forms each
+    ΔW_i = −scaling·(gB_i A + B gA_i) densely and takes plain dot products. For the oracle engines."""
+    dots, sqs = [], []
+    for m in bank.modules:
+        t = targets[m]
+        gA, gB = (g.double() for g in grads[m])
+        A, B = t.A.detach().double(), t.B.detach().double()
+        dW = -t.scaling * (gB @ A + B @ gA)
+        V = torch.stack([torch.zeros_like(dW[0]) if d is None else d.materialize().double().to(dW.device)
+                         for d in bank.per_module[m]])
+        dots.append(torch.einsum("noi,koi->nk", dW, V))
+        sqs.append(dW.pow(2).sum((1, 2)))
+    return Stats(torch.stack(dots, 1).float(), torch.stack(sqs, 1).float())
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module, targets: dict[str, LoraTarget]):
+    """Eval mode (no dropout, no checkpoint recomputation) with the LoRA factors differentiable; restores the
+    model's modes and requires_grad flags on exit. Gradients are taken with autograd.grad, so ``.grad`` is untouched."""
+    modes = {m: m.training for m in model.modules()}
+    params = [p for t in targets.values() for p in (t.A, t.B)]
+    flags = [p.requires_grad for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield params
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def collate(samples: list[dict], pad_id: int = 0) -> Batch:
+    """Right-pad samples (dicts with ``input_ids``, ``labels``, optional ``attention_mask`` and ``index``)."""
+    for i, s in enumerate(samples):
+        missing = [k for k in ("input_ids", "labels") if k not in s]
+        if missing:
+            raise ValueError(f"Sample {i} has no {missing}: each sample needs input_ids and labels "
+                             f"(-100 where a token is not scored).")
+        if len(s["labels"]) != len(s["input_ids"]):
+            raise ValueError(f"Sample {i}: labels ({len(s['labels'])}) and input_ids ({len(s['input_ids'])}) "
+                             f"differ in length.")
+    T = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n] = torch.as_tensor(s["input_ids"])
+        labels[i, :n] = torch.as_tensor(s["labels"])
+        mask[i, :n] = torch.as_tensor(s["attention_mask"]) if "attention_mask" in s else 1
+    return Batch(ids, labels, mask, [s.get("index") for s in samples])

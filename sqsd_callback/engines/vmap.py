@@ -1,0 +1,38 @@
+"""Per-example LoRA factor gradients with torch.func (vmap over examples of grad), then the dense reference
+math. An oracle: it materialises every example's gradient, so it is for small models and tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ..directions import DirectionBank
+from ..modules import LoraTarget
+from .base import Batch, Stats, dense_stats, example_mean_losses, scoring_mode
+
+
+class VmapEngine:
+    name = "vmap"
+
+    def __init__(self, targets: dict[str, LoraTarget], bank: DirectionBank) -> None:
+        self.targets, self.bank = targets, bank
+
+    def compute(self, model: nn.Module, batch: Batch) -> Stats:
+        names = {id(p): n for n, p in model.named_parameters()}
+        keys = {m: (names[id(self.targets[m].A)], names[id(self.targets[m].B)]) for m in self.bank.modules}
+        inputs = batch.model_inputs()
+
+        def loss(params, ids, mask, pos, labels):
+            out = functional_call(model, params, args=(), kwargs={
+                "input_ids": ids[None], "attention_mask": mask[None], "position_ids": pos[None]})
+            return example_mean_losses(out.logits, labels[None])[0]
+
+        with scoring_mode(model, self.targets):
+            params = {}
+            for m, (ka, kb) in keys.items():
+                params[ka] = self.targets[m].A.detach()
+                params[kb] = self.targets[m].B.detach()
+            g = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(
+                params, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], batch.labels)
+        return dense_stats({m: (g[ka], g[kb]) for m, (ka, kb) in keys.items()}, self.targets, self.bank)

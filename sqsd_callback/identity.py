@@ -1,0 +1,67 @@
+"""Which training-dataset position each batch row came from, without touching the user's data or collator.
+
+The Trainer drops columns the model's forward does not take and shuffles, so an added index column would not
+reach the batch. Instead each example's token ids are hashed once at train start and each batch row's
+(unpadded) ids are looked up; duplicates resolve to their first position and are counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def token_hash(ids: Sequence[int] | np.ndarray | torch.Tensor) -> bytes:
+    """A 16-byte digest of a token-id sequence (dtype- and container-independent)."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+class ExampleIndex:
+    """Maps token-id sequences back to their position in the training dataset."""
+
+    def __init__(self, dataset) -> None:
+        self.positions: dict[bytes, int] = {}
+        self.duplicates = 0
+        for pos, ids in enumerate(_input_ids_column(dataset)):
+            key = token_hash(ids)
+            if key in self.positions:
+                self.duplicates += 1
+            else:
+                self.positions[key] = pos
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int | None]:
+        """Dataset positions of a padded batch's rows (None for a row not found)."""
+        out = []
+        ids = input_ids.detach().cpu()
+        mask = None if attention_mask is None else attention_mask.detach().cpu().bool()
+        for b in range(ids.shape[0]):
+            row = ids[b] if mask is None else ids[b][mask[b]]
+            pos = self.positions.get(token_hash(row))
+            if pos is None:
+                self.misses += 1
+                if self.misses == 1:
+                    warnings.warn("A training batch row matches no dataset example (does the collator change "
+                                  "input_ids?); its scores are logged with index null.", stacklevel=2)
+            out.append(pos)
+        return out
+
+
+def _input_ids_column(dataset):
+    """The dataset's ``input_ids``, column-wise where the dataset supports it."""
+    if dataset is None:
+        return []
+    try:
+        return dataset["input_ids"] if hasattr(dataset, "column_names") else (ex["input_ids"] for ex in dataset)
+    except (KeyError, TypeError) as e:
+        raise ValueError("The training dataset has no 'input_ids': SQSDCallback needs a tokenized dataset "
+                         "(SFTTrainer tokenizes it for you; with Trainer, map your tokenizer over it).") from e
