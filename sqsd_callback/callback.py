@@ -177,10 +177,14 @@ class SQSDCallback(TrainerCallback):
             return
         mb = self._pending[-1]
         log_probs, loss = getattr(outputs, "log_probs", None), getattr(outputs, "loss", None)
-        if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and log_probs.shape == mb.batch.labels.shape[:2]:
-            def from_log_probs(g):
+        if (isinstance(log_probs, torch.Tensor) and log_probs.requires_grad
+                and log_probs.shape[0] == mb.batch.labels.shape[0]):
+            labels = mb.batch.labels
+            scored = (labels[:, 1:] if log_probs.shape[1] == labels.shape[1] - 1 else labels) != -100
+
+            def from_log_probs(g):  # the loss sums −log_probs over every position: read only scored ones
                 n = mb.batch.n_scored.to(g.device).clamp(min=1)
-                mb.weight = -g.detach().float().sum(-1) / n
+                mb.weight = -(g.detach().float() * scored.to(g.device)).sum(-1) / n
             log_probs.register_hook(from_log_probs)
         elif isinstance(loss, torch.Tensor) and loss.requires_grad:
             denom = self._num_items if self._num_items is not None else scored_tokens(mb.batch.labels).sum()

@@ -1,0 +1,178 @@
+"""SQSDCallback inside real Trainer / SFTTrainer runs, checked against score_samples and dense drift math."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+from conftest import VOCAB, pad_collator, random_samples, random_set, rel_err, three_sets, tiny_lora
+from sqsd_callback import SQSDCallback, score_samples
+from sqsd_callback.modules import lora_targets
+from sqsd_callback.sinks import read_jsonl
+
+KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+
+
+def _train(model, samples, cb, tmp_path, side="right", steps=2, **kw):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=steps, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, lr_scheduler_type="constant", seed=3, **kw)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
+                      data_collator=pad_collator(side), callbacks=[cb])
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("arch,side,metric", [("llama", "left", "cosine"), ("qwen2", "right", "projection"),
+                                              ("llama", "right", "global_cosine")])
+def test_first_step_scores_equal_score_samples(tmp_path, arch, side, metric):
+    """Grad accumulation 2, gradient checkpointing, padding: the step's own backward gives the batch-size-1
+    scores (max deviation ≤ 1e-5 × max |score|)."""
+    model = tiny_lora(arch)
+    danger, safety = three_sets(model)
+    samples = random_samples(8, seed=11)
+    expected = score_samples(model, samples, danger, safety, metric=metric, progress=False)
+    _train(model, samples, SQSDCallback(danger, safety, metric=metric), tmp_path, side=side,
+           gradient_checkpointing=True)
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    assert [r["step"] for r in rows] == [0] * 4 + [1] * 4
+    assert sorted(r["index"] for r in rows) == list(range(8))  # shuffled, but every position recovered
+    first = [r for r in rows if r["step"] == 0]
+    for k in KEYS:
+        assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
+    later = [r for r in rows if r["step"] == 1]  # scored at θ_1, not θ_0
+    assert rel_err([r["sqsd"] for r in later], [expected[r["index"]]["sqsd"] for r in later]) > 1e-3
+
+
+def test_drift_and_logged_scalars_match_dense_math(tmp_path):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    targets = lora_targets(model)
+    start = {m: (t.scaling * t.B.detach() @ t.A.detach()).clone() for m, t in targets.items()}
+    trainer = _train(model, random_samples(8, seed=2), SQSDCallback(danger, safety), tmp_path, steps=3)
+    drift = read_jsonl(tmp_path / "sqsd" / "drift.jsonl")
+    assert [d["step"] for d in drift] == [1, 2, 3]
+    deltas = {m: t.scaling * t.B.detach() @ t.A.detach() - start[m] for m, t in targets.items()}
+    cos = {}
+    for s in danger + safety:
+        num = sum(float((deltas[m] * d.materialize()).sum()) for m, d in s.modules.items())
+        wn = sum(float(deltas[m].pow(2).sum()) for m in s.modules) ** 0.5
+        vn = sum(float(d.materialize().pow(2).sum()) for d in s.modules.values()) ** 0.5
+        cos[s.name] = num / (wn * vn)
+        assert drift[-1][f"cosine/{s.kind}/{s.name}"] == pytest.approx(cos[s.name], rel=1e-5, abs=1e-7)
+    expect = (cos["d1"] + cos["d2"]) / 2 - cos["s1"]
+    assert drift[-1]["drift"] == pytest.approx(expect, rel=1e-5)
+    layer = drift[-1]["layers"]["model.layers.0.self_attn.q_proj"]["cosine"][2]
+    m = "model.layers.0.self_attn.q_proj"
+    d = safety[0].modules[m].materialize()
+    assert layer == pytest.approx(float((deltas[m] * d).sum() / (deltas[m].norm() * d.norm())), rel=1e-5)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["sqsd/drift"] for h in logged] == pytest.approx([d["drift"] for d in drift])
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    last = [r["sqsd"] for r in rows if r["step"] == 2]
+    assert logged[-1]["sqsd/batch_sqsd_max"] == pytest.approx(max(last))
+    assert logged[-1]["sqsd/batch_sqsd_mean"] == pytest.approx(sum(last) / len(last))
+
+
+def test_unscored_example_is_null_and_training_goes_on(tmp_path):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(8, seed=5)
+    samples[4]["labels"] = [-100] * len(samples[4]["labels"])
+    _train(model, samples, SQSDCallback(danger, safety), tmp_path)
+    rows = {r["index"]: r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl")}
+    assert rows[4]["sqsd"] is None and rows[4]["danger"] is None
+    assert all(r["sqsd"] is not None for i, r in rows.items() if i != 4)
+
+
+def test_hooks_score_what_training_used_with_lora_dropout(tmp_path):
+    """With lora_dropout the step's own scores differ from the dropout-free oracle (they use the masks)."""
+    model = tiny_lora("llama", dropout=0.5)
+    danger, safety = three_sets(model)
+    samples = random_samples(8, seed=11)
+    expected = score_samples(model, samples, danger, safety, progress=False)
+    _train(model, samples, SQSDCallback(danger, safety), tmp_path)
+    first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
+    assert rel_err([r["sqsd"] for r in first], [expected[r["index"]]["sqsd"] for r in first]) > 1e-2
+
+
+def test_bf16_autocast_scores_track_fp32(tmp_path):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(8, seed=11)
+    expected = score_samples(model, samples, danger, safety, progress=False)
+    _train(model, samples, SQSDCallback(danger, safety), tmp_path, bf16=True)
+    first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
+    assert rel_err([r["sqsd"] for r in first], [expected[r["index"]]["sqsd"] for r in first]) < 5e-2
+
+
+def test_wrong_kind_and_empty_callback_are_refused():
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    with pytest.raises(ValueError, match="is a safety set but was passed as danger"):
+        SQSDCallback(danger=safety)
+    with pytest.raises(ValueError, match="at least one direction set"):
+        SQSDCallback()
+    with pytest.raises(TypeError, match="lists of DirectionSet"):
+        SQSDCallback(danger=["dirs/danger"])
+
+
+# ---------------------------------------------------------------- TRL SFTTrainer
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _prompt_completion(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = lambda k: " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (k,), generator=g))  # noqa: E731
+    return Dataset.from_list([{"prompt": words(int(torch.randint(2, 6, (1,), generator=g))),
+                               "completion": " " + words(int(torch.randint(2, 6, (1,), generator=g)))}
+                              for _ in range(n)])
+
+
+def _sft(tmp_path, cb, model, peft_config=None, **kw):
+    from trl import SFTConfig, SFTTrainer
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+                     report_to=[], save_strategy="no", use_cpu=True, **kw)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_prompt_completion(8), peft_config=peft_config,
+                         processing_class=_word_tokenizer(), callbacks=[cb])
+    trainer.train()
+    return trainer
+
+
+def test_sft_trainer_defaults_complete_and_log_drift(tmp_path):
+    """SFTTrainer defaults: gradient checkpointing on, bf16, completion-only loss, its fused log-prob loss."""
+    from peft import LoraConfig
+    from conftest import tiny_base
+    ref = tiny_lora("llama")
+    danger, safety = three_sets(ref)
+    trainer = _sft(tmp_path, SQSDCallback(danger, safety), tiny_base("llama"),
+                   peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    assert trainer.args.gradient_checkpointing and trainer.args.bf16
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("sqsd/drift" in h for h in logged)
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    assert len(rows) == 4 and all(r["sqsd"] is not None for r in rows)
+    assert sorted(r["index"] for r in rows) == sorted(set(r["index"] for r in rows))
+
+
+def test_sft_trainer_projection_scores_equal_score_samples(tmp_path):
+    """fp32 SFTTrainer: the per-example scale read off TRL's per-token log-prob loss gives batch-size-1
+    projections (the scale-sensitive metric)."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    before = copy.deepcopy(model)
+    trainer = _sft(tmp_path, SQSDCallback(danger, safety, metric="projection"), model, bf16=False)
+    data = trainer.train_dataset
+    samples = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in data]
+    assert all(-100 in s["labels"] for s in samples)  # completion-only loss
+    expected = score_samples(before, samples, danger, safety, metric="projection", progress=False)
+    first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
+    for k in KEYS:
+        assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k

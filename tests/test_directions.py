@@ -1,0 +1,119 @@
+"""DirectionSet loading, saving and validation, with the messages users see for bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import random_set, tiny_base, tiny_lora
+from sqsd_callback import DirectionSet, score_samples
+from sqsd_callback.directions import Direction, DirectionBank
+from sqsd_callback.modules import lora_targets
+
+
+def _shapes(model):
+    return {m: t.shape for m, t in lora_targets(model).items()}
+
+
+def test_peft_adapter_gives_B_at_A_under_base_model_names(tmp_path):
+    adapter = tiny_lora("llama", seed=3)
+    adapter.save_pretrained(tmp_path / "danger")
+    ds = DirectionSet.from_peft_adapter(tmp_path / "danger", kind="danger", name="beaver")
+    targets = lora_targets(adapter)
+    assert sorted(ds.modules) == sorted(targets) and "model.layers.0.self_attn.q_proj" in ds.modules
+    for m, t in targets.items():
+        assert torch.allclose(ds.modules[m].materialize(), t.B.detach() @ t.A.detach())
+    # the adapter's names match a training model with a different LoRA rank and seed
+    other = tiny_lora("llama", r=2, seed=9)
+    assert DirectionBank([ds], _shapes(other)).modules == list(targets)
+
+
+def test_safetensors_dense_and_low_rank_round_trip(tmp_path):
+    model = tiny_lora("llama")
+    for rank in (None, 2):
+        ds = random_set(model, "safety", "pku", rank=rank, seed=1)
+        ds.save(tmp_path / f"d{rank}.safetensors")
+        back = DirectionSet.from_safetensors(tmp_path / f"d{rank}.safetensors", kind="safety", name="pku")
+        for m, d in ds.modules.items():
+            assert torch.equal(back.modules[m].materialize(), d.materialize())
+            assert (back.modules[m].dense is None) == (rank is not None)
+
+
+def test_weight_diff_full_and_truncated_svd():
+    base, aligned = tiny_base("llama", seed=0), tiny_base("llama", seed=1)
+    full = DirectionSet.from_weight_diff(aligned, base, kind="safety")
+    name = "model.layers.0.mlp.down_proj"
+    diff = aligned.get_submodule(name).weight - base.get_submodule(name).weight
+    assert torch.allclose(full.modules[name].materialize(), diff.detach())
+    low = DirectionSet.from_weight_diff(aligned.state_dict(), base.state_dict(), kind="safety", rank=4)
+    S = torch.linalg.svdvals(diff.detach().double())
+    assert low.energy_kept[name] == pytest.approx(float(S[:4].pow(2).sum() / S.pow(2).sum()), rel=1e-9)
+    U, S_, Vh = torch.linalg.svd(diff.detach().double())
+    best = (U[:, :4] * S_[:4]) @ Vh[:4]
+    assert torch.allclose(low.modules[name].materialize().double(), best, atol=1e-5)
+
+
+def test_low_rank_norm_never_forms_the_matrix_and_is_exact():
+    d = Direction(B=torch.randn(50, 3), A=torch.randn(3, 40))
+    assert d.sq_norm() == pytest.approx(float((d.B @ d.A).double().pow(2).sum()), rel=1e-9)
+
+
+# ------------------------------------------------------------------ bad input
+def test_missing_adapter_file_names_the_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        DirectionSet.from_peft_adapter(tmp_path / "a", kind="danger")
+
+
+def test_dora_adapter_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    save_file({"x.lora_A.weight": torch.ones(2, 3)}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="DoRA"):
+        DirectionSet.from_peft_adapter(tmp_path / "a", kind="danger")
+
+
+def test_directions_matching_no_module_say_architecture(tmp_path):
+    model = tiny_lora("llama")
+    ds = DirectionSet({"transformer.h.0.attn.c_attn": Direction(dense=torch.ones(4, 4))}, "danger", "gpt2")
+    with pytest.raises(ValueError, match="matches no module.*another architecture"):
+        DirectionBank([ds], _shapes(model))
+
+
+def test_wrong_shape_is_reported_with_both_shapes():
+    model = tiny_lora("llama")
+    ds = random_set(model, "danger", "d")
+    ds.modules["model.layers.0.self_attn.q_proj"] = Direction(dense=torch.ones(16, 32))
+    with pytest.raises(ValueError, match=r"1 module\(s\) have the wrong shape.*\(16, 32\) vs model weight \(32, 32\)"):
+        DirectionBank([ds], _shapes(model))
+
+
+@pytest.mark.parametrize("bad,msg", [(math.nan, "NaN/Inf"), (math.inf, "NaN/Inf"), (0.0, "zero direction")])
+def test_nan_inf_and_zero_directions(bad, msg):
+    model = tiny_lora("llama")
+    ds = random_set(model, "safety", "s", rank=None)
+    ds.modules["model.layers.1.mlp.down_proj"].dense.fill_(bad)
+    with pytest.raises(ValueError, match=msg):
+        score_samples(model, [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], [], [ds], progress=False)
+
+
+def test_partial_coverage_warns_with_counts():
+    model = tiny_lora("llama")
+    ds = random_set(model, "danger", "d", modules=["q_proj"])
+    ds.modules["model.layers.0.mlp.up_proj"] = Direction(dense=torch.ones(48, 32))
+    with pytest.warns(UserWarning, match="covers 2 of the model's 6 trained modules \\(1 of its 3"):
+        DirectionBank([ds], _shapes(model))
+
+
+def test_kind_name_and_model_checks():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        DirectionSet({"a": Direction(dense=torch.ones(2, 2))}, "toxic", "x")
+    model = tiny_lora("llama")
+    d1, d2 = random_set(model, "danger", "same"), random_set(model, "danger", "same", seed=4)
+    with pytest.raises(ValueError, match="repeated: \\['danger/same'\\]"):
+        DirectionBank([d1, d2], _shapes(model))
+    with pytest.raises(ValueError, match="no active LoRA Linear layer.*get_peft_model"):
+        score_samples(tiny_base("llama"), [{"input_ids": [1, 2], "labels": [1, 2]}], [d1], [], progress=False)

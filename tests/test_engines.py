@@ -1,0 +1,127 @@
+"""The fast hooks engine against the two oracles (torch.func per-example gradients, batch-size-1 loop).
+
+Tolerance: per score key, max |hooks − oracle| over examples ≤ 1e-5 × max |oracle| (fp32 models)."""
+
+import pytest
+import torch
+
+from conftest import rel_err, random_samples, random_set, three_sets, tiny_lora
+from sqsd_callback import score_samples
+from sqsd_callback.directions import DirectionBank
+from sqsd_callback.engines import make_engine
+from sqsd_callback.engines.base import collate
+from sqsd_callback.modules import lora_targets
+from sqsd_callback.scoring import project
+
+KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+
+
+def _agree(model, danger, safety, samples, metric, keys=KEYS, batch_size=8):
+    ref = score_samples(model, samples, danger, safety, metric=metric, engine="loop", progress=False)
+    for engine in ("hooks", "vmap"):
+        got = score_samples(model, samples, danger, safety, metric=metric, engine=engine,
+                            batch_size=batch_size, progress=False)
+        assert [r["index"] for r in got] == [r["index"] for r in ref]
+        for k in keys:
+            err = rel_err([r[k] for r in got], [r[k] for r in ref])
+            assert err < 1e-5, (engine, metric, k, err)
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("metric", ["cosine", "projection", "global_cosine"])
+def test_engines_agree_with_padding_and_three_sets(arch, metric):
+    model = tiny_lora(arch)
+    danger, safety = three_sets(model)
+    samples = random_samples(10, seed=4)
+    samples[3]["attention_mask"][:2] = [0, 0]  # left-padded example inside the batch
+    ref = _agree(model, danger, safety, samples, metric, batch_size=4)
+    assert len({round(r["sqsd"], 6) for r in ref}) == len(ref)  # examples really differ
+
+
+def test_engines_agree_rslora_all_linear_and_partial_directions():
+    model = tiny_lora("qwen2", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                       "down_proj"], r=8, rslora=True)
+    danger = [random_set(model, "danger", "attn", seed=5, modules=["self_attn"])]
+    safety = [random_set(model, "safety", "mlp", rank=None, seed=6, modules=["mlp", "q_proj"])]
+    with pytest.warns(UserWarning, match="covers"):
+        _agree(model, danger, safety, random_samples(6, seed=7), "cosine",
+               keys=["danger", "safety", "sqsd", "danger/attn", "safety/mlp"])
+
+
+def test_low_rank_identities_match_dense_math_per_module():
+    """Per module, not only summed: the hooks engine's dots and squared norms equal the dense oracle's."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    targets = lora_targets(model)
+    bank = DirectionBank(danger + safety, {m: t.shape for m, t in targets.items()})
+    batch = collate(random_samples(5, seed=8))
+    fast = make_engine("hooks", targets, bank).compute(model, batch)
+    slow = make_engine("loop", targets, bank).compute(model, batch)
+    assert torch.allclose(fast.dots, slow.dots, rtol=1e-5, atol=1e-5 * slow.dots.abs().max().item())
+    assert torch.allclose(fast.sq, slow.sq, rtol=1e-5, atol=0)
+
+
+def test_hand_computed_single_module_case():
+    """One LoRA module, one token scored: ΔW = −s(gB A + B gA) with gradients from autograd by hand."""
+    model = tiny_lora("llama", targets=["v_proj"])
+    targets = lora_targets(model)
+    name = "model.layers.1.self_attn.v_proj"
+    t = targets[name]
+    V = torch.randn(t.shape, generator=torch.Generator().manual_seed(3))
+    from sqsd_callback import DirectionSet
+    from sqsd_callback.directions import Direction
+    ds = DirectionSet({name: Direction(dense=V)}, "danger", "one")
+    sample = {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, -100, 8]}
+    loss = model(input_ids=torch.tensor([sample["input_ids"]]), labels=torch.tensor([sample["labels"]])).loss
+    gA, gB = torch.autograd.grad(loss, [t.A, t.B])
+    dW = -t.scaling * (gB @ t.A + t.B @ gA)
+    dW = dW.detach()
+    expected = float((dW * V).sum() / (dW.norm() * V.norm()))
+    with pytest.warns(UserWarning, match="covers 1 of the model.s 2"):
+        row = score_samples(model, [sample], [ds], [], progress=False)[0]
+    assert row["danger"] == pytest.approx(expected, rel=1e-5)
+    assert row["safety"] is None and row["sqsd"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_unscored_example_gets_null_scores_and_others_are_unaffected():
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(4, seed=9)
+    samples[2]["labels"] = [-100] * len(samples[2]["labels"])
+    rows = score_samples(model, samples, danger, safety, progress=False)
+    assert all(rows[2][k] is None for k in KEYS)
+    alone = score_samples(model, [samples[0]], danger, safety, progress=False)[0]
+    assert rows[0]["sqsd"] == pytest.approx(alone["sqsd"], rel=1e-5)
+
+
+def test_score_samples_leaves_model_state_as_found():
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    model.train()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    lora[0].requires_grad_(False)
+    for p in lora[1:]:
+        p.grad = torch.full_like(p, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for engine in ("hooks", "vmap", "loop"):
+        score_samples(model, random_samples(3), danger, safety, engine=engine, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad == flags[n]
+    assert lora[0].grad is None and all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in lora[1:])
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_bad_engine_metric_and_samples():
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    with pytest.raises(ValueError, match="Unknown engine 'fast'.*hooks"):
+        score_samples(model, random_samples(2), danger, safety, engine="fast", progress=False)
+    with pytest.raises(ValueError, match="Unknown metric 'cos'.*cosine"):
+        score_samples(model, random_samples(2), danger, safety, metric="cos", progress=False)
+    with pytest.raises(ValueError, match="no \\['labels'\\]"):
+        score_samples(model, [{"input_ids": [1, 2, 3]}], danger, safety, progress=False)
+    with pytest.raises(ValueError, match="got no samples"):
+        score_samples(model, [], danger, safety, progress=False)
