@@ -62,7 +62,7 @@ class Direction:
         """M @ V for M (r×out), through the factors when V is low-rank."""
         return M @ self.dense if self.dense is not None else (M @ self.B) @ self.A
 
-    def to(self, device=None, dtype=None) -> "Direction":
+    def to(self, device=None, dtype=None) -> Direction:
         def move(t):
             return None if t is None else t.to(device=device, dtype=dtype)
         return Direction(move(self.dense), move(self.B), move(self.A))
@@ -84,7 +84,7 @@ class DirectionSet:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_peft_adapter(cls, path: str | Path, kind: str, name: str | None = None) -> "DirectionSet":
+    def from_peft_adapter(cls, path: str | Path, kind: str, name: str | None = None) -> DirectionSet:
         """A PEFT LoRA adapter directory; V = lora_B @ lora_A per module (the adapter's scaling is irrelevant:
         every metric divides by ‖V‖)."""
         path = Path(path)
@@ -115,7 +115,7 @@ class DirectionSet:
         return cls(modules, kind, name or path.name, source=str(path))
 
     @classmethod
-    def from_safetensors(cls, path: str | Path, kind: str, name: str | None = None) -> "DirectionSet":
+    def from_safetensors(cls, path: str | Path, kind: str, name: str | None = None) -> DirectionSet:
         """Keys ``<module>.weight`` (out×in), or ``<module>.lora_A`` (k×in) with ``<module>.lora_B`` (out×k)."""
         path = Path(path)
         if not path.is_file():
@@ -142,7 +142,7 @@ class DirectionSet:
     @classmethod
     def from_weight_diff(
         cls, aligned, base, kind: str, name: str = "weight_diff", rank: int | None = None
-    ) -> "DirectionSet":
+    ) -> DirectionSet:
         """V = W_aligned − W_base per Linear weight (models or state dicts); ``rank=k`` keeps a truncated SVD
         and records the fraction of ‖V‖² kept in ``energy_kept``."""
         a_sd, b_sd = _linear_weights(aligned), _linear_weights(base)
@@ -259,7 +259,7 @@ class DirectionBank:
             dtype=torch.float64,
         )
 
-    def to(self, device) -> "DirectionBank":
+    def to(self, device) -> DirectionBank:
         """Move every direction to ``device`` (fp32) once, before the first step."""
         for m, dirs in self.per_module.items():
             self.per_module[m] = [None if d is None else d.to(device, torch.float32) for d in dirs]

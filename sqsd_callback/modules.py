@@ -54,8 +54,9 @@ def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
                              f"(model.set_adapter(name)).")
         adapter = active[0]
         if adapter in getattr(module, "lora_variant", {}):
-            raise ValueError(f"{name}: adapter {adapter!r} is a LoRA variant ({type(module.lora_variant[adapter]).__name__},"
-                             f" e.g. DoRA) whose update is not scaling·B@A; use plain LoRA.")
+            variant = type(module.lora_variant[adapter]).__name__
+            raise ValueError(f"{name}: adapter {adapter!r} is a LoRA variant ({variant}, e.g. DoRA) whose update "
+                             f"is not scaling·B@A; use plain LoRA.")
         if getattr(module, "merged", False):
             raise ValueError(f"{name}: the LoRA adapter is merged into the base weight; unmerge it "
                              f"(model.unmerge_adapter()) so its factors can be scored.")

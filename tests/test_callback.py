@@ -5,12 +5,21 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from conftest import VOCAB, pad_collator, random_samples, random_set, rel_err, three_sets, tiny_lora
 from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.modules import lora_targets
 from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.testing import (
+    VOCAB,
+    pad_collator,
+    random_samples,
+    rel_err,
+    three_sets,
+    tiny_base,
+    tiny_lora,
+    word_tokenizer,
+)
 
 KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
 
@@ -120,14 +129,6 @@ def test_wrong_kind_and_empty_callback_are_refused():
 
 
 # ---------------------------------------------------------------- TRL SFTTrainer
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
 def _prompt_completion(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     words = lambda k: " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (k,), generator=g))  # noqa: E731
@@ -141,7 +142,7 @@ def _sft(tmp_path, cb, model, peft_config=None, **kw):
     args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
                      report_to=[], save_strategy="no", use_cpu=True, **kw)
     trainer = SFTTrainer(model=model, args=args, train_dataset=_prompt_completion(8), peft_config=peft_config,
-                         processing_class=_word_tokenizer(), callbacks=[cb])
+                         processing_class=word_tokenizer(), callbacks=[cb])
     trainer.train()
     return trainer
 
@@ -149,7 +150,6 @@ def _sft(tmp_path, cb, model, peft_config=None, **kw):
 def test_sft_trainer_defaults_complete_and_log_drift(tmp_path):
     """SFTTrainer defaults: gradient checkpointing on, bf16, completion-only loss, its fused log-prob loss."""
     from peft import LoraConfig
-    from conftest import tiny_base
     ref = tiny_lora("llama")
     danger, safety = three_sets(ref)
     trainer = _sft(tmp_path, SQSDCallback(danger, safety), tiny_base("llama"),

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import random_set, tiny_base, tiny_lora
 from sqsd_callback import DirectionSet, score_samples
 from sqsd_callback.directions import Direction, DirectionBank
 from sqsd_callback.modules import lora_targets
+from sqsd_callback.testing import random_set, tiny_base, tiny_lora
 
 
 def _shapes(model):

@@ -5,13 +5,12 @@ Tolerance: per score key, max |hooks − oracle| over examples ≤ 1e-5 × max |
 import pytest
 import torch
 
-from conftest import rel_err, random_samples, random_set, three_sets, tiny_lora
 from sqsd_callback import score_samples
 from sqsd_callback.directions import DirectionBank
 from sqsd_callback.engines import make_engine
 from sqsd_callback.engines.base import collate
 from sqsd_callback.modules import lora_targets
-from sqsd_callback.scoring import project
+from sqsd_callback.testing import random_samples, random_set, rel_err, three_sets, tiny_lora
 
 KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
 

@@ -31,7 +31,7 @@ class Batch:
         position_ids = (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.index)
 
 

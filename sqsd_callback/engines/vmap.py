@@ -3,7 +3,6 @@ math. An oracle: it materialises every example's gradient, so it is for small mo
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 

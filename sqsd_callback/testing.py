@@ -1,0 +1,103 @@
+"""Tiny models with random weights, random direction sets and data: for tests, benchmarks and examples that
+must run in seconds without a model hub."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from .directions import Direction, DirectionSet
+from .modules import lora_targets
+
+VOCAB = 96
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_base(arch: str = "llama", seed: int = 0):
+    """A 2-layer causal LM with random weights, eager attention (vmap-friendly)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, attn_implementation="eager")
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    return Qwen2ForCausalLM(Qwen2Config(**common))
+
+
+def tiny_lora(arch: str = "llama", targets=("q_proj", "v_proj", "down_proj"), r: int = 4, dropout: float = 0.0,
+              rslora: bool = False, seed: int = 0):
+    """A tiny model with LoRA whose B factors are nonzero (so both factor gradients matter)."""
+    model = get_peft_model(tiny_base(arch, seed), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                             lora_dropout=dropout, use_rslora=rslora))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def random_set(model, kind: str, name: str, rank: int | None = 3, seed: int = 0, modules=None) -> DirectionSet:
+    """Random directions for the model's LoRA modules: low-rank (``rank``) or dense (``rank=None``)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = {}
+    for m, t in lora_targets(model).items():
+        if modules is not None and not any(s in m for s in modules):
+            continue
+        out, inp = t.shape
+        if rank is None:
+            dirs[m] = Direction(dense=torch.randn(out, inp, generator=g))
+        else:
+            dirs[m] = Direction(B=torch.randn(out, rank, generator=g), A=torch.randn(rank, inp, generator=g))
+    return DirectionSet(dirs, kind, name)
+
+
+def three_sets(model):
+    """Two danger sets (one low-rank, one dense) and one safety set."""
+    return ([random_set(model, "danger", "d1", seed=1), random_set(model, "danger", "d2", rank=None, seed=2)],
+            [random_set(model, "safety", "s1", seed=3)])
+
+
+def random_samples(n: int = 8, seed: int = 0, min_len: int = 6, max_len: int = 14, prompt_len: int = 3):
+    """Token sequences of varied length whose first ``prompt_len`` tokens are not scored."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        L = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(1, VOCAB, (L,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:], "attention_mask": [1] * L})
+    return out
+
+
+def pad_collator(side: str = "right"):
+    """Pads input_ids (0), labels (−100) and attention_mask (0) on the given side."""
+    def collate(features):
+        T = max(len(f["input_ids"]) for f in features)
+        out = {"input_ids": [], "labels": [], "attention_mask": []}
+        for f in features:
+            pad = T - len(f["input_ids"])
+            for key, value in (("input_ids", 0), ("labels", -100), ("attention_mask", 0)):
+                row = list(f[key])
+                out[key].append([value] * pad + row if side == "left" else row + [value] * pad)
+        return {k: torch.tensor(v) for k, v in out.items()}
+    return collate
+
+
+def rel_err(a, b) -> float:
+    """max |a − b| / max |b| over paired score rows (None must pair with None)."""
+    num = den = 0.0
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            assert x is None and y is None, (x, y)
+            continue
+        num, den = max(num, abs(x - y)), max(den, abs(y))
+    return num / den if den else num
+
+
+def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w3 … w{vocab_size-1}`` with <pad>=0, <eos>=1, <unk>=2 (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
