@@ -153,7 +153,8 @@ class SQSDCallback(TrainerCallback):
 
     # ------------------------------------------------------------ model hooks
     def _on_forward(self, module, args, kwargs):
-        """Start of a training micro-batch: note its rows and open the engine's record."""
+        """Start of a training micro-batch: note its rows (taking out an ``index`` input the model must not see)
+        and open the engine's record."""
         if not module.training or not torch.is_grad_enabled():
             return
         self._close_micro_batch()
@@ -163,12 +164,14 @@ class SQSDCallback(TrainerCallback):
             raise ValueError("SQSDCallback needs input_ids and labels in each training batch (the examples' "
                              "scored tokens are the labels that are not -100).")
         mask = kwargs.get("attention_mask")
-        batch = Batch(ids.detach(), labels.detach(), torch.ones_like(ids) if mask is None else mask.detach(),
-                      self.index.lookup(ids, mask))
+        own_index = kwargs.pop("index", None)  # the dataset's own index column, where it reaches the batch
+        index = own_index.tolist() if own_index is not None else self.index.lookup(ids, mask)
+        batch = Batch(ids.detach(), labels.detach(), torch.ones_like(ids) if mask is None else mask.detach(), index)
         self._pending.append(_MicroBatch(batch))
         self._num_items = kwargs.get("num_items_in_batch")
         if self.engine_name == "hooks":
             self.engine.start(ids.shape[0], ids.device)
+        return args, kwargs
 
     def _on_outputs(self, module, args, kwargs, outputs):
         """Read each row's per-token loss weight off the backward pass: through the model's own loss

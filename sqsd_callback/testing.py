@@ -70,7 +70,7 @@ def random_samples(n: int = 8, seed: int = 0, min_len: int = 6, max_len: int = 1
 
 
 def pad_collator(side: str = "right"):
-    """Pads input_ids (0), labels (−100) and attention_mask (0) on the given side."""
+    """Pads input_ids (0), labels (−100) and attention_mask (0) on the given side; passes ``index`` through."""
     def collate(features):
         T = max(len(f["input_ids"]) for f in features)
         out = {"input_ids": [], "labels": [], "attention_mask": []}
@@ -79,6 +79,8 @@ def pad_collator(side: str = "right"):
             for key, value in (("input_ids", 0), ("labels", -100), ("attention_mask", 0)):
                 row = list(f[key])
                 out[key].append([value] * pad + row if side == "left" else row + [value] * pad)
+        if "index" in features[0]:
+            out["index"] = [f["index"] for f in features]
         return {k: torch.tensor(v) for k, v in out.items()}
     return collate
 

@@ -85,6 +85,27 @@ def test_drift_and_logged_scalars_match_dense_math(tmp_path):
     assert logged[-1]["sqsd/batch_sqsd_mean"] == pytest.approx(sum(last) / len(last))
 
 
+def test_dataset_own_index_column_is_used_and_kept_from_the_model(tmp_path):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = [dict(s, index=100 + 7 * i) for i, s in enumerate(random_samples(8, seed=2))]
+    _train(model, samples, SQSDCallback(danger, safety), tmp_path, remove_unused_columns=False)
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    assert sorted(r["index"] for r in rows) == [100 + 7 * i for i in range(8)]
+
+
+def test_duplicate_examples_resolve_to_first_position_and_are_counted(tmp_path):
+    import json
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(6, seed=2)
+    samples += [samples[1], samples[3]]
+    _train(model, samples, SQSDCallback(danger, safety), tmp_path)
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    assert sorted(r["index"] for r in rows) == [0, 1, 1, 2, 3, 3, 4, 5]
+    assert json.loads((tmp_path / "sqsd" / "run.json").read_text())["duplicate_examples"] == 2
+
+
 def test_unscored_example_is_null_and_training_goes_on(tmp_path):
     model = tiny_lora("llama")
     danger, safety = three_sets(model)

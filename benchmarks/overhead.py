@@ -1,0 +1,157 @@
+"""Step time and peak memory of a LoRA SFT run with and without SQSDCallback, measured side by side.
+
+The same TRL SFTTrainer run (SmolLM2-135M-sized Llama with random weights, LoRA on every linear layer, a batch
+of random tokens, 2 danger + 1 safety direction sets) is trained in rounds that alternate the variants in one
+process; each round's first step is a warm-up and is dropped, the rest give medians. Peak memory comes from
+one short run per variant in its own process (CUDA: max allocated; CPU: peak RSS).
+
+    python benchmarks/overhead.py                      # defaults: none vs hooks
+    python benchmarks/overhead.py --engines hooks,loop --rounds 3 --steps-per-round 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from sqsd_callback import SQSDCallback
+from sqsd_callback.testing import ALL_LINEAR, random_set, word_tokenizer
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, pad_token_id=0)
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, from on_step_begin to on_step_end (callback work included)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def build(opts, engine: str | None, out_dir: str):
+    """A trainer for one variant (engine None = no callback); every variant starts from the same weights."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": opts.layers}))
+    model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, target_modules=ALL_LINEAR))
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(opts.batch * opts.steps_per_round):
+        ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (opts.seq,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
+    timer = StepTimer()
+    callbacks = [timer]
+    if engine is not None:
+        sets = [random_set(model, "danger", "d1", rank=16, seed=1), random_set(model, "danger", "d2", rank=16, seed=2),
+                random_set(model, "safety", "s1", rank=16, seed=3)]
+        callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:], engine=engine))
+    args = SFTConfig(output_dir=out_dir, max_steps=opts.steps_per_round, per_device_train_batch_size=opts.batch,
+                     logging_steps=opts.steps_per_round, report_to=[], save_strategy="no", bf16=opts.bf16,
+                     gradient_checkpointing=True, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=word_tokenizer(SMOLLM2_135M["vocab_size"]), callbacks=callbacks)
+    return trainer, timer
+
+
+def peak_memory(opts, engine: str | None) -> float:
+    """Peak memory (MiB) of a short run of one variant, in a fresh process."""
+    cmd = [sys.executable, __file__, "--_memory-of", engine or "none", "--layers", str(opts.layers),
+           "--batch", str(opts.batch), "--seq", str(opts.seq), "--rank", str(opts.rank)]
+    if opts.bf16:
+        cmd.append("--bf16")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _memory_child(opts) -> None:
+    engine = None if opts._memory_of == "none" else opts._memory_of
+    opts.steps_per_round = 2
+    with tempfile.TemporaryDirectory() as d:
+        trainer, _ = build(opts, engine, d)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    if torch.cuda.is_available():
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", default="hooks", help="comma-separated engines to compare with no callback")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps-per-round", type=int, default=3, help="the first step of each round is a warm-up")
+    p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory runs")
+    p.add_argument("--out", default="benchmarks/results/overhead.json")
+    p.add_argument("--_memory-of", default=None, help=argparse.SUPPRESS)
+    opts = p.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if opts._memory_of is not None:
+        return _memory_child(opts)
+
+    variants = [None, *opts.engines.split(",")]
+    tmp = tempfile.TemporaryDirectory()
+    built = {v: build(opts, v, f"{tmp.name}/{v}") for v in variants}
+    times = {v: [] for v in variants}
+    for r in range(opts.rounds):
+        for v in variants:
+            trainer, timer = built[v]
+            timer.times = []
+            trainer.train()
+            times[v] += timer.times[1:]
+            print(f"round {r + 1}/{opts.rounds} {v or 'none':>6}: " + " ".join(f"{t:.3f}" for t in timer.times),
+                  flush=True)
+    median = {v or "none": statistics.median(ts) for v, ts in times.items()}
+    memory = {} if opts.no_memory else {v or "none": peak_memory(opts, v) for v in variants}
+    result = {
+        "config": {k: v for k, v in vars(opts).items() if not k.startswith("_")},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "threads": torch.get_num_threads()},
+        "step_time_s": {v or "none": ts for v, ts in times.items()},
+        "median_step_time_s": median,
+        "step_time_ratio": {v: median[v] / median["none"] for v in median if v != "none"},
+        "peak_memory_mib": memory,
+        "peak_memory_ratio": {v: memory[v] / memory["none"] for v in memory if v != "none"},
+    }
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(result, indent=2))
+    print(f"\n{'variant':>8} {'median step (s)':>16} {'time ratio':>11} {'peak MiB':>10} {'mem ratio':>10}")
+    for v in median:
+        print(f"{v:>8} {median[v]:>16.3f} {result['step_time_ratio'].get(v, 1.0):>11.3f} "
+              f"{memory.get(v, float('nan')):>10.0f} {result['peak_memory_ratio'].get(v, 1.0):>10.3f}")
+    print(f"\nwrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
