@@ -25,6 +25,8 @@ from .modules import lora_targets
 from .scoring import check_metric, project, rows
 from .sinks import JsonlWriter
 
+_TEXT_CHARS = 600
+
 
 @dataclass
 class _MicroBatch:
@@ -84,8 +86,10 @@ class SQSDCallback(TrainerCallback):
         self._weight_warned = False
 
     # ------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, processing_class=None,
+                       **kwargs):
         self._run_before_reporters()
+        self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.targets = lora_targets(model)
         device = next(iter(self.targets.values())).A.device
         self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
@@ -95,6 +99,7 @@ class SQSDCallback(TrainerCallback):
         self.drift = Drift(self.targets, self.bank)
         out = Path(self.output_dir or Path(args.output_dir) / "sqsd")
         self.scores_file, self.drift_file = JsonlWriter(out / "scores.jsonl"), JsonlWriter(out / "drift.jsonl")
+        self.texts_file, self._seen = JsonlWriter(out / "examples.jsonl"), set()
         if state.is_world_process_zero:
             (out / "run.json").write_text(json.dumps(self._describe(), indent=2))
         if self.engine_name == "hooks":
@@ -113,6 +118,7 @@ class SQSDCallback(TrainerCallback):
             if mb.stats is None:  # vmap / loop: an extra pass at the step's parameters
                 mb.stats = self.engine.compute(self.model, mb.batch)
                 mb.weight = None
+            self._note_texts(mb.batch)
             scale = self._scale(mb)
             self._step_rows += rows(project(mb.stats, self.bank, self.metric, scale), self.bank,
                                     mb.batch.n_scored, mb.batch.index)
@@ -148,8 +154,8 @@ class SQSDCallback(TrainerCallback):
         self._handles = []
         if self.engine_name == "hooks":
             self.engine.detach()
-        self.scores_file.close()
-        self.drift_file.close()
+        for f in (self.scores_file, self.drift_file, self.texts_file):
+            f.close()
 
     # ------------------------------------------------------------ model hooks
     def _on_forward(self, module, args, kwargs):
@@ -201,6 +207,18 @@ class SQSDCallback(TrainerCallback):
     def _close_micro_batch(self) -> None:
         if self.engine_name == "hooks" and self.engine.record is not None and self._pending:
             self._pending[-1].stats = self.engine.finish()
+
+    def _note_texts(self, batch: Batch) -> None:
+        """Write each example's decoded text once (``examples.jsonl``) for reports and tables."""
+        if self.tokenizer is None:
+            return
+        new = []
+        for b, i in enumerate(batch.index):
+            if i is not None and i not in self._seen:
+                self._seen.add(i)
+                ids = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+                new.append({"index": i, "text": self.tokenizer.decode(ids, skip_special_tokens=True)[:_TEXT_CHARS]})
+        self.texts_file.write(new)
 
     def _scale(self, mb: _MicroBatch) -> torch.Tensor | None:
         """Per-row factor turning the hook gradient (loss weight w per token) into the example's mean-loss

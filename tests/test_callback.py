@@ -197,3 +197,18 @@ def test_sft_trainer_projection_scores_equal_score_samples(tmp_path):
     first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
     for k in KEYS:
         assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
+
+
+def test_report_from_a_run(tmp_path):
+    from sqsd_callback.report import write_report
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    _sft(tmp_path, SQSDCallback(danger, safety), model, bf16=False)
+    texts = {r["index"]: r["text"] for r in read_jsonl(tmp_path / "sqsd" / "examples.jsonl")}
+    assert len(texts) == 4 and all(t.startswith("w") for t in texts.values())
+    md = write_report(tmp_path).read_text()
+    for png in ("drift.png", "layers.png", "scores.png"):
+        assert (tmp_path / "sqsd" / "report" / png).stat().st_size > 5000
+    top = max((r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl")), key=lambda r: r["sqsd"])
+    first_row = md.split("| rank |")[1].splitlines()[2]
+    assert first_row.startswith(f"| 1 | {top['index']} | {top['sqsd']:+.4f}") and texts[top["index"]][:20] in first_row

@@ -1,0 +1,74 @@
+"""Figures of a run, shared by ``sqsd report`` and the dashboards: each function takes rows, returns a Figure."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def drift_curve(drift_rows: list[dict]) -> Figure:
+    """Run-level drift per optimizer step: toward danger, toward safety, and their difference."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    steps = [r["step"] for r in drift_rows]
+    for key, style in (("drift", "-"), ("drift_danger", "--"), ("drift_safety", ":")):
+        ax.plot(steps, [r[key] for r in drift_rows], style, label=key.replace("_", " "))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="optimizer step", ylabel="cosine of θ_t − θ_0 with directions", title="Cumulative drift")
+    ax.legend(loc="best", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def layer_heatmap(drift_rows: list[dict], set_kinds: dict[str, str]) -> Figure:
+    """Per-module drift (mean danger cosine − mean safety cosine) over steps: which layers move toward danger."""
+    modules = list(drift_rows[-1]["layers"])
+    keys = list(set_kinds)
+    grid = []
+    for m in modules:
+        row = []
+        for r in drift_rows:
+            cos = dict(zip(keys, r["layers"][m]["cosine"]))
+            by_kind = defaultdict(list)
+            for k, v in cos.items():
+                by_kind[set_kinds[k]].append(v)
+            mean = {kind: sum(v) / len(v) for kind, v in by_kind.items()}
+            row.append(mean.get("danger", 0.0) - mean.get("safety", 0.0))
+        grid.append(row)
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.12 * len(modules) + 1.5)))
+    bound = max((abs(v) for row in grid for v in row), default=1.0) or 1.0
+    im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest",
+                   extent=(drift_rows[0]["step"] - 0.5, drift_rows[-1]["step"] + 0.5, len(modules) - 0.5, -0.5))
+    step = max(1, len(modules) // 30)
+    ax.set_yticks(range(0, len(modules), step), [modules[i] for i in range(0, len(modules), step)], fontsize=6)
+    ax.set(xlabel="optimizer step", title="Per-module drift (danger − safety cosine)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def score_histogram(score_rows: list[dict]) -> Figure:
+    """Distribution of per-example SQSD, one histogram per epoch."""
+    by_epoch = defaultdict(list)
+    for r in score_rows:
+        if r.get("sqsd") is not None:
+            by_epoch[max(1, math.ceil(r.get("epoch") or 1))].append(r["sqsd"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    values = [v for vs in by_epoch.values() for v in vs]
+    bins = 40 if values else 1
+    span = (min(values), max(values)) if values else (0, 1)
+    for epoch in sorted(by_epoch):
+        ax.hist(by_epoch[epoch], bins=bins, range=span, alpha=0.55, label=f"epoch {epoch}")
+    ax.set(xlabel="SQSD (higher = riskier)", ylabel="examples", title="Per-example SQSD")
+    if by_epoch:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

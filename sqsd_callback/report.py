@@ -1,0 +1,78 @@
+"""``sqsd report``: plots and a Markdown summary from a run's ``scores.jsonl``, ``drift.jsonl`` and texts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import plots
+from .sinks import read_jsonl
+
+
+def find_run(path: str | Path) -> Path:
+    """The directory holding ``scores.jsonl``: the path itself or its ``sqsd/`` subdirectory."""
+    path = Path(path)
+    for candidate in (path, path / "sqsd"):
+        if (candidate / "scores.jsonl").is_file():
+            return candidate
+    raise FileNotFoundError(f"No scores.jsonl in {path} or {path / 'sqsd'}: point `sqsd report` at a run's "
+                            f"output_dir (or its sqsd/ folder) written by SQSDCallback.")
+
+
+def riskiest(score_rows: list[dict], k: int) -> list[dict]:
+    """The k examples with the highest SQSD, each at its latest score."""
+    latest = {}
+    for r in score_rows:
+        if r.get("sqsd") is not None:
+            latest[r["index"]] = r
+    return sorted(latest.values(), key=lambda r: r["sqsd"], reverse=True)[:k]
+
+
+def write_report(run: str | Path, out_dir: str | Path | None = None, top_k: int = 20,
+                 extra_sections: list[str] = ()) -> Path:
+    """Write ``drift.png``, ``layers.png``, ``scores.png`` and ``report.md``; returns the Markdown path."""
+    run = find_run(run)
+    out = Path(out_dir or run / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    scores = read_jsonl(run / "scores.jsonl")
+    drift = read_jsonl(run / "drift.jsonl") if (run / "drift.jsonl").is_file() else []
+    meta = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    texts = {r["index"]: r["text"] for r in read_jsonl(run / "examples.jsonl")} \
+        if (run / "examples.jsonl").is_file() else {}
+    figures = {"scores.png": plots.score_histogram(scores)}
+    if drift:
+        figures["drift.png"] = plots.drift_curve(drift)
+        kinds = {s["key"]: s["kind"] for s in meta.get("sets", [])}
+        if kinds:
+            figures["layers.png"] = plots.layer_heatmap(drift, kinds)
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=120)
+        plots.plt.close(fig)
+
+    lines = [f"# SQSD report: {run}", ""]
+    scored = [r for r in scores if r.get("sqsd") is not None]
+    lines += [f"- examples scored: {len(scored)} ({sum(r['sqsd'] is None for r in scores)} without scored tokens)",
+              f"- optimizer steps: {len({r['step'] for r in scores})}",
+              f"- metric: {meta.get('metric', '?')}, engine: {meta.get('engine', '?')}, direction sets: "
+              + ", ".join(s["key"] for s in meta.get("sets", []))]
+    if drift:
+        last = drift[-1]
+        lines += [f"- final drift (step {last['step']}): {last['drift']:+.4f} "
+                  f"(danger {last['drift_danger']:+.4f}, safety {last['drift_safety']:+.4f})", "",
+                  "![drift](drift.png)", ""]
+        if "layers.png" in figures:
+            lines += ["![per-module drift](layers.png)", ""]
+    lines += ["![scores](scores.png)", "", f"## Top {top_k} riskiest examples", "",
+              "| rank | index | SQSD | danger | safety | step | dropped | text |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(riskiest(scores, top_k), 1):
+        text = texts.get(r["index"], "").replace("|", "\\|").replace("\n", " ")[:160]
+        safety = "" if r.get("safety") is None else f"{r['safety']:+.4f}"
+        lines.append(f"| {i} | {r['index']} | {r['sqsd']:+.4f} | {r['danger']:+.4f} | {safety} | {r['step']} | "
+                     f"{'yes' if r.get('dropped') else ''} | {text} |")
+    dropped = [r for r in scores if r.get("dropped")]
+    lines += ["", f"## Dropped examples: {len(dropped)}", ""]
+    lines += [f"- step {r['step']}, index {r['index']}, SQSD {r['sqsd']:+.4f}" for r in dropped[:200]]
+    lines += ["", *extra_sections]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
