@@ -1,8 +1,11 @@
-"""SQSDCallback: per-example SQSD from the training step's own backward pass, and the run's drift.
+"""SQSDCallback: per-example SQSD from the training step's own backward pass, the run's drift, and actions.
 
-Thin glue over Trainer events: a forward pre-hook on the model notes each micro-batch (which dataset rows, how
-many scored tokens), the engine scores it, and at each optimizer step the rows go to
-``<output_dir>/scores.jsonl`` and the drift to ``drift.jsonl``; ``sqsd/*`` scalars join the Trainer's logs.
+Thin glue over Trainer events and three model hooks: a forward pre-hook notes each micro-batch (which dataset
+rows, how many scored tokens) and opens the engine's record; a forward hook reads the loss weights off the
+outputs and queues ``_after_backward`` to run when that micro-batch's backward has finished (before the
+Trainer clips gradients), where scores are made, dropped examples are removed from the gradients and the
+anchor's gradient is added. At each optimizer step rows go to ``scores.jsonl`` and the drift to
+``drift.jsonl``; ``sqsd/*`` scalars join the Trainer's logs; ``sqsd_state.pt`` rides in every checkpoint.
 """
 
 from __future__ import annotations
@@ -22,37 +25,43 @@ from .engines import make_engine
 from .engines.base import Batch, Stats, scored_tokens
 from .identity import ExampleIndex
 from .modules import lora_targets
+from .policies import Anchor, DriftStop, DropPolicy
 from .scoring import check_metric, project, rows
-from .sinks import JsonlWriter
+from .sinks import JsonlWriter, start_run_dir, truncate_jsonl
 
 _TEXT_CHARS = 600
+STATE_FILE = "sqsd_state.pt"
 
 
 @dataclass
 class _MicroBatch:
-    """What the forward pass tells about one micro-batch; ``weight[b]`` is the loss weight each of row b's
-    scored tokens got (read off the backward pass), which scales hook gradients to batch-size-1 size."""
+    """One micro-batch: its rows, ``weight[b]`` (the loss weight each scored token of row b got, read off the
+    backward pass; it scales hook gradients to batch-size-1 size), its stats and scored rows once known."""
 
     batch: Batch
     weight: torch.Tensor | None = None
     stats: Stats | None = None
+    rows: list[dict] | None = None
+    kept_tokens: int = 0
 
 
 @dataclass
 class _LogWindow:
-    """Scores since the last logging step."""
+    """Scores and drops since the last logging step."""
 
     values: list[float] = field(default_factory=list)
+    dropped: int = 0
 
     def pop(self) -> dict[str, float]:
-        vals, self.values = self.values, []
-        if not vals:
-            return {}
-        return {"sqsd/batch_sqsd_mean": sum(vals) / len(vals), "sqsd/batch_sqsd_max": max(vals)}
+        vals, dropped, self.values, self.dropped = self.values, self.dropped, [], 0
+        out = {"sqsd/dropped": dropped}
+        if vals:
+            out.update({"sqsd/batch_sqsd_mean": sum(vals) / len(vals), "sqsd/batch_sqsd_max": max(vals)})
+        return out
 
 
 class SQSDCallback(TrainerCallback):
-    """Scores every training example for safety degradation and tracks the run's drift.
+    """Scores every training example for safety degradation, tracks the run's drift, and can act on both.
 
     Args:
         danger: danger direction sets (``DirectionSet(kind="danger")``).
@@ -60,101 +69,151 @@ class SQSDCallback(TrainerCallback):
         metric: ``"cosine"`` (the paper's), ``"projection"`` or ``"global_cosine"``.
         engine: ``"hooks"`` (scores the step's own backward pass, what training used: dropout masks included),
             ``"vmap"`` or ``"loop"`` (extra passes at the step's parameters without dropout; oracles).
-        output_dir: where ``scores.jsonl`` and ``drift.jsonl`` go; None means ``<args.output_dir>/sqsd``.
+        output_dir: where the ``sqsd`` files go; None means ``<args.output_dir>/sqsd``.
+        drop_above: drop examples whose SQSD exceeds this value: their contribution is removed from the
+            gradients before clipping, and the rest renormalised over the remaining scored tokens, so the update
+            equals a step on the same micro-batches without them.
+        drop_top_fraction: drop the riskiest fraction of every micro-batch (for users who do not know the scale).
+        drop_zscore_above: drop examples this many standard deviations above the running mean SQSD.
+        drop_min_history: examples to see before the z-score policy acts.
+        exclude_dropped: a dropped example is dropped again in later epochs.
+        stop_drift_above: stop the run once ``sqsd/drift`` exceeds this value ...
+        stop_patience: ... for this many consecutive optimizer steps.
+        save_last_safe: on a drift stop, save the LoRA adapter of the last step whose drift was below the
+            threshold to ``<sqsd dir>/last_safe``.
+        anchor: a direction set (e.g. ``DirectionSet.from_weight_diff(aligned, base, kind="safety")``) that AsFT
+            anchors the LoRA update to: adds λ‖(I − Ĉ)ΔW‖² to every step's loss (logged as sqsd/anchor_penalty).
+        anchor_lambda: λ.
     """
 
     def __init__(self, danger=(), safety=(), metric: str = "cosine", engine: str = "hooks",
-                 output_dir: str | None = None) -> None:
+                 output_dir: str | None = None, drop_above: float | None = None,
+                 drop_top_fraction: float | None = None, drop_zscore_above: float | None = None,
+                 drop_min_history: int = 32, exclude_dropped: bool = False, stop_drift_above: float | None = None,
+                 stop_patience: int = 1, save_last_safe: bool = False, anchor: DirectionSet | None = None,
+                 anchor_lambda: float = 1.0) -> None:
         sets = [*danger, *safety]
-        for s in sets:
+        for s in [*sets, *([anchor] if anchor is not None else [])]:
             if not isinstance(s, DirectionSet):
-                raise TypeError(f"danger/safety must be lists of DirectionSet, got {type(s).__name__}.")
+                raise TypeError(f"danger/safety/anchor must be DirectionSet objects, got {type(s).__name__}.")
         for s, kind in [*((s, "danger") for s in danger), *((s, "safety") for s in safety)]:
             if s.kind != kind:
                 raise ValueError(f"Direction set {s.name!r} is a {s.kind} set but was passed as {kind}.")
-        if not sets:
+        self.drop = DropPolicy(drop_above, drop_top_fraction, drop_zscore_above, drop_min_history, exclude_dropped)
+        self.stop = DriftStop(stop_drift_above, stop_patience) if stop_drift_above is not None else None
+        if not sets and (self.drop.active or self.stop is not None):
+            raise ValueError("Drop and stop thresholds act on SQSD scores and drift: pass danger=[...] and/or "
+                             "safety=[...] direction sets.")
+        if not sets and anchor is None:
             raise ValueError("SQSDCallback needs at least one direction set: danger=[...] and/or safety=[...].")
+        if exclude_dropped and not self.drop.active:
+            raise ValueError("exclude_dropped=True needs a drop policy (drop_above, drop_top_fraction or "
+                             "drop_zscore_above).")
+        if save_last_safe and self.stop is None:
+            raise ValueError("save_last_safe=True needs stop_drift_above.")
+        if self.drop.active and engine != "hooks":
+            raise ValueError(f"Dropping examples edits the step's own gradients, which only engine='hooks' "
+                             f"sees; got engine={engine!r}.")
         for s in sets:
             s.check_values()
         self.sets, self.metric, self.engine_name = sets, check_metric(metric), engine
-        self.output_dir = output_dir
+        self.output_dir, self.save_last_safe = output_dir, save_last_safe
+        self.anchor = Anchor(anchor, anchor_lambda) if anchor is not None else None
         self._handles: list = []
         self._pending: list[_MicroBatch] = []
-        self._step_rows: list[dict] = []
         self._window = _LogWindow()
         self._last_drift: dict[str, float] = {}
-        self._weight_warned = False
+        self._anchor_value: float | None = None
+        self._safe_params: dict | None = None
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, processing_class=None,
                        **kwargs):
         self._run_before_reporters()
+        self.model = model
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.targets = lora_targets(model)
-        device = next(iter(self.targets.values())).A.device
-        self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
-        self.engine = make_engine(self.engine_name, self.targets, self.bank)
-        self.model = model
+        if self.anchor is not None:
+            self.anchor.bind(self.targets)
+        self.lora_params = [p for t in self.targets.values() for p in (t.A, t.B) if p.requires_grad]
+        if self.drop.active:
+            others = [n for n, p in model.named_parameters()
+                      if p.requires_grad and not any(p is q for q in self.lora_params)]
+            if others:
+                raise ValueError(f"Exact drops remove examples through their LoRA factor gradients, but the model "
+                                 f"also trains {len(others)} other parameter(s), e.g. {others[:2]} (modules_to_save?)."
+                                 f" Freeze them or train without drops.")
+        if self.sets:
+            device = next(iter(self.targets.values())).A.device
+            self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
+            self.engine = make_engine(self.engine_name, self.targets, self.bank, keep_grads=self.drop.active)
+            self.drift = Drift(self.targets, self.bank)
         self.index = ExampleIndex(getattr(train_dataloader, "dataset", None))
-        self.drift = Drift(self.targets, self.bank)
-        out = Path(self.output_dir or Path(args.output_dir) / "sqsd")
-        self.scores_file, self.drift_file = JsonlWriter(out / "scores.jsonl"), JsonlWriter(out / "drift.jsonl")
-        self.texts_file, self._seen = JsonlWriter(out / "examples.jsonl"), set()
+        self.out = Path(self.output_dir or Path(args.output_dir) / "sqsd")
+        self._seen: set = set()
+        if state.global_step > 0:
+            self._resume(args, state)
+        else:
+            start_run_dir(self.out)
+        self.files = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in ("scores", "drift", "examples")}
         if state.is_world_process_zero:
-            (out / "run.json").write_text(json.dumps(self._describe(), indent=2))
-        if self.engine_name == "hooks":
+            (self.out / "run.json").write_text(json.dumps(self._describe(args), indent=2))
+        if self.sets and self.engine_name == "hooks":
             self.engine.attach()
-        self._handles = [
-            model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
-            model.register_forward_hook(self._on_outputs, with_kwargs=True),
-        ]
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._close_micro_batch()
+        self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
+                         model.register_forward_hook(self._on_outputs, with_kwargs=True)]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._close_micro_batch()
         for mb in self._pending:
-            if mb.stats is None:  # vmap / loop: an extra pass at the step's parameters
+            if mb.rows is None and self.sets and self.engine_name != "hooks":  # oracle engines: extra passes
                 mb.stats = self.engine.compute(self.model, mb.batch)
-                mb.weight = None
-            self._note_texts(mb.batch)
-            scale = self._scale(mb)
-            self._step_rows += rows(project(mb.stats, self.bank, self.metric, scale), self.bank,
-                                    mb.batch.n_scored, mb.batch.index)
-        self._pending = []
+                mb.rows = self._rows(mb)
 
     def on_step_end(self, args, state, control, **kwargs):
-        step, epoch = state.global_step - 1, state.epoch
-        for r in self._step_rows:
-            r.update(step=step, epoch=epoch, dropped=False)
+        step_rows = [r for mb in self._pending if mb.rows for r in mb.rows]
+        self._pending = []
+        for r in step_rows:
+            r.update(step=state.global_step - 1, epoch=state.epoch)
+            self._window.dropped += bool(r["dropped"])
             if r["sqsd"] is not None:
                 self._window.values.append(r["sqsd"])
-        self.scores_file.write(self._step_rows)
-        self._step_rows = []
+        self.files["scores"].write(step_rows)
+        if not self.sets:
+            return
         measured = self.drift.measure()
         self._last_drift = summarize(measured, self.bank)
-        self.drift_file.write([{"step": state.global_step, "epoch": epoch, **self._last_drift,
-                                **{f"cosine/{k}": v for k, v in zip(self.bank.keys, measured["cosine"])},
-                                **{f"projection/{k}": v for k, v in zip(self.bank.keys, measured["projection"])},
-                                "norm": measured["norm"], "layers": measured["layers"]}])
+        self.files["drift"].write([{"step": state.global_step, "epoch": state.epoch, **self._last_drift,
+                                    **{f"cosine/{k}": v for k, v in zip(self.bank.keys, measured["cosine"])},
+                                    **{f"projection/{k}": v for k, v in zip(self.bank.keys, measured["projection"])},
+                                    "norm": measured["norm"], "layers": measured["layers"]}])
+        if self.stop is not None:
+            self._check_stop(state, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or not self._last_drift:
+        if logs is None or "loss" not in logs:
             return
         scalars = {f"sqsd/{k}": v for k, v in self._last_drift.items()}
-        scalars.update(self._window.pop())
+        if self.sets:
+            scalars.update(self._window.pop())
+        if self._anchor_value is not None:
+            scalars["sqsd/anchor_penalty"] = self._anchor_value
         logs.update(scalars)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(scalars)
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and state.is_world_process_zero:
+            torch.save(self._state_dict(), ckpt / STATE_FILE)
 
     def on_train_end(self, args, state, control, **kwargs):
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self.engine_name == "hooks":
+        if self.sets and self.engine_name == "hooks":
             self.engine.detach()
-        for f in (self.scores_file, self.drift_file, self.texts_file):
+        for f in self.files.values():
             f.close()
 
     # ------------------------------------------------------------ model hooks
@@ -163,7 +222,6 @@ class SQSDCallback(TrainerCallback):
         and open the engine's record."""
         if not module.training or not torch.is_grad_enabled():
             return
-        self._close_micro_batch()
         ids = kwargs.get("input_ids", args[0] if args else None)
         labels = kwargs.get("labels")
         if ids is None or labels is None:
@@ -175,38 +233,140 @@ class SQSDCallback(TrainerCallback):
         batch = Batch(ids.detach(), labels.detach(), torch.ones_like(ids) if mask is None else mask.detach(), index)
         self._pending.append(_MicroBatch(batch))
         self._num_items = kwargs.get("num_items_in_batch")
-        if self.engine_name == "hooks":
+        if self.sets and self.engine_name == "hooks":
             self.engine.start(ids.shape[0], ids.device)
         return args, kwargs
 
     def _on_outputs(self, module, args, kwargs, outputs):
-        """Read each row's per-token loss weight off the backward pass: through the model's own loss
-        (``sum / num_items_in_batch`` or a mean) or TRL's per-token ``log_probs``."""
+        """Read each row's per-token loss weight off the backward pass (through the model's own loss, ``sum /
+        num_items_in_batch`` or a mean, or TRL's per-token ``log_probs``) and queue ``_after_backward``."""
         if not self._pending or not module.training or not torch.is_grad_enabled():
             return
         mb = self._pending[-1]
+        labels = mb.batch.labels
         log_probs, loss = getattr(outputs, "log_probs", None), getattr(outputs, "loss", None)
-        if (isinstance(log_probs, torch.Tensor) and log_probs.requires_grad
-                and log_probs.shape[0] == mb.batch.labels.shape[0]):
-            labels = mb.batch.labels
+        if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and log_probs.shape[0] == labels.shape[0]:
             scored = (labels[:, 1:] if log_probs.shape[1] == labels.shape[1] - 1 else labels) != -100
+            anchor_tensor = log_probs
 
-            def from_log_probs(g):  # the loss sums −log_probs over every position: read only scored ones
+            def read_weights(g):  # the loss sums −log_probs over every position: read only scored ones
                 n = mb.batch.n_scored.to(g.device).clamp(min=1)
                 mb.weight = -(g.detach().float() * scored.to(g.device)).sum(-1) / n
-            log_probs.register_hook(from_log_probs)
+                self._queue_after_backward(mb)
         elif isinstance(loss, torch.Tensor) and loss.requires_grad:
-            denom = self._num_items if self._num_items is not None else scored_tokens(mb.batch.labels).sum()
+            denom = self._num_items if self._num_items is not None else scored_tokens(labels).sum()
+            anchor_tensor = loss
 
-            def from_loss(g):
+            def read_weights(g):
                 w = g.detach().float() / torch.as_tensor(denom, device=g.device).float()
-                mb.weight = w.expand(mb.batch.labels.shape[0])
-            loss.register_hook(from_loss)
+                mb.weight = w.expand(labels.shape[0])
+                self._queue_after_backward(mb)
+        else:
+            anchor_tensor = next((t for t in (getattr(outputs, "logits", None), loss, log_probs)
+                                  if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            if anchor_tensor is None:
+                return
+
+            def read_weights(g):
+                self._queue_after_backward(mb)
+        anchor_tensor.register_hook(read_weights)
+
+    def _queue_after_backward(self, mb: _MicroBatch) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: self._after_backward(mb))
+
+    def _after_backward(self, mb: _MicroBatch) -> None:
+        """The micro-batch's gradients are all accumulated and not yet clipped: score it, remove dropped
+        examples, and on the step's last micro-batch renormalise and add the anchor's gradient."""
+        if self.sets and self.engine_name == "hooks":
+            mb.stats = self.engine.finish()
+            mb.rows = self._rows(mb)
+            if self.drop.active:
+                self._remove_dropped(mb)
+        from accelerate.state import GradientState
+        if not GradientState().sync_gradients:
+            return
+        if self.drop.active:
+            self._renormalise()
+        if self.anchor is not None:
+            self._anchor_value = self.anchor.add_grad()
+
+    # ---------------------------------------------------------------- drops
+    def _remove_dropped(self, mb: _MicroBatch) -> None:
+        """Subtract the dropped examples' own gradients (kept by the engine) from the accumulated ones."""
+        decisions = self.drop.decide(mb.rows)
+        for r, d in zip(mb.rows, decisions):
+            r["dropped"] = d
+        keep = torch.tensor([not d for d in decisions])
+        mb.kept_tokens = int((mb.batch.n_scored.cpu() * keep).sum())
+        drop_idx = torch.nonzero(~keep).flatten().to(mb.batch.input_ids.device)
+        if len(drop_idx):
+            with torch.no_grad():
+                for m, (gA, gB) in self.engine.grads.items():
+                    t = self.targets[m]
+                    for p, g in ((t.A, gA), (t.B, gB)):
+                        if p.grad is not None:
+                            p.grad.sub_(g.index_select(0, drop_idx).sum(0).to(p.grad.dtype))
+        self.engine.grads = {}
+
+    def _renormalise(self) -> None:
+        """Scale the step's remaining gradient from 1/N to 1/N' (N' the scored tokens left); skip the step
+        (no gradient at all) when nothing is left."""
+        step = [mb for mb in self._pending if mb.rows is not None]
+        total = sum(int(mb.batch.n_scored.sum()) for mb in step)
+        kept = sum(mb.kept_tokens for mb in step)
+        weights = [float(mb.weight.mean()) for mb in step if mb.weight is not None]
+        if len(weights) != len(step) or max(weights) - min(weights) > 1e-4 * max(abs(w) for w in weights):
+            raise RuntimeError("Exact drops need the loss normalised by the step's scored-token count "
+                               "(num_items_in_batch, the Trainer's and SFTTrainer's default); this run's "
+                               "micro-batches weight tokens differently.")
+        with torch.no_grad():
+            for p in self.lora_params:
+                if p.grad is None:
+                    continue
+                if kept == 0:
+                    p.grad = None
+                elif kept != total:
+                    p.grad.mul_(total / kept)
+
+    # ---------------------------------------------------------------- stop
+    def _check_stop(self, state, control) -> None:
+        below = self._last_drift["drift"] <= self.stop.threshold
+        if self.stop.update(state.global_step, self._last_drift["drift"]):
+            control.should_training_stop = True
+            reason = (f"sqsd: stopping at step {state.global_step}: drift {self._last_drift['drift']:+.4f} above "
+                      f"{self.stop.threshold} for {self.stop.patience} step(s); last step below it: "
+                      f"{self.stop.last_safe_step}")
+            if self.save_last_safe and self._safe_params is not None:
+                path = self._save_safe()
+                reason += f", its adapter saved to {path}"
+            print(reason)
+            (self.out / "stop.json").write_text(json.dumps({
+                "step": state.global_step, "drift": self._last_drift["drift"], "threshold": self.stop.threshold,
+                "patience": self.stop.patience, "last_safe_step": self.stop.last_safe_step, "reason": reason}))
+        elif below and self.save_last_safe:
+            self._safe_params = {id(p): p.detach().to("cpu", copy=True) for p in self.lora_params}
+
+    def _save_safe(self) -> Path:
+        """Write the adapter as it was at the last safe step (swapped in, saved, swapped back)."""
+        path = self.out / "last_safe"
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.lora_params]
+            for p in self.lora_params:
+                p.copy_(self._safe_params[id(p)])
+            self.model.save_pretrained(str(path))
+            for p, c in zip(self.lora_params, current):
+                p.copy_(c)
+        (path / "sqsd_step.json").write_text(json.dumps({"step": self.stop.last_safe_step}))
+        return path
 
     # --------------------------------------------------------------- helpers
-    def _close_micro_batch(self) -> None:
-        if self.engine_name == "hooks" and self.engine.record is not None and self._pending:
-            self._pending[-1].stats = self.engine.finish()
+    def _rows(self, mb: _MicroBatch) -> list[dict]:
+        self._note_texts(mb.batch)
+        out = rows(project(mb.stats, self.bank, self.metric, self._scale(mb)), self.bank,
+                   mb.batch.n_scored, mb.batch.index)
+        for r in out:
+            r["dropped"] = False
+        return out
 
     def _note_texts(self, batch: Batch) -> None:
         """Write each example's decoded text once (``examples.jsonl``) for reports and tables."""
@@ -218,7 +378,7 @@ class SQSDCallback(TrainerCallback):
                 self._seen.add(i)
                 ids = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
                 new.append({"index": i, "text": self.tokenizer.decode(ids, skip_special_tokens=True)[:_TEXT_CHARS]})
-        self.texts_file.write(new)
+        self.files["examples"].write(new)
 
     def _scale(self, mb: _MicroBatch) -> torch.Tensor | None:
         """Per-row factor turning the hook gradient (loss weight w per token) into the example's mean-loss
@@ -226,15 +386,47 @@ class SQSDCallback(TrainerCallback):
         if self.engine_name != "hooks":
             return None
         if mb.weight is None:
-            if self.metric == "projection" and not self._weight_warned:
-                self._weight_warned = True
-                warnings.warn("SQSDCallback could not read the loss weights (no `loss` or `log_probs` in the "
-                              "model outputs): projection scores are in the units of the Trainer's loss "
-                              "normalisation, not per example.", stacklevel=2)
+            if self.metric == "projection":
+                self._warn_once("weights", "SQSDCallback could not read the loss weights (no `loss` or `log_probs` "
+                                "in the model outputs): projection scores are in the units of the Trainer's loss "
+                                "normalisation, not per example.")
             return None
-        n = mb.batch.n_scored.to(mb.weight.device).float()
-        w = mb.weight * n
+        w = mb.weight * mb.batch.n_scored.to(mb.weight.device).float()
         return torch.where(w != 0, 1.0 / torch.where(w != 0, w, torch.ones_like(w)), torch.zeros_like(w))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def _state_dict(self) -> dict:
+        return {"drift": self.drift.state_dict() if self.sets else None, "drop": self.drop.state_dict(),
+                "stop": self.stop.state_dict() if self.stop else None, "seen": sorted(self._seen),
+                "window": (self._window.values, self._window.dropped), "last_drift": self._last_drift,
+                "safe_params": None if self._safe_params is None else
+                [self._safe_params[id(p)] for p in self.lora_params]}
+
+    def _resume(self, args, state) -> None:
+        """Restore the state saved with the checkpoint training resumes from and cut the logs back to it."""
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"Resuming at step {state.global_step} but {ckpt} is missing: the checkpoint "
+                                    f"was not written by a run with SQSDCallback, so θ_0 and the drop state are "
+                                    f"unknown. Start a new run (new output_dir) to monitor it.")
+        saved = torch.load(ckpt, weights_only=False)
+        if self.sets:
+            self.drift.load_state_dict(saved["drift"])
+        self.drop.load_state_dict(saved["drop"])
+        if self.stop is not None and saved["stop"] is not None:
+            self.stop.load_state_dict(saved["stop"])
+        self._seen = set(saved["seen"])
+        self._window.values, self._window.dropped = saved["window"]
+        self._last_drift = saved["last_drift"]
+        if saved["safe_params"] is not None:
+            self._safe_params = {id(p): s for p, s in zip(self.lora_params, saved["safe_params"])}
+        truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
+        truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)
+        truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)
 
     def _run_before_reporters(self) -> None:
         """Move this callback to the front of the Trainer's callback list, so the ``sqsd/*`` scalars it adds in
@@ -247,19 +439,24 @@ class SQSDCallback(TrainerCallback):
                 handler = candidate
             frame = frame.f_back
         if handler is None:
-            warnings.warn("SQSDCallback could not find the Trainer's callback list; sqsd/* scalars reach "
-                          "the log history and the callbacks that run after it.", stacklevel=2)
+            self._warn_once("order", "SQSDCallback could not find the Trainer's callback list; sqsd/* scalars reach "
+                            "the log history and the callbacks that run after it.")
             return
         handler.callbacks.remove(self)
         handler.callbacks.insert(0, self)
 
-    def _describe(self) -> dict:
+    def _describe(self, args) -> dict:
         return {
             "metric": self.metric,
             "engine": self.engine_name,
             "sets": [{"key": k, "kind": s.kind, "name": s.name, "source": s.source,
                       "modules": int(self.bank.present[:, i].sum())}
-                     for i, (k, s) in enumerate(zip(self.bank.keys, self.sets))],
-            "modules": self.bank.modules,
+                     for i, (k, s) in enumerate(zip(self.bank.keys, self.sets))] if self.sets else [],
+            "modules": self.bank.modules if self.sets else [],
             "duplicate_examples": self.index.duplicates,
+            "drop": {k: getattr(self.drop, k) for k in ("above", "top_fraction", "zscore_above", "min_history",
+                                                         "exclude_dropped")},
+            "stop": None if self.stop is None else {"threshold": self.stop.threshold, "patience": self.stop.patience},
+            "anchor": None if self.anchor is None else {"set": self.anchor.directions.name,
+                                                        "lambda": self.anchor.lam},
         }

@@ -43,3 +43,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def truncate_jsonl(path: str | Path, keep) -> None:
+    """Rewrite a JSON-lines file with only the rows ``keep(row)`` accepts (a resumed run cuts back to its
+    checkpoint, so rows are neither duplicated nor missing)."""
+    path = Path(path)
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if keep(r)]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(path)
+
+
+def start_run_dir(path: str | Path) -> None:
+    """Create the run's folder; results of an earlier run in it are moved to ``previous-<k>/``, not overwritten."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    old = [p for p in path.iterdir() if p.is_file()]
+    if any(p.name == "scores.jsonl" for p in old):
+        k = 1 + sum(1 for p in path.iterdir() if p.is_dir() and p.name.startswith("previous-"))
+        dest = path / f"previous-{k}"
+        dest.mkdir()
+        for p in old:
+            p.rename(dest / p.name)

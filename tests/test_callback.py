@@ -145,7 +145,7 @@ def test_wrong_kind_and_empty_callback_are_refused():
         SQSDCallback(danger=safety)
     with pytest.raises(ValueError, match="at least one direction set"):
         SQSDCallback()
-    with pytest.raises(TypeError, match="lists of DirectionSet"):
+    with pytest.raises(TypeError, match="must be DirectionSet objects"):
         SQSDCallback(danger=["dirs/danger"])
 
 

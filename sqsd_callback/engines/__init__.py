@@ -8,8 +8,8 @@ from .vmap import VmapEngine
 ENGINES = {e.name: e for e in (HooksEngine, VmapEngine, LoopEngine)}
 
 
-def make_engine(name: str, targets, bank):
-    """The engine called ``name`` for these targets and directions."""
+def make_engine(name: str, targets, bank, keep_grads: bool = False):
+    """The engine called ``name`` for these targets and directions (``keep_grads``: hooks only, for drops)."""
     if name not in ENGINES:
         raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)} ('hooks' is the fast one).")
-    return ENGINES[name](targets, bank)
+    return ENGINES[name](targets, bank, keep_grads=True) if keep_grads else ENGINES[name](targets, bank)

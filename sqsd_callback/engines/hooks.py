@@ -59,25 +59,32 @@ class _Algebra:
 
 
 class HooksEngine:
-    """Scores every example of each forward/backward pass the model runs while attached."""
+    """Scores every example of each forward/backward pass the model runs while attached.
+
+    With ``keep_grads`` it also keeps every example's LoRA factor gradients ``(gA_i, gB_i)`` for every LoRA
+    module (``self.grads``, fp32, per pass): what exact removal of an example from the update needs.
+    """
 
     name = "hooks"
 
-    def __init__(self, targets: dict[str, LoraTarget], bank: DirectionBank) -> None:
-        self.targets, self.bank = targets, bank
+    def __init__(self, targets: dict[str, LoraTarget], bank: DirectionBank, keep_grads: bool = False) -> None:
+        self.targets, self.bank, self.keep_grads = targets, bank, keep_grads
         self.algebra = [_Algebra(targets[m], bank.per_module[m]) for m in bank.modules]
+        slot = {m: j for j, m in enumerate(bank.modules)}
+        self.tapped = [(m, slot.get(m)) for m in (targets if keep_grads else bank.modules)]
         self.handles: list = []
         self.record: Stats | None = None
+        self.grads: dict[str, list] = {}
         self._partial: dict[int, tuple] = {}
 
     # -------------------------------------------------------------- lifecycle
     def attach(self) -> None:
         if self.handles:
             return
-        for j, m in enumerate(self.bank.modules):
+        for m, j in self.tapped:
             t = self.targets[m]
-            self.handles.append(t.lora_B.register_forward_hook(self._tap(self._backward_B, j)))
-            self.handles.append(t.lora_A.register_forward_hook(self._tap(self._backward_A, j)))
+            self.handles.append(t.lora_B.register_forward_hook(self._tap(self._backward_B, m, j)))
+            self.handles.append(t.lora_A.register_forward_hook(self._tap(self._backward_A, m, j)))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -88,7 +95,7 @@ class HooksEngine:
         """Open a record for the next pass over ``n_examples`` rows."""
         K, M = len(self.bank.sets), len(self.bank.modules)
         self.record = Stats(torch.zeros(n_examples, M, K, device=device), torch.zeros(n_examples, M, device=device))
-        self._partial = {}
+        self._partial, self.grads = {}, {}
 
     def finish(self) -> Stats:
         """Close the current record and return it."""
@@ -96,30 +103,41 @@ class HooksEngine:
         return record
 
     # ----------------------------------------------------------------- taps
-    def _tap(self, backward_fn, j):
+    def _tap(self, backward_fn, m, j):
         def hook(module, args, out):
             if self.record is None or not torch.is_grad_enabled() or not out.requires_grad:
                 return None
-            return _Tap.apply(args[0], out, lambda inp, grad: backward_fn(j, inp, grad))
+            return _Tap.apply(args[0], out, lambda inp, grad: backward_fn(m, j, inp, grad))
         return hook
 
-    def _backward_B(self, j: int, h: torch.Tensor, dB: torch.Tensor) -> None:
-        """lora_B's input h (…×r) and output gradient δB (…×out): keep what the lora_A step needs, drop gB."""
+    def _per_example(self, grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        """Σ over each example's tokens of grad_t inp_tᵀ: (n × grad-dim × inp-dim), fp32."""
+        n = self.record.sq.shape[0]
+        return torch.bmm(grad.reshape(n, -1, grad.shape[-1]).transpose(1, 2).float(),
+                         inp.reshape(n, -1, inp.shape[-1]).float())
+
+    def _backward_B(self, m: str, j: int | None, h: torch.Tensor, dB: torch.Tensor) -> None:
+        """lora_B's input h (…×r) and output gradient δB (…×out): keep what the lora_A step needs."""
         if self.record is None:
             return
-        M1, _, _, _, _, B = self.algebra[j].get()
-        n = self.record.sq.shape[0]
-        gB = torch.bmm(dB.reshape(n, -1, dB.shape[-1]).transpose(1, 2).float(), h.reshape(n, -1, h.shape[-1]).float())
-        self._partial[j] = (torch.einsum("bor,kor->bk", gB, M1), B.T @ gB, gB.transpose(1, 2) @ gB)
+        gB = self._per_example(dB, h)
+        if self.keep_grads:
+            self.grads[m] = [None, gB]
+        if j is not None:
+            M1, _, _, _, _, B = self.algebra[j].get()
+            self._partial[j] = (torch.einsum("bor,kor->bk", gB, M1), B.T @ gB, gB.transpose(1, 2) @ gB)
 
-    def _backward_A(self, j: int, x: torch.Tensor, dA: torch.Tensor) -> None:
-        """lora_A's input x (…×in) and output gradient δA (…×r): finish module j for every example."""
-        if self.record is None or j not in self._partial:
+    def _backward_A(self, m: str, j: int | None, x: torch.Tensor, dA: torch.Tensor) -> None:
+        """lora_A's input x (…×in) and output gradient δA (…×r): finish module m for every example."""
+        if self.record is None:
+            return
+        gA = self._per_example(dA, x)
+        if self.keep_grads and m in self.grads:
+            self.grads[m][0] = gA
+        if j is None or j not in self._partial:
             return
         _, M2, AAt, BtB, A, _ = self.algebra[j].get()
         dot_B, BtgB, gram_B = self._partial.pop(j)
-        n = self.record.sq.shape[0]
-        gA = torch.bmm(dA.reshape(n, -1, dA.shape[-1]).transpose(1, 2).float(), x.reshape(n, -1, x.shape[-1]).float())
         s = self.algebra[j].target.scaling
         self.record.dots[:, j] += -s * (dot_B + torch.einsum("bri,kri->bk", gA, M2))
         gram_A, gAAt = gA @ gA.transpose(1, 2), gA @ A.T

@@ -1,0 +1,154 @@
+"""Decisions from scores and drift: which examples to drop, when to stop, and the AsFT anchor penalty."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .directions import DirectionSet
+from .modules import LoraTarget
+
+
+@dataclass
+class RunningStats:
+    """Mean and variance of every SQSD seen so far (Welford), for z-score drops."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.count += 1
+        d = x - self.mean
+        self.mean += d / self.count
+        self.m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+
+
+@dataclass
+class DropPolicy:
+    """Drop an example when its SQSD is above ``above``, among the riskiest ``top_fraction`` of its micro-batch,
+    or more than ``zscore_above`` standard deviations above the run's running mean (once ``min_history``
+    examples are seen); with ``exclude_dropped`` a dropped example is dropped again whenever it comes back."""
+
+    above: float | None = None
+    top_fraction: float | None = None
+    zscore_above: float | None = None
+    min_history: int = 32
+    exclude_dropped: bool = False
+    stats: RunningStats = field(default_factory=RunningStats)
+    dropped: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.top_fraction is not None and not 0 < self.top_fraction < 1:
+            raise ValueError(f"drop_top_fraction must be in (0, 1), got {self.top_fraction}.")
+        if self.zscore_above is not None and self.zscore_above <= 0:
+            raise ValueError(f"drop_zscore_above must be positive, got {self.zscore_above}.")
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.above, self.top_fraction, self.zscore_above))
+
+    def decide(self, rows: list[dict]) -> list[bool]:
+        """Which of one micro-batch's rows to drop (rows without a score are never dropped)."""
+        scores = [r["sqsd"] for r in rows]
+        drop = [s is not None and self.exclude_dropped and r["index"] in self.dropped for s, r in zip(scores, rows)]
+        for i, s in enumerate(scores):
+            if s is None:
+                continue
+            if self.above is not None and s > self.above:
+                drop[i] = True
+            if (self.zscore_above is not None and self.stats.count >= self.min_history and self.stats.std > 0
+                    and (s - self.stats.mean) / self.stats.std > self.zscore_above):
+                drop[i] = True
+        if self.top_fraction is not None:
+            scored = sorted((s, i) for i, s in enumerate(scores) if s is not None)
+            for _, i in scored[len(scored) - int(self.top_fraction * len(scored)):]:
+                drop[i] = True
+        for s in scores:
+            if s is not None:
+                self.stats.add(s)
+        self.dropped.update(r["index"] for r, d in zip(rows, drop) if d and r["index"] is not None)
+        return drop
+
+    def state_dict(self) -> dict:
+        return {"stats": vars(self.stats).copy(), "dropped": sorted(self.dropped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = RunningStats(**state["stats"])
+        self.dropped = set(state["dropped"])
+
+
+@dataclass
+class DriftStop:
+    """Stop once the run's drift has been above ``threshold`` for ``patience`` consecutive optimizer steps;
+    remembers the last step whose drift was below it."""
+
+    threshold: float
+    patience: int = 1
+    streak: int = 0
+    last_safe_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"stop_patience must be at least 1, got {self.patience}.")
+
+    def update(self, step: int, drift: float) -> bool:
+        """Record the drift after ``step`` optimizer steps; True when the run should stop."""
+        if drift > self.threshold:
+            self.streak += 1
+        else:
+            self.streak, self.last_safe_step = 0, step
+        return self.streak >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "last_safe_step": self.last_safe_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.last_safe_step = state["streak"], state["last_safe_step"]
+
+
+class Anchor:
+    """AsFT's anchor (arXiv 2506.08473): λ Σ_m ‖(I − Ĉ_m) ΔW_m‖²_F with Ĉ = V Vᵀ/‖V‖_F and ΔW = s·B A the
+    LoRA delta. Computed as s² tr(XᵀX · AAᵀ) with X = B − V(VᵀB)/‖V‖_F: r×r and out×r products only."""
+
+    def __init__(self, directions: DirectionSet, lam: float) -> None:
+        if lam <= 0:
+            raise ValueError(f"anchor_lambda must be positive, got {lam}.")
+        directions.check_values()
+        self.directions, self.lam = directions, lam
+
+    def bind(self, targets: dict[str, LoraTarget]) -> None:
+        """Match the anchor's modules to the model's LoRA modules (same checks as scoring)."""
+        self.modules = self.directions.match({m: t.shape for m, t in targets.items()})
+        device = next(iter(targets.values())).A.device
+        self.dirs = {m: self.directions.modules[m].to(device, torch.float32) for m in self.modules}
+        self.norms = {m: math.sqrt(self.directions.modules[m].sq_norm()) for m in self.modules}
+        self.targets = targets
+
+    def penalty(self) -> torch.Tensor:
+        """The penalty as a function of the current LoRA factors (differentiable)."""
+        total = 0.0
+        for m in self.modules:
+            t, V = self.targets[m], self.dirs[m]
+            B, A = t.B.float(), t.A.float()
+            VtB = V.times_left(B.T).T                       # (in×r) = Vᵀ B, through V's factors
+            X = B - V.times_right(VtB) / self.norms[m]      # out×r
+            total = total + t.scaling ** 2 * ((X.T @ X) * (A @ A.T)).sum()
+        return self.lam * total
+
+    def add_grad(self) -> float:
+        """Add the penalty's gradient to the LoRA factors' ``.grad`` (once per optimizer step); returns its value."""
+        params = [p for m in self.modules for p in (self.targets[m].A, self.targets[m].B)]
+        with torch.enable_grad():
+            value = self.penalty()
+            grads = torch.autograd.grad(value, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g.to(p.grad.dtype))
+        return float(value)
