@@ -156,6 +156,8 @@ class SQSDCallback(TrainerCallback):
             self._resume(args, state)
         else:
             start_run_dir(self.out)
+            if self.save_last_safe:  # θ_0 is where the run starts: the first "last safe" state
+                self._keep_safe_params()
         self.files = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in ("scores", "drift", "examples")}
         if state.is_world_process_zero:
             (self.out / "run.json").write_text(json.dumps(self._describe(args), indent=2))
@@ -344,7 +346,10 @@ class SQSDCallback(TrainerCallback):
                 "step": state.global_step, "drift": self._last_drift["drift"], "threshold": self.stop.threshold,
                 "patience": self.stop.patience, "last_safe_step": self.stop.last_safe_step, "reason": reason}))
         elif below and self.save_last_safe:
-            self._safe_params = {id(p): p.detach().to("cpu", copy=True) for p in self.lora_params}
+            self._keep_safe_params()
+
+    def _keep_safe_params(self) -> None:
+        self._safe_params = {id(p): p.detach().to("cpu", copy=True) for p in self.lora_params}
 
     def _save_safe(self) -> Path:
         """Write the adapter as it was at the last safe step (swapped in, saved, swapped back)."""

@@ -1,0 +1,246 @@
+"""Drops, drift stop, the AsFT anchor and resume, each against an independent reference run or formula."""
+
+import copy
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from sqsd_callback import DirectionSet, SQSDCallback, score_samples
+from sqsd_callback.modules import lora_targets
+from sqsd_callback.policies import Anchor
+from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.testing import pad_collator, random_samples, random_set, three_sets, tiny_base, tiny_lora
+
+
+def _trainer(model, samples, tmp_path, callbacks=(), batch=2, accum=1, steps=1, optim="sgd", **kw):
+    kw.setdefault("save_strategy", "no")
+    kw.setdefault("max_grad_norm", 0.05)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accum, max_steps=steps, learning_rate=0.05,
+                             logging_steps=1, report_to=[], use_cpu=True, optim=optim,
+                             lr_scheduler_type="constant", seed=5, disable_tqdm=True, **kw)
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
+                   data_collator=pad_collator("right"), callbacks=list(callbacks))
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+# -------------------------------------------------------------------- drops
+@pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
+@pytest.mark.parametrize("batch,accum", [(4, 1), (2, 2)])
+def test_drop_gives_the_step_without_the_dropped_examples(tmp_path, optim, batch, accum):
+    """One optimizer step (clipping active: max_grad_norm 0.05) with two of four examples dropped equals a
+    step on the other two alone, to 1e-6 in every LoRA parameter."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(4, seed=21)
+    scores = sorted(r["sqsd"] for r in score_samples(model, samples, danger, safety, progress=False))
+    threshold = (scores[1] + scores[2]) / 2
+    reference = copy.deepcopy(model)
+    cb = SQSDCallback(danger, safety, drop_above=threshold)
+    _trainer(model, samples, tmp_path / "drop", [cb], batch=batch, accum=accum, optim=optim).train()
+    rows = read_jsonl(tmp_path / "drop" / "sqsd" / "scores.jsonl")
+    dropped = {r["index"] for r in rows if r["dropped"]}
+    assert len(dropped) == 2 and all((r["sqsd"] > threshold) == r["dropped"] for r in rows)
+    kept = [s for i, s in enumerate(samples) if i not in dropped]
+    _trainer(reference, kept, tmp_path / "ref", batch=2, accum=1, optim=optim).train()
+    got, want = _lora_state(model), _lora_state(reference)
+    assert max((got[n] - want[n]).abs().max().item() for n in got) < 1e-6
+    assert max((got[n] - want[n]).abs().max().item() for n in got) < 1e-3 * max(
+        (want[n] - p).abs().max().item() for n, p in _lora_state(tiny_lora("llama")).items())  # it moved
+
+
+def test_all_dropped_skips_the_step_and_logs_it(tmp_path):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    before = _lora_state(model)
+    trainer = _trainer(model, random_samples(4, seed=3), tmp_path, [SQSDCallback(danger, safety, drop_above=-1e9)],
+                       batch=2, accum=2, optim="adamw_torch")
+    trainer.train()
+    after = _lora_state(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # no update, not even weight decay or momentum
+    assert [h["sqsd/dropped"] for h in trainer.state.log_history if "loss" in h] == [4]
+
+
+def test_top_fraction_and_zscore_policies_and_exclusion():
+    from sqsd_callback.policies import DropPolicy
+    rows = [{"index": i, "sqsd": s} for i, s in enumerate([0.1, 0.5, None, 0.3, 0.9])]
+    assert DropPolicy(top_fraction=0.5).decide(rows) == [False, True, False, False, True]
+    z = DropPolicy(zscore_above=1.0, min_history=4)
+    assert z.decide(rows) == [False] * 5  # fewer than 4 examples seen before
+    assert z.decide([{"index": 9, "sqsd": 2.0}, {"index": 10, "sqsd": 0.4}]) == [True, False]
+    ex = DropPolicy(above=0.8, exclude_dropped=True)
+    ex.decide(rows)
+    assert ex.decide([{"index": 4, "sqsd": 0.0}]) == [True]  # dropped before: dropped for good
+
+
+# --------------------------------------------------------------------- stop
+class _EveryStep(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _expected_stop(drift, threshold, patience):
+    """(stop step, last step with drift ≤ threshold before it), by hand from a recorded drift sequence."""
+    streak, last_safe = 0, 0
+    for step, d in enumerate(drift, 1):
+        streak = streak + 1 if d > threshold else 0
+        last_safe = step if d <= threshold else last_safe
+        if streak >= patience:
+            return step, last_safe
+    return None, last_safe
+
+
+def test_drift_stop_fires_at_the_expected_step_and_saves_the_last_safe_adapter(tmp_path):
+    """A free run records its drift per step (deterministic); a run with the same seed and a stop threshold
+    stops where that sequence says, and its saved adapter equals the free run's checkpoint at the last step
+    whose drift was below the threshold."""
+    samples = random_samples(16, seed=8)
+    model = tiny_lora("llama")
+    danger = [random_set(model, "danger", "d", seed=3)]
+    safety = [random_set(model, "safety", "s1", seed=1), random_set(model, "safety", "s2", rank=None, seed=2)]
+    free = copy.deepcopy(model)
+    _trainer(free, samples, tmp_path / "free", [SQSDCallback(danger, safety)], steps=6,
+             save_strategy="steps", save_steps=1).train()
+    drift = [d["drift"] for d in read_jsonl(tmp_path / "free" / "sqsd" / "drift.jsonl")]
+    cuts = [(a + b) / 2 for a, b in zip(sorted(drift), sorted(drift)[1:])]
+    plans = [(_expected_stop(drift, t, p), t, p) for t in cuts for p in (1, 2)]
+    (stop_step, last_safe), threshold, patience = max((x for x in plans if x[0][0]), key=lambda x: x[0][1])
+    assert last_safe >= 1, drift  # a real mid-run stop, not the trivial first-step one
+    steps = _EveryStep()
+    cb = SQSDCallback(danger, safety, stop_drift_above=threshold, stop_patience=patience, save_last_safe=True)
+    _trainer(model, samples, tmp_path / "stop", [cb, steps], steps=6).train()
+    assert steps.steps[-1] == stop_step
+    stop = json.loads((tmp_path / "stop" / "sqsd" / "stop.json").read_text())
+    assert stop["last_safe_step"] == last_safe and f"stopping at step {stop_step}" in stop["reason"]
+    saved = load_file(str(tmp_path / "stop" / "sqsd" / "last_safe" / "adapter_model.safetensors"))
+    ref = load_file(str(tmp_path / "free" / f"checkpoint-{last_safe}" / "adapter_model.safetensors"))
+    assert saved.keys() == ref.keys()
+    assert all(torch.allclose(saved[k], ref[k], atol=1e-7) for k in saved)
+    after = load_file(str(tmp_path / "free" / f"checkpoint-{stop_step}" / "adapter_model.safetensors"))
+    assert any(not torch.allclose(saved[k], after[k], atol=1e-7) for k in saved)
+
+
+# ------------------------------------------------------------------- anchor
+def _dense_asft(model, V, lam):
+    total = 0.0
+    for m, t in lora_targets(model).items():
+        if m not in V:
+            continue
+        dW = t.scaling * t.B @ t.A
+        C = V[m] @ V[m].T / V[m].norm()
+        total = total + (dW - C @ dW).pow(2).sum()
+    return lam * total
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_anchor_penalty_and_gradient_equal_dense_asft(rank):
+    model = tiny_lora("llama")
+    ds = random_set(model, "safety", "aligned", rank=rank, seed=4)
+    anchor = Anchor(ds, lam=0.7)
+    anchor.bind(lora_targets(model))
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    dense = _dense_asft(model, {m: d.materialize() for m, d in ds.modules.items()}, 0.7)
+    want = torch.autograd.grad(dense, params)
+    got_value = anchor.penalty()
+    got = torch.autograd.grad(got_value, params)
+    assert float(got_value) == pytest.approx(float(dense), rel=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+
+
+def test_anchor_shrinks_the_orthogonal_component(tmp_path):
+    samples = random_samples(16, seed=1)
+    base = tiny_base("llama", seed=0)
+    aligned = tiny_base("llama", seed=7)
+    ds = DirectionSet.from_weight_diff(aligned, base, kind="safety", name="aligned", rank=4)
+    dirs = {m: d.materialize() for m, d in ds.modules.items()}
+
+    def orthogonal(model):
+        with torch.no_grad():
+            return float(_dense_asft(model, {m: dirs[m] for m in lora_targets(model)}, 1.0))
+
+    def fresh():  # standard LoRA init (B = 0): the delta starts at zero and grows by training
+        from peft import LoraConfig, get_peft_model
+        return get_peft_model(tiny_base("llama", seed=0), LoraConfig(r=4, lora_alpha=8,
+                                                                     target_modules=["q_proj", "v_proj", "down_proj"]))
+
+    plain, anchored = fresh(), fresh()
+    danger, safety = three_sets(plain)
+    _trainer(plain, samples, tmp_path / "plain", [SQSDCallback(danger, safety)], steps=6,
+             max_grad_norm=1.0).train()
+    trainer = _trainer(anchored, samples, tmp_path / "anchor",
+                       [SQSDCallback(danger, safety, anchor=ds, anchor_lambda=2.0)], steps=6, max_grad_norm=1.0)
+    trainer.train()
+    print("orthogonal part, anchored vs plain:", orthogonal(anchored), orthogonal(plain))
+    assert orthogonal(anchored) < 0.8 * orthogonal(plain)
+    logged = [h["sqsd/anchor_penalty"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 6 and logged[0] == 0.0 and all(v > 0 for v in logged[1:])  # B = 0 before step 1
+
+
+# ------------------------------------------------------------------- resume
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("simulated crash")
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    samples = random_samples(16, seed=12)
+
+    def run(out, extra=(), resume=None):
+        model = tiny_lora("llama")
+        danger, safety = three_sets(model)
+        cb = SQSDCallback(danger, safety, drop_zscore_above=0.8, drop_min_history=3)
+        tr = _trainer(model, samples, out, [cb, *extra], batch=2, accum=2, steps=4, optim="adamw_torch",
+                      save_strategy="steps", save_steps=2)
+        tr.train(resume_from_checkpoint=resume)
+        return model
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "b", extra=[_Crash()])
+    assert {r["step"] for r in read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")} == {0, 1, 2}
+    resumed = run(tmp_path / "b", resume=True)
+    key = lambda r: (r["step"], r["index"], round(r["sqsd"], 6), r["dropped"])  # noqa: E731
+    a = read_jsonl(tmp_path / "a" / "sqsd" / "scores.jsonl")
+    b = read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")
+    assert [key(r) for r in b] == [key(r) for r in a] and any(r["dropped"] for r in a)
+    assert [d["step"] for d in read_jsonl(tmp_path / "b" / "sqsd" / "drift.jsonl")] == [1, 2, 3, 4]
+    sa, sb = _lora_state(whole), _lora_state(resumed)
+    assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa)
+
+
+# ----------------------------------------------------------------- bad input
+def test_contradictory_and_incomplete_options_fail_before_training():
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    with pytest.raises(ValueError, match="only engine='hooks'"):
+        SQSDCallback(danger, safety, engine="loop", drop_above=0.1)
+    with pytest.raises(ValueError, match="act on SQSD scores and drift: pass danger"):
+        SQSDCallback(stop_drift_above=0.1, anchor=safety[0])
+    with pytest.raises(ValueError, match="exclude_dropped=True needs a drop policy"):
+        SQSDCallback(danger, exclude_dropped=True)
+    with pytest.raises(ValueError, match="save_last_safe=True needs stop_drift_above"):
+        SQSDCallback(danger, save_last_safe=True)
+    with pytest.raises(ValueError, match="drop_top_fraction must be in"):
+        SQSDCallback(danger, drop_top_fraction=1.5)
+    with pytest.raises(ValueError, match="anchor_lambda must be positive"):
+        SQSDCallback(danger, anchor=safety[0], anchor_lambda=0)
+
+
+def test_anchor_on_a_model_without_lora_fails_at_train_begin(tmp_path):
+    lora = tiny_lora("llama")
+    anchor = random_set(lora, "safety", "a")
+    trainer = _trainer(tiny_base("llama"), random_samples(4), tmp_path, [SQSDCallback(anchor=anchor)])
+    with pytest.raises(ValueError, match="no active LoRA Linear layer"):
+        trainer.train()
