@@ -107,12 +107,7 @@ class DirectionSet:
                 marker = f".{part}."
                 if marker in key and key.endswith("weight") and value.dim() == 2:
                     factors.setdefault(key.split(marker)[0], {})[part] = value.float()
-        modules = {}
-        for module, f in factors.items():
-            if set(f) != {"lora_A", "lora_B"}:
-                raise ValueError(f"{weights_file}: module {module} has {sorted(f)} but needs lora_A and lora_B.")
-            modules[module] = Direction(B=f["lora_B"], A=f["lora_A"])
-        return cls(modules, kind, name or path.name, source=str(path))
+        return cls(_low_rank(factors, weights_file), kind, name or path.name, source=str(path))
 
     @classmethod
     def from_safetensors(cls, path: str | Path, kind: str, name: str | None = None) -> DirectionSet:
@@ -133,10 +128,7 @@ class DirectionSet:
                     f"{path}: key {key!r} (shape {tuple(value.shape)}) is not '<module>.weight' (2-D) or "
                     f"'<module>.lora_A' / '<module>.lora_B'."
                 )
-        for stem, f in pending.items():
-            if set(f) != {"lora_A", "lora_B"}:
-                raise ValueError(f"{path}: module {stem} has {sorted(f)} but needs both lora_A and lora_B.")
-            modules[stem] = Direction(B=f["lora_B"], A=f["lora_A"])
+        modules.update(_low_rank(pending, path))
         return cls(modules, kind, name or path.stem, source=str(path))
 
     @classmethod
@@ -224,6 +216,16 @@ class DirectionSet:
                 stacklevel=3,
             )
         return common
+
+
+def _low_rank(factors: dict[str, dict[str, torch.Tensor]], source) -> dict[str, Direction]:
+    """``{module: {"lora_A", "lora_B"}}`` → low-rank Directions; a module with one factor only is an error."""
+    out = {}
+    for module, f in factors.items():
+        if set(f) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{source}: module {module} has {sorted(f)} but needs both lora_A and lora_B.")
+        out[module] = Direction(B=f["lora_B"], A=f["lora_A"])
+    return out
 
 
 def _linear_weights(model_or_state) -> dict[str, torch.Tensor]:
