@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from . import plots
 from .directions import DirectionBank, DirectionSet
 from .drift import Drift, summarize
 from .engines import make_engine
@@ -26,8 +27,9 @@ from .engines.base import Batch, Stats, scored_tokens
 from .identity import ExampleIndex
 from .modules import lora_targets
 from .policies import Anchor, DriftStop, DropPolicy
+from .report import riskiest
 from .scoring import check_metric, project, rows
-from .sinks import JsonlWriter, start_run_dir, truncate_jsonl
+from .sinks import JsonlWriter, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
 
 _TEXT_CHARS = 600
 STATE_FILE = "sqsd_state.pt"
@@ -84,6 +86,9 @@ class SQSDCallback(TrainerCallback):
         anchor: a direction set (e.g. ``DirectionSet.from_weight_diff(aligned, base, kind="safety")``) that AsFT
             anchors the LoRA update to: adds λ‖(I − Ĉ)ΔW‖² to every step's loss (logged as sqsd/anchor_penalty).
         anchor_lambda: λ.
+        top_k: how many of the riskiest examples so far the wandb table shows.
+        wandb_every: logging steps between refreshes of the wandb table and per-module drift heatmap (the
+            histogram of the window's scores goes out at every logging step).
     """
 
     def __init__(self, danger=(), safety=(), metric: str = "cosine", engine: str = "hooks",
@@ -91,7 +96,7 @@ class SQSDCallback(TrainerCallback):
                  drop_top_fraction: float | None = None, drop_zscore_above: float | None = None,
                  drop_min_history: int = 32, exclude_dropped: bool = False, stop_drift_above: float | None = None,
                  stop_patience: int = 1, save_last_safe: bool = False, anchor: DirectionSet | None = None,
-                 anchor_lambda: float = 1.0) -> None:
+                 anchor_lambda: float = 1.0, top_k: int = 20, wandb_every: int = 10) -> None:
         sets = [*danger, *safety]
         for s in [*sets, *([anchor] if anchor is not None else [])]:
             if not isinstance(s, DirectionSet):
@@ -118,6 +123,7 @@ class SQSDCallback(TrainerCallback):
             s.check_values()
         self.sets, self.metric, self.engine_name = sets, check_metric(metric), engine
         self.output_dir, self.save_last_safe = output_dir, save_last_safe
+        self.top_k, self.wandb_every = top_k, wandb_every
         self.anchor = Anchor(anchor, anchor_lambda) if anchor is not None else None
         self._handles: list = []
         self._pending: list[_MicroBatch] = []
@@ -159,6 +165,9 @@ class SQSDCallback(TrainerCallback):
             if self.save_last_safe:  # θ_0 is where the run starts: the first "last safe" state
                 self._keep_safe_params()
         self.files = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in ("scores", "drift", "examples")}
+        report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
+        self.dashboard = WandbSink(self.wandb_every) if "wandb" in report_to else None
+        self._top, self._texts = [], {}
         if state.is_world_process_zero:
             (self.out / "run.json").write_text(json.dumps(self._describe(args), indent=2))
         if self.sets and self.engine_name == "hooks":
@@ -183,6 +192,7 @@ class SQSDCallback(TrainerCallback):
         self.files["scores"].write(step_rows)
         if not self.sets:
             return
+        self._top = riskiest(self._top + step_rows, self.top_k)
         measured = self.drift.measure()
         self._last_drift = summarize(measured, self.bank)
         self.files["drift"].write([{"step": state.global_step, "epoch": state.epoch, **self._last_drift,
@@ -196,6 +206,7 @@ class SQSDCallback(TrainerCallback):
         if logs is None or "loss" not in logs:
             return
         scalars = {f"sqsd/{k}": v for k, v in self._last_drift.items()}
+        values = list(self._window.values)
         if self.sets:
             scalars.update(self._window.pop())
         if self._anchor_value is not None:
@@ -203,6 +214,10 @@ class SQSDCallback(TrainerCallback):
         logs.update(scalars)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(scalars)
+        if self.dashboard is not None and self.sets:
+            kinds = dict(zip(self.bank.keys, (s.kind for s in self.sets)))
+            self.dashboard.log(state.global_step, values, self._top, self._texts, self._describe(args),
+                               heatmap=lambda: plots.layer_heatmap(read_jsonl(self.out / "drift.jsonl"), kinds))
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -383,6 +398,8 @@ class SQSDCallback(TrainerCallback):
                 self._seen.add(i)
                 ids = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
                 new.append({"index": i, "text": self.tokenizer.decode(ids, skip_special_tokens=True)[:_TEXT_CHARS]})
+                if self.dashboard is not None:
+                    self._texts[i] = new[-1]["text"][:200]
         self.files["examples"].write(new)
 
     def _scale(self, mb: _MicroBatch) -> torch.Tensor | None:
@@ -455,7 +472,8 @@ class SQSDCallback(TrainerCallback):
             "metric": self.metric,
             "engine": self.engine_name,
             "sets": [{"key": k, "kind": s.kind, "name": s.name, "source": s.source,
-                      "modules": int(self.bank.present[:, i].sum())}
+                      "modules": int(self.bank.present[:, i].sum()),
+                      "norm": float(self.bank.v_norm[:, i].pow(2).sum().sqrt())}
                      for i, (k, s) in enumerate(zip(self.bank.keys, self.sets))] if self.sets else [],
             "modules": self.bank.modules if self.sets else [],
             "duplicate_examples": self.index.duplicates,

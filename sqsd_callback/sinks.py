@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 
@@ -67,3 +68,51 @@ def start_run_dir(path: str | Path) -> None:
         dest.mkdir()
         for p in old:
             p.rename(dest / p.name)
+
+
+class WandbSink:
+    """What scalars cannot show, to the wandb run the Trainer's WandbCallback opened: a histogram of the
+    logging window's per-example SQSD, a table of the riskiest examples so far and the per-module drift
+    heatmap (every ``every`` logging steps), and the monitor's configuration. Optional by design: without
+    wandb, with no active run, or when a wandb call fails, it warns once and stops; training goes on."""
+
+    COLUMNS = ["index", "sqsd", "danger", "safety", "step", "dropped", "text"]
+
+    def __init__(self, every: int = 10) -> None:
+        self.every, self.calls, self.configured, self.failed = every, 0, False, False
+        try:
+            import wandb
+        except ImportError:
+            wandb = None
+        self.wandb = wandb
+
+    def _run(self):
+        return None if self.wandb is None or self.failed else self.wandb.run
+
+    def log(self, step: int, values: list[float], top: list[dict], texts: dict, config: dict,
+            heatmap=None) -> None:
+        """One logging step; ``heatmap`` is a zero-argument function returning a Figure (made only when due)."""
+        run = self._run()
+        if run is None:
+            return
+        try:
+            if not self.configured:
+                run.config.update({"sqsd": config}, allow_val_change=True)
+                self.configured = True
+            payload = {"train/global_step": step}
+            if values:
+                payload["sqsd/sqsd_hist"] = self.wandb.Histogram(values)
+            if self.calls % self.every == 0:
+                payload["sqsd/riskiest"] = self.wandb.Table(columns=self.COLUMNS, data=[
+                    [r["index"], r["sqsd"], r["danger"], r["safety"], r["step"], bool(r.get("dropped")),
+                     texts.get(r["index"], "")[:200]] for r in top])
+                fig = heatmap() if heatmap is not None else None
+                if fig is not None:
+                    payload["sqsd/layer_drift"] = self.wandb.Image(fig)
+                    fig.clf()
+            self.calls += 1
+            run.log(payload)
+        except Exception as e:  # a dashboard must never stop training
+            self.failed = True
+            warnings.warn(f"wandb logging failed ({type(e).__name__}: {e}); sqsd keeps writing its files and the "
+                          f"Trainer's logs, and stops sending wandb views for this run.", stacklevel=2)

@@ -1,0 +1,105 @@
+"""wandb views read back from an offline run; TensorBoard scalars; training unharmed without or despite wandb."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+from wandb_files import offline_run
+
+from sqsd_callback import SQSDCallback
+from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.testing import pad_collator, random_samples, three_sets, tiny_lora, word_tokenizer
+
+
+def _run(tmp_path, report_to, steps=4, **cb_kw):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps,
+                             learning_rate=1e-2, logging_steps=2, report_to=report_to, save_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    cb = SQSDCallback(danger, safety, **cb_kw)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(random_samples(8, seed=6)),
+                      data_collator=pad_collator(), processing_class=word_tokenizer(), callbacks=[cb])
+    trainer.train()
+    return trainer
+
+
+def _assert_files_complete(tmp_path, steps=4):
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    assert sorted({r["step"] for r in rows}) == list(range(steps)) and len(rows) == 2 * steps
+    assert [d["step"] for d in read_jsonl(tmp_path / "sqsd" / "drift.jsonl")] == list(range(1, steps + 1))
+
+
+def test_wandb_offline_run_has_scalars_histogram_table_heatmap_and_config(tmp_path):
+    """The run trains in a child process: wandb's service writes the offline run's files completely only when
+    its process ends."""
+    pytest.importorskip("wandb")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    code = (f"import sys, pathlib; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_dashboards import _run; "
+            f"_run(pathlib.Path({str(tmp_path)!r}), ['wandb'], wandb_every=1, top_k=3)")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    run = offline_run(tmp_path)
+    drift = {d["step"]: d["drift"] for d in read_jsonl(tmp_path / "sqsd" / "drift.jsonl")}
+    scalars = [h for h in run["history"] if "train/sqsd/drift" in h]
+    assert [h["train/global_step"] for h in scalars] == [2, 4]
+    assert [h["train/sqsd/drift"] for h in scalars] == pytest.approx([drift[2], drift[4]])
+    hists = [h for h in run["history"] if "sqsd/sqsd_hist/_type" in h]
+    assert [h["train/global_step"] for h in hists] == [2, 4]
+    assert all(sum(h["sqsd/sqsd_hist/values"]) == 4 for h in hists)  # 2 steps × 2 examples per window
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    latest = {r["index"]: r for r in rows}
+    top3 = sorted(latest.values(), key=lambda r: r["sqsd"], reverse=True)[:3]
+    tables = sorted((run["dir"] / "files" / "media" / "table" / "sqsd").glob("riskiest_*.table.json"))
+    last = max(tables, key=lambda p: int(p.name.split("_")[1]))
+    table = json.loads(last.read_text())
+    assert [row[0] for row in table["data"]] == [r["index"] for r in top3]
+    assert [row[1] for row in table["data"]] == pytest.approx([r["sqsd"] for r in top3])
+    texts = {r["index"]: r["text"] for r in read_jsonl(tmp_path / "sqsd" / "examples.jsonl")}
+    assert table["data"][0][6] == texts[top3[0]["index"]][:200] and table["data"][0][6].startswith("w")
+    assert list((run["dir"] / "files" / "media" / "images" / "sqsd").glob("layer_drift_*.png"))
+    sets = run["config"]["sqsd"]["sets"]
+    assert [s["key"] for s in sets] == ["danger/d1", "danger/d2", "safety/s1"] and all(s["norm"] > 0 for s in sets)
+
+
+def test_tensorboard_gets_the_scalars_with_wandb_hidden(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as if not installed
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    _run(tmp_path, ["tensorboard"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (events,) = [p for p in (tmp_path / "tb").rglob("events.out.tfevents.*")]
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    drift = {d["step"]: d["drift"] for d in read_jsonl(tmp_path / "sqsd" / "drift.jsonl")}
+    logged = {e.step: e.value for e in acc.Scalars("train/sqsd/drift")}
+    assert logged == pytest.approx({2: drift[2], 4: drift[4]}, rel=1e-6)
+    _assert_files_complete(tmp_path)
+
+
+def test_wandb_failing_mid_run_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    real_log, calls = wandb.sdk.wandb_run.Run.log, []
+
+    def flaky(self, data, *a, **kw):  # sqsd's own payloads fail; the Trainer's scalars still go out
+        if "sqsd/sqsd_hist" in data or "sqsd/riskiest" in data:
+            calls.append(data)
+            raise ConnectionError("wandb backend went away")
+        return real_log(self, data, *a, **kw)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", flaky)
+    with pytest.warns(UserWarning, match="wandb logging failed") as record:
+        trainer = _run(tmp_path, ["wandb"], steps=6)
+    wandb.finish()
+    assert sum("wandb logging failed" in str(w.message) for w in record) == 1 and len(calls) == 1
+    assert trainer.state.global_step == 6
+    assert all("sqsd/drift" in h for h in trainer.state.log_history if "loss" in h)
+    _assert_files_complete(tmp_path, steps=6)
