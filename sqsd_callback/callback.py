@@ -25,7 +25,7 @@ from .drift import Drift, summarize
 from .engines import make_engine
 from .engines.base import Batch, Stats, scored_tokens
 from .identity import ExampleIndex
-from .modules import lora_targets
+from .modules import find_targets
 from .policies import Anchor, DriftStop, DropPolicy
 from .report import riskiest
 from .scoring import check_metric, project, rows
@@ -139,19 +139,19 @@ class SQSDCallback(TrainerCallback):
         self._run_before_reporters()
         self.model = model
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        self.targets = lora_targets(model)
+        self.targets = find_targets(model)
         if self.anchor is not None:
             self.anchor.bind(self.targets)
-        self.lora_params = [p for t in self.targets.values() for p in (t.A, t.B) if p.requires_grad]
+        self.params = [p for t in self.targets.values() for p in t.params if p.requires_grad]
         if self.drop.active:
             others = [n for n, p in model.named_parameters()
-                      if p.requires_grad and not any(p is q for q in self.lora_params)]
+                      if p.requires_grad and not any(p is q for q in self.params)]
             if others:
-                raise ValueError(f"Exact drops remove examples through their LoRA factor gradients, but the model "
-                                 f"also trains {len(others)} other parameter(s), e.g. {others[:2]} (modules_to_save?)."
-                                 f" Freeze them or train without drops.")
+                raise ValueError(f"Exact drops remove examples through the gradients of the scored weight matrices, "
+                                 f"but the model also trains {len(others)} other parameter(s), e.g. {others[:2]} "
+                                 f"(modules_to_save, embeddings, norms?). Freeze them or train without drops.")
         if self.sets:
-            device = next(iter(self.targets.values())).A.device
+            device = self.params[0].device
             self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
             self.engine = make_engine(self.engine_name, self.targets, self.bank, keep_grads=self.drop.active)
             self.drift = Drift(self.targets, self.bank)
@@ -316,14 +316,10 @@ class SQSDCallback(TrainerCallback):
         keep = torch.tensor([not d for d in decisions])
         mb.kept_tokens = int((mb.batch.n_scored.cpu() * keep).sum())
         drop_idx = torch.nonzero(~keep).flatten().to(mb.batch.input_ids.device)
-        if len(drop_idx):
-            with torch.no_grad():
-                for m, (gA, gB) in self.engine.grads.items():
-                    t = self.targets[m]
-                    for p, g in ((t.A, gA), (t.B, gB)):
-                        if p.grad is not None:
-                            p.grad.sub_(g.index_select(0, drop_idx).sum(0).to(p.grad.dtype))
-        self.engine.grads = {}
+        with torch.no_grad():
+            for p, g in self.engine.removed(drop_idx):
+                if len(drop_idx) and p.grad is not None:
+                    p.grad.sub_(g.to(p.grad.dtype))
 
     def _renormalise(self) -> None:
         """Scale the step's remaining gradient from 1/N to 1/N' (N' the scored tokens left); skip the step
@@ -337,7 +333,7 @@ class SQSDCallback(TrainerCallback):
                                "(num_items_in_batch, the Trainer's and SFTTrainer's default); this run's "
                                "micro-batches weight tokens differently.")
         with torch.no_grad():
-            for p in self.lora_params:
+            for p in self.params:
                 if p.grad is None:
                     continue
                 if kept == 0:
@@ -364,17 +360,17 @@ class SQSDCallback(TrainerCallback):
             self._keep_safe_params()
 
     def _keep_safe_params(self) -> None:
-        self._safe_params = {id(p): p.detach().to("cpu", copy=True) for p in self.lora_params}
+        self._safe_params = {id(p): p.detach().to("cpu", copy=True) for p in self.params}
 
     def _save_safe(self) -> Path:
         """Write the adapter as it was at the last safe step (swapped in, saved, swapped back)."""
         path = self.out / "last_safe"
         with torch.no_grad():
-            current = [p.detach().clone() for p in self.lora_params]
-            for p in self.lora_params:
+            current = [p.detach().clone() for p in self.params]
+            for p in self.params:
                 p.copy_(self._safe_params[id(p)])
             self.model.save_pretrained(str(path))
-            for p, c in zip(self.lora_params, current):
+            for p, c in zip(self.params, current):
                 p.copy_(c)
         (path / "sqsd_step.json").write_text(json.dumps({"step": self.stop.last_safe_step}))
         return path
@@ -426,7 +422,7 @@ class SQSDCallback(TrainerCallback):
                 "stop": self.stop.state_dict() if self.stop else None, "seen": sorted(self._seen),
                 "window": (self._window.values, self._window.dropped), "last_drift": self._last_drift,
                 "safe_params": None if self._safe_params is None else
-                [self._safe_params[id(p)] for p in self.lora_params]}
+                [self._safe_params[id(p)] for p in self.params]}
 
     def _resume(self, args, state) -> None:
         """Restore the state saved with the checkpoint training resumes from and cut the logs back to it."""
@@ -445,7 +441,7 @@ class SQSDCallback(TrainerCallback):
         self._window.values, self._window.dropped = saved["window"]
         self._last_drift = saved["last_drift"]
         if saved["safe_params"] is not None:
-            self._safe_params = {id(p): s for p, s in zip(self.lora_params, saved["safe_params"])}
+            self._safe_params = {id(p): s for p, s in zip(self.params, saved["safe_params"])}
         truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
         truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)
         truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)

@@ -87,6 +87,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     tokenizer = load_tokenizer(name_or_path)
     name, kwargs = _resolve(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    if "gguf_file" in kwargs:  # GGUF weights load dequantized; unmarked, the model trains and saves as a plain one
+        model.hf_quantizer.remove_quantization_config(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     logger.info("loaded %s in %.1f s", kwargs.get("gguf_file", name), time.perf_counter() - start)
     return model, tokenizer

@@ -1,7 +1,7 @@
-"""Cumulative drift of the run: θ_t − θ_0 against each direction set, in low-rank form.
+"""Cumulative drift of the run: θ_t − θ_0 against each direction set, per module and in total.
 
-For LoRA the merged delta is s·B A, so θ_t − θ_0 = P Q with P = [s B_t, −s B_0] (out×2r) and Q = [A_t; A_0]
-(2r×in): <PQ, V> = <Q, Pᵀ V> and ‖PQ‖² = <PᵀP, QQᵀ>, never an out×in matrix.
+Each target measures its own difference (LoRA in low-rank form, never an out×in matrix; full fine-tuning
+against a copy of W_0); this module turns the per-module dots and norms into cosines and projections.
 """
 
 from __future__ import annotations
@@ -11,22 +11,21 @@ import math
 import torch
 
 from .directions import DirectionBank
-from .modules import LoraTarget
+from .modules import Target
 
 
 class Drift:
-    """Remembers θ_0's LoRA factors and measures θ_t − θ_0 against every set, per module and in total."""
+    """Remembers θ_0 of every scored module and measures θ_t − θ_0 against every set, per module and in total."""
 
-    def __init__(self, targets: dict[str, LoraTarget], bank: DirectionBank) -> None:
+    def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
         self.targets, self.bank = targets, bank
-        self.start = {m: tuple(t.clone().float() for t in targets[m].delta()) for m in bank.modules}
+        self.start = {m: targets[m].snapshot() for m in bank.modules}
 
     def state_dict(self) -> dict:
-        return {"start": {m: [t.cpu() for t in ts] for m, ts in self.start.items()}}
+        return {"start": {m: _to(s, "cpu") for m, s in self.start.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        device = next(iter(self.start.values()))[0].device
-        self.start = {m: tuple(t.to(device) for t in ts) for m, ts in state["start"].items()}
+        self.start = {m: _to(s, self.targets[m].params[0].device) for m, s in state["start"].items()}
 
     @torch.no_grad()
     def measure(self) -> dict:
@@ -36,13 +35,8 @@ class Drift:
         dots = torch.zeros(len(self.bank.modules), K, dtype=torch.float64)
         sq = torch.zeros(len(self.bank.modules), dtype=torch.float64)
         for j, m in enumerate(self.bank.modules):
-            B_t, A_t = (t.float() for t in self.targets[m].delta())
-            B_0, A_0 = self.start[m]
-            P, Q = torch.cat([B_t, -B_0], 1), torch.cat([A_t, A_0], 0)
-            sq[j] = float(((P.T @ P) * (Q @ Q.T)).sum())
-            for k, d in enumerate(self.bank.per_module[m]):
-                if d is not None:
-                    dots[j, k] = float((Q * d.times_left(P.T)).sum())
+            d, sq[j] = self.targets[m].drift(self.start[m], self.bank.per_module[m])
+            dots[j] = torch.tensor(d, dtype=torch.float64)
         present = self.bank.present
         v_norm = self.bank.v_norm
         w_norm = sq.sqrt()[:, None]
@@ -70,3 +64,7 @@ def summarize(measured: dict, bank: DirectionBank) -> dict[str, float]:
         out[f"drift_{kind}"] = sum(vals) / len(vals) if vals else 0.0
     out["drift"] = out["drift_danger"] - out["drift_safety"]
     return out
+
+
+def _to(snapshot, device):
+    return tuple(t.to(device) for t in snapshot) if isinstance(snapshot, tuple) else snapshot.to(device)

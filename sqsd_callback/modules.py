@@ -1,4 +1,6 @@
-"""The weight matrices a run trains and the engines score: PEFT LoRA Linear layers, by canonical name."""
+"""The weight matrices a run trains and the engines score, by canonical name: PEFT LoRA Linear layers, or (full
+fine-tuning) plain Linear layers. Each target knows its parameters, its per-example update from their
+gradients (the oracles' dense math) and how far it has moved from a snapshot (drift)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .directions import canonical_name
+from .directions import Direction, canonical_name
 
 
 @dataclass
@@ -31,17 +33,73 @@ class LoraTarget:
     def B(self) -> torch.Tensor:
         return self.lora_B.weight
 
-    def delta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The merged delta as factors ``(scaling·B, A)``, detached."""
-        return (self.scaling * self.B.detach(), self.A.detach())
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.A, self.B)
+
+    def update(self, gA: torch.Tensor, gB: torch.Tensor) -> torch.Tensor:
+        """Per-example first-order change of the merged delta, −s(gB A + B gA), dense (n×out×in), fp64."""
+        A, B = self.A.detach().double(), self.B.detach().double()
+        return -self.scaling * (gB.double() @ A + B @ gA.double())
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged delta now, as factors ``(s·B, A)`` (fp32 copies)."""
+        return (self.scaling * self.B.detach().float(), self.A.detach().float().clone())
+
+    def drift(self, start, dirs: list[Direction | None]) -> tuple[list[float], float]:
+        """<θ_t − θ_0, V> per direction and ‖θ_t − θ_0‖², with θ_t − θ_0 = [sB_t, −sB_0]·[A_t; A_0] (rank ≤ 2r)."""
+        B_t, A_t = self.snapshot()
+        P, Q = torch.cat([B_t, -start[0]], 1), torch.cat([A_t, start[1]], 0)
+        sq = float(((P.T @ P) * (Q @ Q.T)).sum())
+        return [0.0 if d is None else float((Q * d.times_left(P.T)).sum()) for d in dirs], sq
 
 
-def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
+@dataclass
+class LinearTarget:
+    """A plain Linear trained in full: the example's update is −g, the negative weight gradient."""
+
+    name: str
+    module: nn.Linear
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.module.weight.shape)
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.module.weight,)
+
+    def update(self, g: torch.Tensor) -> torch.Tensor:
+        return -g.double()
+
+    def snapshot(self) -> torch.Tensor:
+        """A copy of W (in its own dtype and device: full-FT drift costs one copy of the covered weights)."""
+        return self.module.weight.detach().clone()
+
+    def drift(self, start, dirs: list[Direction | None]) -> tuple[list[float], float]:
+        D = self.module.weight.detach().float() - start.float()
+        return [0.0 if d is None else d.dot(D) for d in dirs], float(D.pow(2).sum())
+
+
+Target = LoraTarget | LinearTarget
+
+
+def find_targets(model: nn.Module) -> dict[str, Target]:
+    """The model's LoRA Linear layers if it has active ones, else its trainable plain Linear layers."""
+    lora = lora_targets(model, required=False)
+    if lora:
+        return lora
+    linear = {canonical_name(n): LinearTarget(canonical_name(n), m) for n, m in model.named_modules()
+              if type(m) is nn.Linear and m.weight.requires_grad}
+    if not linear:
+        raise ValueError("The model has no active LoRA Linear layer and no trainable Linear layer: wrap it with "
+                         "peft.get_peft_model(model, LoraConfig(...)) or unfreeze the weights to fine-tune.")
+    return linear
+
+
+def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarget]:
     """Every active vanilla-LoRA Linear in ``model``, keyed by the base model's module name."""
-    try:
-        from peft.tuners.lora import layer as lora_layer
-    except ImportError as e:  # pragma: no cover - peft is a runtime dependency
-        raise ImportError("sqsd_callback scores LoRA fine-tuning through peft: pip install peft") from e
+    from peft.tuners.lora import layer as lora_layer
     targets: dict[str, LoraTarget] = {}
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer.Linear):
@@ -63,7 +121,7 @@ def lora_targets(model: nn.Module) -> dict[str, LoraTarget]:
         targets[canonical_name(name)] = LoraTarget(
             canonical_name(name), module.lora_A[adapter], module.lora_B[adapter], float(module.scaling[adapter])
         )
-    if not targets:
+    if not targets and required:
         raise ValueError(
             "The model has no active LoRA Linear layer: wrap it with peft.get_peft_model(model, LoraConfig(...)) "
             "before training or scoring."

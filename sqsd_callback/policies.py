@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .directions import DirectionSet
-from .modules import LoraTarget
+from .modules import LoraTarget, Target
 
 
 @dataclass
@@ -123,8 +123,11 @@ class Anchor:
         directions.check_values()
         self.directions, self.lam = directions, lam
 
-    def bind(self, targets: dict[str, LoraTarget]) -> None:
+    def bind(self, targets: dict[str, Target]) -> None:
         """Match the anchor's modules to the model's LoRA modules (same checks as scoring)."""
+        if not all(isinstance(t, LoraTarget) for t in targets.values()):
+            raise ValueError("The AsFT anchor constrains a LoRA update, but the model has no active LoRA layer: "
+                             "wrap it with peft.get_peft_model(model, LoraConfig(...)) or drop anchor=.")
         self.modules = self.directions.match({m: t.shape for m, t in targets.items()})
         device = next(iter(targets.values())).A.device
         self.dirs = {m: self.directions.modules[m].to(device, torch.float32) for m in self.modules}

@@ -88,14 +88,14 @@ def score_samples(
     from .directions import DirectionBank
     from .engines import make_engine
     from .engines.base import collate
-    from .modules import lora_targets
+    from .modules import find_targets
 
     check_metric(metric)
     samples = list(samples)
     if not samples:
         raise ValueError("score_samples got no samples.")
-    targets = lora_targets(model)
-    device = next(iter(targets.values())).A.device
+    targets = find_targets(model)
+    device = next(iter(targets.values())).params[0].device
     bank = DirectionBank([*danger, *safety], {m: t.shape for m, t in targets.items()}).to(device)
     scorer = make_engine(engine, targets, bank)
     out = []

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from .directions import Direction, DirectionSet
-from .modules import lora_targets
+from .modules import find_targets
 
 VOCAB = 96
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,7 +41,7 @@ def random_set(model, kind: str, name: str, rank: int | None = 3, seed: int = 0,
     """Random directions for the model's LoRA modules: low-rank (``rank``) or dense (``rank=None``)."""
     g = torch.Generator().manual_seed(seed)
     dirs = {}
-    for m, t in lora_targets(model).items():
+    for m, t in find_targets(model).items():
         if modules is not None and not any(s in m for s in modules):
             continue
         out, inp = t.shape

@@ -115,5 +115,6 @@ def test_kind_name_and_model_checks():
     d1, d2 = random_set(model, "danger", "same"), random_set(model, "danger", "same", seed=4)
     with pytest.raises(ValueError, match="repeated: \\['danger/same'\\]"):
         DirectionBank([d1, d2], _shapes(model))
-    with pytest.raises(ValueError, match="no active LoRA Linear layer.*get_peft_model"):
-        score_samples(tiny_base("llama"), [{"input_ids": [1, 2], "labels": [1, 2]}], [d1], [], progress=False)
+    frozen = tiny_base("llama").requires_grad_(False)
+    with pytest.raises(ValueError, match="no active LoRA Linear layer and no trainable Linear layer.*get_peft_model"):
+        score_samples(frozen, [{"input_ids": [1, 2], "labels": [1, 2]}], [d1], [], progress=False)

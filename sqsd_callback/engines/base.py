@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..directions import DirectionBank
-from ..modules import LoraTarget
+from ..modules import Target
 
 
 @dataclass
@@ -59,16 +59,12 @@ def example_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def dense_stats(grads: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: dict[str, LoraTarget],
-                bank: DirectionBank) -> Stats:
-    """Reference math from per-example factor gradients ``(gA (n×r×in), gB (n×out×r))``: forms each
-    ΔW_i = −scaling·(gB_i A + B gA_i) densely and takes plain dot products. For the oracle engines."""
+def dense_stats(grads: dict[str, tuple[torch.Tensor, ...]], targets: dict[str, Target], bank: DirectionBank) -> Stats:
+    """Reference math from per-example parameter gradients (one tensor per target parameter, leading dim n):
+    forms each ΔW_i densely (``target.update``) and takes plain dot products. For the oracle engines."""
     dots, sqs = [], []
     for m in bank.modules:
-        t = targets[m]
-        gA, gB = (g.double() for g in grads[m])
-        A, B = t.A.detach().double(), t.B.detach().double()
-        dW = -t.scaling * (gB @ A + B @ gA)
+        dW = targets[m].update(*grads[m])
         V = torch.stack([torch.zeros_like(dW[0]) if d is None else d.materialize().double().to(dW.device)
                          for d in bank.per_module[m]])
         dots.append(torch.einsum("noi,koi->nk", dW, V))
@@ -77,11 +73,11 @@ def dense_stats(grads: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: di
 
 
 @contextlib.contextmanager
-def scoring_mode(model: nn.Module, targets: dict[str, LoraTarget]):
-    """Eval mode (no dropout, no checkpoint recomputation) with the LoRA factors differentiable; restores the
+def scoring_mode(model: nn.Module, targets: dict[str, Target]):
+    """Eval mode (no dropout, no checkpoint recomputation) with the targets' weights differentiable; restores the
     model's modes and requires_grad flags on exit. Gradients are taken with autograd.grad, so ``.grad`` is untouched."""
     modes = {m: m.training for m in model.modules()}
-    params = [p for t in targets.values() for p in (t.A, t.B)]
+    params = [p for t in targets.values() for p in t.params]
     flags = [p.requires_grad for p in params]
     model.eval()
     for p in params:

@@ -7,31 +7,30 @@ import torch
 from torch import nn
 
 from ..directions import DirectionBank
-from ..modules import LoraTarget
+from ..modules import Target
 from .base import Batch, Stats, dense_stats, scoring_mode
 
 
 class LoopEngine:
     name = "loop"
 
-    def __init__(self, targets: dict[str, LoraTarget], bank: DirectionBank) -> None:
+    def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
         self.targets, self.bank = targets, bank
 
     def compute(self, model: nn.Module, batch: Batch) -> Stats:
-        per_module = {m: ([], []) for m in self.bank.modules}
+        modules = self.bank.modules
+        params = [p for m in modules for p in self.targets[m].params]
+        per_example = []
         with scoring_mode(model, self.targets):
             for ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels):
                 keep = mask.bool()
                 ids, labels = ids[keep][None], labels[keep][None]
-                factors = [p for m in self.bank.modules for p in (self.targets[m].A, self.targets[m].B)]
                 if (labels[:, 1:] != -100).any():
                     loss = model(input_ids=ids, labels=labels).loss
-                    grads = torch.autograd.grad(loss, factors, allow_unused=True)
-                    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, factors)]
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    per_example.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
                 else:
-                    grads = [torch.zeros_like(p) for p in factors]
-                for j, m in enumerate(self.bank.modules):
-                    per_module[m][0].append(grads[2 * j])
-                    per_module[m][1].append(grads[2 * j + 1])
-        grads = {m: (torch.stack(gA), torch.stack(gB)) for m, (gA, gB) in per_module.items()}
+                    per_example.append([torch.zeros_like(p) for p in params])
+        stacked = iter([torch.stack(gs) for gs in zip(*per_example)])
+        grads = {m: tuple(next(stacked) for _ in self.targets[m].params) for m in modules}
         return dense_stats(grads, self.targets, self.bank)

@@ -7,19 +7,19 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..directions import DirectionBank
-from ..modules import LoraTarget
+from ..modules import Target
 from .base import Batch, Stats, dense_stats, example_mean_losses, scoring_mode
 
 
 class VmapEngine:
     name = "vmap"
 
-    def __init__(self, targets: dict[str, LoraTarget], bank: DirectionBank) -> None:
+    def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
         self.targets, self.bank = targets, bank
 
     def compute(self, model: nn.Module, batch: Batch) -> Stats:
         names = {id(p): n for n, p in model.named_parameters()}
-        keys = {m: (names[id(self.targets[m].A)], names[id(self.targets[m].B)]) for m in self.bank.modules}
+        keys = {m: [names[id(p)] for p in self.targets[m].params] for m in self.bank.modules}
         inputs = batch.model_inputs()
 
         def loss(params, ids, mask, pos, labels):
@@ -28,10 +28,7 @@ class VmapEngine:
             return example_mean_losses(out.logits, labels[None])[0]
 
         with scoring_mode(model, self.targets):
-            params = {}
-            for m, (ka, kb) in keys.items():
-                params[ka] = self.targets[m].A.detach()
-                params[kb] = self.targets[m].B.detach()
+            params = {k: p.detach() for m in self.bank.modules for k, p in zip(keys[m], self.targets[m].params)}
             g = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(
                 params, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], batch.labels)
-        return dense_stats({m: (g[ka], g[kb]) for m, (ka, kb) in keys.items()}, self.targets, self.bank)
+        return dense_stats({m: tuple(g[k] for k in ks) for m, ks in keys.items()}, self.targets, self.bank)
