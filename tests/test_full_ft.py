@@ -1,0 +1,118 @@
+"""Full fine-tuning (plain Linear layers): hooks against the vmap and loop oracles, in training, drift and drops.
+
+Tolerance as for LoRA: per score key, max |hooks − oracle| ≤ 1e-5 × max |oracle| (fp32)."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from sqsd_callback import SQSDCallback, score_samples
+from sqsd_callback.directions import DirectionSet
+from sqsd_callback.modules import LinearTarget, find_targets
+from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.testing import pad_collator, random_samples, random_set, rel_err, tiny_base
+
+KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+MODULES = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def full_ft(arch="llama"):
+    """A tiny model trained in full on its attention and MLP Linear layers (embeddings, norms, head frozen)."""
+    model = tiny_base(arch)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(m in name for m in MODULES))
+    return model
+
+
+def sets(model):
+    return ([random_set(model, "danger", "d1", rank=3, seed=1), random_set(model, "danger", "d2", rank=None, seed=2)],
+            [random_set(model, "safety", "s1", rank=2, seed=3)])
+
+
+def test_targets_are_the_trainable_linear_layers():
+    targets = find_targets(full_ft())
+    assert all(isinstance(t, LinearTarget) for t in targets.values())
+    assert sorted({m.rsplit(".", 1)[1] for m in targets}) == sorted(MODULES)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("metric", ["cosine", "projection", "global_cosine"])
+@pytest.mark.parametrize("length", [10, 30])  # 10: ghost norms everywhere; 30: G_i formed where 2T² > in·out
+def test_full_ft_engines_agree(arch, metric, length):
+    model = full_ft(arch)
+    danger, safety = sets(model)
+    samples = random_samples(6, seed=length, min_len=length - 4, max_len=length)
+    ref = score_samples(model, samples, danger, safety, metric=metric, engine="loop", progress=False)
+    for engine in ("hooks", "vmap"):
+        got = score_samples(model, samples, danger, safety, metric=metric, engine=engine, batch_size=3,
+                            progress=False)
+        for k in KEYS:
+            assert rel_err([r[k] for r in got], [r[k] for r in ref]) < 1e-5, (engine, k)
+
+
+def _trainer(model, samples, out, cb, steps=2, **kw):
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=steps, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
+                             use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True, seed=2, **kw)
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=pad_collator(),
+                   callbacks=[cb] if cb else [])
+
+
+def test_full_ft_callback_first_step_and_drift(tmp_path):
+    model = full_ft()
+    danger, safety = sets(model)
+    samples = random_samples(8, seed=4)
+    expected = score_samples(model, samples, danger, safety, progress=False)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _trainer(model, samples, tmp_path, SQSDCallback(danger, safety), gradient_checkpointing=True).train()
+    first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
+    for k in KEYS:
+        assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
+    drift = read_jsonl(tmp_path / "sqsd" / "drift.jsonl")[-1]
+    for s in danger + safety:
+        num = wn = vn = 0.0
+        for m, d in s.modules.items():
+            D = model.get_submodule(m).weight.detach() - start[f"{m}.weight"]
+            num += float((D * d.materialize()).sum())
+            wn += float(D.pow(2).sum())
+            vn += float(d.materialize().pow(2).sum())
+        assert drift[f"cosine/{s.kind}/{s.name}"] == pytest.approx(num / (wn * vn) ** 0.5, rel=1e-4)
+
+
+def test_full_ft_drop_gives_the_step_without_the_dropped_examples(tmp_path):
+    model = full_ft()
+    danger, safety = sets(model)
+    samples = random_samples(4, seed=21)
+    scores = sorted(r["sqsd"] for r in score_samples(model, samples, danger, safety, progress=False))
+    threshold = (scores[1] + scores[2]) / 2
+    reference = copy.deepcopy(model)
+    _trainer(model, samples, tmp_path / "drop", SQSDCallback(danger, safety, drop_above=threshold), steps=1,
+             max_grad_norm=0.05).train()
+    rows = read_jsonl(tmp_path / "drop" / "sqsd" / "scores.jsonl")
+    dropped = {r["index"] for r in rows if r["dropped"]}
+    assert len(dropped) == 2
+    kept = [s for i, s in enumerate(samples) if i not in dropped]
+    args = dict(gradient_accumulation_steps=1, max_grad_norm=0.05)
+    Trainer(model=reference, args=TrainingArguments(
+        output_dir=str(tmp_path / "ref"), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True, **args),
+        train_dataset=Dataset.from_list(kept), data_collator=pad_collator()).train()
+    diffs = [(p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())]
+    assert max(diffs) < 1e-6
+
+
+def test_weight_diff_directions_score_full_ft():
+    """Directions from a weight difference (the AsFT / SafeLoRA way) score a full fine-tuning model."""
+    base, aligned = tiny_base("llama", seed=0), tiny_base("llama", seed=5)
+    safety = DirectionSet.from_weight_diff(aligned, base, kind="safety", name="aligned", rank=4)
+    model = full_ft()
+    samples = random_samples(4, seed=1)
+    with pytest.warns(UserWarning, match="covers 10 of the model's 10"):  # the set also has unused modules
+        ref = score_samples(model, samples, [], [safety], engine="loop", progress=False)
+    got = score_samples(model, samples, [], [safety], progress=False)
+    assert rel_err([r["safety"] for r in got], [r["safety"] for r in ref]) < 1e-5
+    assert all(r["sqsd"] == pytest.approx(-r["safety"]) for r in got)
+    assert torch.isfinite(torch.tensor([r["safety"] for r in got])).all()
