@@ -23,7 +23,7 @@ from . import plots
 from .directions import DirectionBank, DirectionSet
 from .drift import Drift, summarize
 from .engines import make_engine
-from .engines.base import Batch, Stats, scored_tokens
+from .engines.base import Batch, Segments, Stats, scored_tokens
 from .identity import ExampleIndex
 from .modules import find_targets
 from .policies import Anchor, DriftStop, DropPolicy
@@ -245,13 +245,19 @@ class SQSDCallback(TrainerCallback):
             raise ValueError("SQSDCallback needs input_ids and labels in each training batch (the examples' "
                              "scored tokens are the labels that are not -100).")
         mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.detach()
+        position_ids = kwargs.get("position_ids")
+        segments = None if position_ids is None else Segments.from_position_ids(position_ids, mask)
+        batch = Batch(ids.detach(), labels.detach(), mask, segments=segments)
         own_index = kwargs.pop("index", None)  # the dataset's own index column, where it reaches the batch
-        index = own_index.tolist() if own_index is not None else self.index.lookup(ids, mask)
-        batch = Batch(ids.detach(), labels.detach(), torch.ones_like(ids) if mask is None else mask.detach(), index)
+        if own_index is not None and segments is not None:
+            raise ValueError("An `index` column cannot name the examples of packed rows; drop it from the batch "
+                             "(SQSDCallback then finds each packed example by its tokens).")
+        batch.index = own_index.tolist() if own_index is not None else self.index.lookup(batch.example_ids())
         self._pending.append(_MicroBatch(batch))
         self._num_items = kwargs.get("num_items_in_batch")
         if self.sets and self.engine_name == "hooks":
-            self.engine.start(ids.shape[0], ids.device)
+            self.engine.start(batch.n_examples, ids.device, segments)
         return args, kwargs
 
     def _on_outputs(self, module, args, kwargs, outputs):
@@ -267,8 +273,9 @@ class SQSDCallback(TrainerCallback):
             anchor_tensor = log_probs
 
             def read_weights(g):  # the loss sums −log_probs over every position: read only scored ones
-                n = mb.batch.n_scored.to(g.device).clamp(min=1)
-                mb.weight = -(g.detach().float() * scored.to(g.device)).sum(-1) / n
+                tok = torch.zeros(labels.shape, device=g.device)
+                tok[:, labels.shape[1] - g.shape[1]:] = -g.detach().float() * scored.to(g.device)
+                mb.weight = mb.batch.sum_per_example(tok) / mb.batch.n_scored.to(g.device).clamp(min=1)
                 self._queue_after_backward(mb)
         elif isinstance(loss, torch.Tensor) and loss.requires_grad:
             denom = self._num_items if self._num_items is not None else scored_tokens(labels).sum()
@@ -276,7 +283,7 @@ class SQSDCallback(TrainerCallback):
 
             def read_weights(g):
                 w = g.detach().float() / torch.as_tensor(denom, device=g.device).float()
-                mb.weight = w.expand(labels.shape[0])
+                mb.weight = w.expand(mb.batch.n_examples)
                 self._queue_after_backward(mb)
         else:
             anchor_tensor = next((t for t in (getattr(outputs, "logits", None), loss, log_probs)
@@ -389,10 +396,10 @@ class SQSDCallback(TrainerCallback):
         if self.tokenizer is None:
             return
         new = []
-        for b, i in enumerate(batch.index):
+        for i, ids in zip(batch.index, batch.example_ids()):
             if i is not None and i not in self._seen:
                 self._seen.add(i)
-                ids = batch.input_ids[b][batch.attention_mask[b].bool()].tolist()
+                ids = ids.tolist()
                 new.append({"index": i, "text": self.tokenizer.decode(ids, skip_special_tokens=True)[:_TEXT_CHARS]})
                 if self.dashboard is not None:
                     self._texts[i] = new[-1]["text"][:200]

@@ -28,7 +28,7 @@ class ExampleIndex:
     def __init__(self, dataset) -> None:
         self.positions: dict[bytes, int] = {}
         self.duplicates = 0
-        for pos, ids in enumerate(_input_ids_column(dataset)):
+        for pos, ids in enumerate(_examples(dataset)):
             key = token_hash(ids)
             if key in self.positions:
                 self.duplicates += 1
@@ -39,14 +39,11 @@ class ExampleIndex:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int | None]:
-        """Dataset positions of a padded batch's rows (None for a row not found)."""
+    def lookup(self, examples: list[torch.Tensor]) -> list[int | None]:
+        """Dataset positions of a batch's examples, given each one's token ids (None for one not found)."""
         out = []
-        ids = input_ids.detach().cpu()
-        mask = None if attention_mask is None else attention_mask.detach().cpu().bool()
-        for b in range(ids.shape[0]):
-            row = ids[b] if mask is None else ids[b][mask[b]]
-            pos = self.positions.get(token_hash(row))
+        for ids in examples:
+            pos = self.positions.get(token_hash(ids))
             if pos is None:
                 self.misses += 1
                 if self.misses == 1:
@@ -54,6 +51,20 @@ class ExampleIndex:
                                   "input_ids?); its scores are logged with index null.", stacklevel=2)
             out.append(pos)
         return out
+
+
+def _examples(dataset):
+    """Each example's token ids; a dataset packed by TRL (``seq_lengths`` per row) is split into its examples,
+    numbered in packed order (the original positions are gone by then)."""
+    rows = _input_ids_column(dataset)
+    if not hasattr(dataset, "column_names") or "seq_lengths" not in dataset.column_names:
+        yield from rows
+        return
+    for ids, lengths in zip(rows, dataset["seq_lengths"]):
+        start = 0
+        for n in lengths:
+            yield ids[start:start + n]
+            start += n
 
 
 def _input_ids_column(dataset):

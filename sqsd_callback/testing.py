@@ -85,6 +85,19 @@ def pad_collator(side: str = "right"):
     return collate
 
 
+def pack_collator():
+    """Padding-free packing as TRL does it: the micro-batch's examples concatenated into one row, position_ids
+    restarting at each example, no attention_mask, the label of each example's first token −100."""
+    def collate(features):
+        ids, labels, pos = [], [], []
+        for f in features:
+            ids += list(f["input_ids"])
+            labels += [-100] + list(f["labels"])[1:]
+            pos += list(range(len(f["input_ids"])))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
+    return collate
+
+
 def rel_err(a, b) -> float:
     """max |a − b| / max |b| over paired score rows (None must pair with None)."""
     num = den = 0.0

@@ -13,18 +13,71 @@ from ..modules import Target
 
 
 @dataclass
+class Segments:
+    """Where the examples of a packed batch lie: example i is flat token positions ``gather[i, :len_i]`` of the
+    (rows × length) batch (``mask`` marks the real entries). Rows are split where ``position_ids`` restart at 0."""
+
+    gather: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> Segments | None:
+        """None when every row is one example (nothing packed)."""
+        starts = (position_ids == 0) & attention_mask.bool()
+        if int(starts.sum(-1).max()) <= 1:
+            return None
+        T = position_ids.shape[1]
+        spans = []
+        for row in range(position_ids.shape[0]):
+            cut = torch.nonzero(starts[row]).flatten().tolist()
+            end = int(attention_mask[row].sum()) if attention_mask[row].all() else int(
+                torch.nonzero(attention_mask[row]).max()) + 1
+            spans += [(row * T + a, row * T + b) for a, b in zip(cut, cut[1:] + [end])]
+        L = max(b - a for a, b in spans)
+        ar = torch.arange(L)
+        gather = torch.stack([torch.clamp(a + ar, max=b - 1) for a, b in spans])
+        mask = torch.stack([ar < b - a for a, b in spans])
+        return cls(gather.to(position_ids.device), mask.to(position_ids.device))
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows × length × d) → (examples × max example length × d), zeros past each example's end."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat[self.gather] * self.mask[..., None].to(x.dtype)
+
+
+@dataclass
 class Batch:
-    """A padded batch of examples; ``labels == -100`` marks positions that are not scored."""
+    """A padded (or packed) batch of examples; ``labels == -100`` marks positions that are not scored."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
     index: list[int | None] = field(default_factory=list)
+    segments: Segments | None = None
+
+    @property
+    def n_examples(self) -> int:
+        return self.input_ids.shape[0] if self.segments is None else self.segments.gather.shape[0]
 
     @property
     def n_scored(self) -> torch.Tensor:
         """Scored (next-token) positions per example, counted as the causal-LM loss counts them."""
-        return scored_tokens(self.labels)
+        scored = torch.zeros_like(self.labels)
+        scored[:, 1:] = self.labels[:, 1:] != -100
+        return self.sum_per_example(scored)
+
+    def sum_per_example(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Sum a (rows × length) per-token quantity over each example's tokens."""
+        if self.segments is None:
+            return per_token.sum(-1)
+        return self.segments.split(per_token[..., None])[..., 0].sum(-1)
+
+    def example_ids(self) -> list[torch.Tensor]:
+        """Each example's token ids (padding removed)."""
+        if self.segments is None:
+            return [ids[m.bool()] for ids, m in zip(self.input_ids, self.attention_mask)]
+        ids = self.segments.split(self.input_ids[..., None])[..., 0]
+        return [row[m] for row, m in zip(ids, self.segments.mask)]
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Inputs whose positions do not depend on the padding side (position ids from the attention mask)."""

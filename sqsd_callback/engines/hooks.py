@@ -102,8 +102,7 @@ class _LinearScorer:
         return [(self.target.module, self.backward)]
 
     def backward(self, x: torch.Tensor, delta: torch.Tensor) -> None:
-        n = self.engine.record.sq.shape[0]
-        x, delta = x.reshape(n, -1, x.shape[-1]).float(), delta.reshape(n, -1, delta.shape[-1]).float()
+        x, delta = self.engine.split(x), self.engine.split(delta)
         if self.engine.keep_grads:
             self.kept = (x, delta)
         if self.slot is None:
@@ -147,6 +146,7 @@ class HooksEngine:
                         for m in names}
         self.handles: list = []
         self.record: Stats | None = None
+        self.segments = None
 
     # -------------------------------------------------------------- lifecycle
     def attach(self) -> None:
@@ -161,10 +161,12 @@ class HooksEngine:
             h.remove()
         self.handles = []
 
-    def start(self, n_examples: int, device) -> None:
-        """Open a record for the next pass over ``n_examples`` rows."""
+    def start(self, n_examples: int, device, segments=None) -> None:
+        """Open a record for the next pass over ``n_examples`` examples: one per row, or where ``segments``
+        (a packed batch's :class:`Segments`) say."""
         K, M = len(self.bank.sets), len(self.bank.modules)
         self.record = Stats(torch.zeros(n_examples, M, K, device=device), torch.zeros(n_examples, M, device=device))
+        self.segments = segments
         for scorer in self.scorers.values():
             scorer.kept = None
 
@@ -188,11 +190,15 @@ class HooksEngine:
             return _Tap.apply(args[0], out, lambda inp, grad: self.record is not None and fn(inp, grad))
         return hook
 
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        """Activations (rows × length × d) as (examples × tokens × d), fp32."""
+        if self.segments is not None:
+            return self.segments.split(t.float())
+        return t.reshape(self.record.sq.shape[0], -1, t.shape[-1]).float()
+
     def per_example(self, grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         """Σ over each example's tokens of grad_t inp_tᵀ: (n × grad-dim × inp-dim), fp32."""
-        n = self.record.sq.shape[0]
-        return torch.bmm(grad.reshape(n, -1, grad.shape[-1]).transpose(1, 2).float(),
-                         inp.reshape(n, -1, inp.shape[-1]).float())
+        return torch.bmm(self.split(grad).transpose(1, 2), self.split(inp))
 
     # -------------------------------------------------------------- offline
     def compute(self, model: nn.Module, batch: Batch) -> Stats:
