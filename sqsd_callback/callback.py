@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from . import plots
@@ -155,20 +156,27 @@ class SQSDCallback(TrainerCallback):
             self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
             self.engine = make_engine(self.engine_name, self.targets, self.bank, keep_grads=self.drop.active)
             self.drift = Drift(self.targets, self.bank)
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.world > 1 and (self.drop.active or self.anchor is not None):
+            raise ValueError("Drops and the anchor edit gradients that DDP averages across processes during the "
+                             "backward pass; across several processes they are not supported yet. Monitor "
+                             "(scores, drift, stop_drift_above) works with any number of processes.")
+        self.main = state.is_world_process_zero
         self.index = ExampleIndex(getattr(train_dataloader, "dataset", None))
         self.out = Path(self.output_dir or Path(args.output_dir) / "sqsd")
-        self._seen: set = set()
+        self._seen, self._new_texts = set(), []
         if state.global_step > 0:
             self._resume(args, state)
-        else:
+        elif self.main:
             start_run_dir(self.out)
-            if self.save_last_safe:  # θ_0 is where the run starts: the first "last safe" state
-                self._keep_safe_params()
-        self.files = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in ("scores", "drift", "examples")}
+        if state.global_step == 0 and self.save_last_safe:  # θ_0 is where the run starts: the first safe state
+            self._keep_safe_params()
+        names = ("scores", "drift", "examples")
+        self.files = {name: JsonlWriter(self.out / f"{name}.jsonl") for name in names} if self.main else {}
         report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
         self.dashboard = WandbSink(self.wandb_every) if "wandb" in report_to else None
         self._top, self._texts = [], {}
-        if state.is_world_process_zero:
+        if self.main:
             (self.out / "run.json").write_text(json.dumps(self._describe(args), indent=2))
         if self.sets and self.engine_name == "hooks":
             self.engine.attach()
@@ -182,20 +190,21 @@ class SQSDCallback(TrainerCallback):
                 mb.rows = self._rows(mb)
 
     def on_step_end(self, args, state, control, **kwargs):
-        step_rows = [r for mb in self._pending if mb.rows for r in mb.rows]
-        self._pending = []
+        step_rows = self._gather([r for mb in self._pending if mb.rows for r in mb.rows])
+        self._write("examples", self._gather(self._new_texts))
+        self._pending, self._new_texts = [], []
         for r in step_rows:
             r.update(step=state.global_step - 1, epoch=state.epoch)
             self._window.dropped += bool(r["dropped"])
             if r["sqsd"] is not None:
                 self._window.values.append(r["sqsd"])
-        self.files["scores"].write(step_rows)
+        self._write("scores", step_rows)
         if not self.sets:
             return
         self._top = riskiest(self._top + step_rows, self.top_k)
         measured = self.drift.measure()
         self._last_drift = summarize(measured, self.bank)
-        self.files["drift"].write([{"step": state.global_step, "epoch": state.epoch, **self._last_drift,
+        self._write("drift", [{"step": state.global_step, "epoch": state.epoch, **self._last_drift,
                                     **{f"cosine/{k}": v for k, v in zip(self.bank.keys, measured["cosine"])},
                                     **{f"projection/{k}": v for k, v in zip(self.bank.keys, measured["projection"])},
                                     "norm": measured["norm"], "layers": measured["layers"]}])
@@ -403,7 +412,7 @@ class SQSDCallback(TrainerCallback):
                 new.append({"index": i, "text": self.tokenizer.decode(ids, skip_special_tokens=True)[:_TEXT_CHARS]})
                 if self.dashboard is not None:
                     self._texts[i] = new[-1]["text"][:200]
-        self.files["examples"].write(new)
+        self._new_texts += new
 
     def _scale(self, mb: _MicroBatch) -> torch.Tensor | None:
         """Per-row factor turning the hook gradient (loss weight w per token) into the example's mean-loss
@@ -418,6 +427,19 @@ class SQSDCallback(TrainerCallback):
             return None
         w = mb.weight * mb.batch.n_scored.to(mb.weight.device).float()
         return torch.where(w != 0, 1.0 / torch.where(w != 0, w, torch.ones_like(w)), torch.zeros_like(w))
+
+    def _gather(self, rows: list) -> list:
+        """Every process's rows, in rank order (each rank scores its own examples)."""
+        if self.world == 1:
+            return rows
+        parts = [None] * self.world
+        dist.all_gather_object(parts, rows)
+        return [r for part in parts for r in part]
+
+    def _write(self, name: str, rows: list[dict]) -> None:
+        """Append to one of the run's files: the main process writes for all."""
+        if name in self.files:
+            self.files[name].write(rows)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -449,9 +471,10 @@ class SQSDCallback(TrainerCallback):
         self._last_drift = saved["last_drift"]
         if saved["safe_params"] is not None:
             self._safe_params = {id(p): s for p, s in zip(self.params, saved["safe_params"])}
-        truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
-        truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)
-        truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)
+        if self.main:
+            truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
+            truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)
+            truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)
 
     def _run_before_reporters(self) -> None:
         """Move this callback to the front of the Trainer's callback list, so the ``sqsd/*`` scalars it adds in
