@@ -1,12 +1,14 @@
 """Step time and peak memory of a LoRA SFT run with and without SQSDCallback, measured side by side.
 
-The same TRL SFTTrainer run (SmolLM2-135M-sized Llama with random weights, LoRA on every linear layer, a batch
-of random tokens, 2 danger + 1 safety direction sets) is trained in rounds that alternate the variants in one
-process; each round's first step is a warm-up and is dropped, the rest give medians. Peak memory comes from
-one short run per variant in its own process (CUDA: max allocated; CPU: peak RSS).
+The same TRL SFTTrainer run (SmolLM2-135M-sized Llama with random weights, LoRA r=16 on every linear layer or
+full fine-tuning, a batch of random tokens, 2 danger + 1 safety direction sets) is trained in rounds that
+alternate the variants in one process; each round's first step is a warm-up and is dropped, the rest give
+medians. Peak memory comes from one short run per variant in its own process (CUDA: max allocated; CPU: peak
+RSS).
 
-    python benchmarks/overhead.py                      # defaults: none vs hooks
-    python benchmarks/overhead.py --engines hooks,loop --rounds 3 --steps-per-round 3
+    python benchmarks/overhead.py                                  # LoRA: none vs hooks
+    python benchmarks/overhead.py --full-ft --dir-rank 64          # full fine-tuning, rank-64 directions
+    python benchmarks/overhead.py --full-ft --dir-rank 0           # full fine-tuning, full-rank directions
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def build(opts, engine: str | None, out_dir: str):
     """A trainer for one variant (engine None = no callback); every variant starts from the same weights."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": opts.layers}))
-    model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, target_modules=ALL_LINEAR))
+    if opts.full_ft:
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(m in name for m in ALL_LINEAR))
+    else:
+        model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, target_modules=ALL_LINEAR))
     g = torch.Generator().manual_seed(1)
     rows = []
     for _ in range(opts.batch * opts.steps_per_round):
@@ -66,8 +72,9 @@ def build(opts, engine: str | None, out_dir: str):
     timer = StepTimer()
     callbacks = [timer]
     if engine is not None:
-        sets = [random_set(model, "danger", "d1", rank=16, seed=1), random_set(model, "danger", "d2", rank=16, seed=2),
-                random_set(model, "safety", "s1", rank=16, seed=3)]
+        rank = opts.dir_rank or None  # 0: full-rank (dense) directions
+        sets = [random_set(model, kind, name, rank=rank, seed=seed)
+                for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
         callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:], engine=engine))
     args = SFTConfig(output_dir=out_dir, max_steps=opts.steps_per_round, per_device_train_batch_size=opts.batch,
                      logging_steps=opts.steps_per_round, report_to=[], save_strategy="no", bf16=opts.bf16,
@@ -79,10 +86,9 @@ def build(opts, engine: str | None, out_dir: str):
 
 def peak_memory(opts, engine: str | None) -> float:
     """Peak memory (MiB) of a short run of one variant, in a fresh process."""
-    cmd = [sys.executable, __file__, "--_memory-of", engine or "none", "--layers", str(opts.layers),
-           "--batch", str(opts.batch), "--seq", str(opts.seq), "--rank", str(opts.rank)]
-    if opts.bf16:
-        cmd.append("--bf16")
+    cmd = [sys.executable, __file__, "--_memory-of", engine or "none", "--layers", str(opts.layers), "--batch",
+           str(opts.batch), "--seq", str(opts.seq), "--rank", str(opts.rank), "--dir-rank", str(opts.dir_rank)]
+    cmd += ["--bf16"] * opts.bf16 + ["--full-ft"] * opts.full_ft
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -109,7 +115,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--full-ft", action="store_true", help="train every linear weight instead of LoRA")
+    p.add_argument("--dir-rank", type=int, default=16, help="rank of the random directions (0: full rank)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory runs")
     p.add_argument("--out", default="benchmarks/results/overhead.json")
