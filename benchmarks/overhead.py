@@ -32,10 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.testing import ALL_LINEAR, random_set, word_tokenizer
-
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, pad_token_id=0)
+from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, random_set, word_tokenizer
 
 
 class StepTimer(TrainerCallback):

@@ -12,6 +12,9 @@ from .modules import find_targets
 
 VOCAB = 96
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, pad_token_id=0)
+"""LlamaConfig arguments of SmolLM2-135M's shape, for benchmarks with random weights."""
 
 
 def tiny_base(arch: str = "llama", seed: int = 0):
