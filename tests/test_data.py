@@ -5,8 +5,6 @@ import re
 from collections import Counter
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sqsd_callback import data
 from sqsd_callback.data import (
@@ -19,28 +17,11 @@ from sqsd_callback.data import (
     harmful_prompts,
     load_model,
     load_records,
-    load_tokenizer,
     split_prompts,
     tokenize_chat,
     tokenize_chats,
     writing_prompts,
 )
-
-
-@pytest.fixture(scope="module")
-def gguf_tokenizer():
-    """SmolLM2's tokenizer with its ChatML template, read from the embedded GGUF (about 5 s)."""
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(gguf_tokenizer):
-    """A random 2-layer Llama, hidden size 32, over the GGUF tokenizer's vocabulary, in eval mode."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(gguf_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         pad_token_id=gguf_tokenizer.pad_token_id, eos_token_id=gguf_tokenizer.eos_token_id)
-    return LlamaForCausalLM(config).eval()
 
 
 def _hide_package(monkeypatch, name):
