@@ -205,9 +205,9 @@ class SQSDCallback(TrainerCallback):
         measured = self.drift.measure()
         self._last_drift = summarize(measured, self.bank)
         self._write("drift", [{"step": state.global_step, "epoch": state.epoch, **self._last_drift,
-                                    **{f"cosine/{k}": v for k, v in zip(self.bank.keys, measured["cosine"])},
-                                    **{f"projection/{k}": v for k, v in zip(self.bank.keys, measured["projection"])},
-                                    "norm": measured["norm"], "layers": measured["layers"]}])
+                               **{f"cosine/{k}": v for k, v in zip(self.bank.keys, measured["cosine"])},
+                               **{f"projection/{k}": v for k, v in zip(self.bank.keys, measured["projection"])},
+                               "norm": measured["norm"], "layers": measured["layers"]}])
         if self.stop is not None:
             self._check_stop(state, control)
 
