@@ -266,6 +266,9 @@ def benign_tasks(n: int, seed: int = 0) -> list[dict]:
     return [_task(rng) for _ in range(n)]
 
 
+WRITING_PROMPTS = len(_WRITING) * len(_TOPICS)
+
+
 def writing_prompts(n: int, seed: int = 0) -> list[str]:
     """n distinct open-ended writing prompts (templates x topics), in a seeded order."""
     pool = [t.format(topic) for t in _WRITING for topic in _TOPICS]

@@ -1,0 +1,155 @@
+"""The ``sqsd`` commands on a tiny local model: directions, score (against score_samples at the paper's
+initialisations), report, and each bad input named in a clear error before any training or scoring."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sqsd_callback import DirectionSet, score_samples
+from sqsd_callback.cli import main
+from sqsd_callback.data import load_model, tokenize_chats
+from sqsd_callback.finetune import load_adapter
+from sqsd_callback.sinks import read_jsonl
+
+HARMFUL = [f"Explain how to do forbidden thing number {i} without being caught." for i in range(20)]
+BENIGN = [{"prompt": f"What is {a} + {a + 3}?", "response": f"{a} + {a + 3} = {2 * a + 3}. Happy to help."}
+          for a in range(12)]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_model, gguf_tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model.save_pretrained(path)
+    gguf_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def directions(tmp_path_factory, model_dir):
+    """A `sqsd directions` folder on the tiny model, with compliance data given (a random model only babbles)."""
+    tmp = tmp_path_factory.mktemp("dirs")
+    harmful = _jsonl(tmp / "harmful.jsonl", [{"prompt": p} for p in HARMFUL])
+    compliant = _jsonl(tmp / "compliant.jsonl", [{"prompt": p, "response": f"Sure, here is step {i}: do it."}
+                                                 for i, p in enumerate(HARMFUL)])
+    out = tmp / "out"
+    assert main(["directions", "--model", str(model_dir), "--out", str(out), "--harmful", harmful,
+                 "--danger-data", compliant, "--n", "8", "--epochs", "1", "--max-length", "64", "--rank", "4"]) == 0
+    return out
+
+
+def test_directions_writes_loadable_adapters_and_keeps_held_out_prompts_out(directions, tiny_model):
+    shapes = {n: tuple(m.weight.shape) for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for kind in ("danger", "safety"):
+        ds = DirectionSet.from_peft_adapter(directions / kind, kind=kind)
+        assert sorted(ds.match(shapes)) == sorted(ds.modules)  # every direction names a module, with its shape
+        assert len(ds.modules) == 14  # all-linear: 7 per layer, lm_head excluded
+        assert all(d.sq_norm() > 0 for d in ds.modules.values())
+    summary = json.loads((directions / "directions.json").read_text())
+    assert summary["adapters"]["danger"]["examples"] == 8 and summary["theta_0"] == "base model"
+    held_out = {r["prompt"] for r in read_jsonl(directions / "held_out.jsonl")}
+    assert len(held_out) == 4 and held_out < set(HARMFUL)  # 20 % of 20
+    for kind in ("danger", "safety"):  # the compliance data named every prompt; held-out ones were left out
+        trained = [r["prompt"] for r in read_jsonl(directions / kind / "train.jsonl")]
+        assert len(trained) == 8 and not held_out & set(trained)
+
+
+def test_score_paper_way_equals_score_samples_at_the_papers_initialisations(tmp_path, model_dir, directions):
+    data = _jsonl(tmp_path / "benign.jsonl", BENIGN)
+    out = tmp_path / "scores"
+    assert main(["score", data, "--model", str(model_dir), "--directions", str(directions), "--out", str(out),
+                 "--windows", "3", "--alpha", "0.5", "--batch-size", "5"]) == 0
+    rows = read_jsonl(out / "scores.jsonl")
+    # oracle: one example at a time (batch size 1), danger at θ_0 + α·V_danger, safety at θ_0 + α·V_safety
+    model, tokenizer = load_model(str(model_dir))
+    samples = tokenize_chats(tokenizer, BENIGN, 512)
+    expected = {}
+    for kind in ("danger", "safety"):
+        ds = DirectionSet.from_peft_adapter(directions / kind, kind=kind, name=kind)
+        peft = load_adapter(model, directions / kind, scaling=0.5)
+        expected[kind] = [r[kind] for r in score_samples(peft, samples, **{kind: [ds]}, batch_size=1)]
+        peft.unload()
+    for row, d, s in zip(rows, expected["danger"], expected["safety"]):
+        assert row["danger"] == pytest.approx(d, rel=1e-5, abs=1e-7)
+        assert row["safety"] == pytest.approx(s, rel=1e-5, abs=1e-7)
+        assert row["sqsd"] == pytest.approx(d - s, rel=1e-5, abs=1e-7)
+        assert row["prompt"] == BENIGN[row["index"]]["prompt"]
+    windows = json.loads((out / "windows.json").read_text())
+    assert [w["size"] for w in windows] == [4, 4, 4]
+    ranked = sorted(rows, key=lambda r: -r["sqsd"])
+    assert windows[0]["indices"] == [r["index"] for r in ranked[:4]]
+    assert (out / "scores.png").stat().st_size > 5000
+    assert (out / "ranking.csv").read_text().splitlines()[0].startswith("rank,window,index,sqsd")
+
+
+def test_score_at_current_parameters_with_named_adapters(tmp_path, model_dir, directions):
+    data = _jsonl(tmp_path / "benign.jsonl", BENIGN[:4])
+    out = tmp_path / "scores"
+    assert main(["score", data, "--model", str(model_dir), "--danger", f"d1={directions / 'danger'}",
+                 "--safety", f"s1={directions / 'safety'}", "--at", "current", "--out", str(out),
+                 "--windows", "2"]) == 0
+    rows = read_jsonl(out / "scores.jsonl")
+    model, tokenizer = load_model(str(model_dir))
+    ref = score_samples(model, tokenize_chats(tokenizer, BENIGN[:4], 512),
+                        danger=[DirectionSet.from_peft_adapter(directions / "danger", kind="danger", name="d1")],
+                        safety=[DirectionSet.from_peft_adapter(directions / "safety", kind="safety", name="s1")])
+    for row, r in zip(rows, ref):
+        assert row["danger/d1"] == pytest.approx(r["danger/d1"], rel=1e-5)
+        assert row["sqsd"] == pytest.approx(r["sqsd"], rel=1e-5)
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_adapter_file(tmp_path, capsys, model_dir, directions):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((directions / "danger" / "adapter_config.json").read_text())
+    data = _jsonl(tmp_path / "d.jsonl", BENIGN)
+    err = _error(capsys, ["score", data, "--model", str(model_dir), "--danger", str(broken), "--out",
+                          str(tmp_path / "o")])
+    assert "adapter_model.safetensors missing" in err and "save_pretrained" in err
+
+
+def test_dataset_without_the_named_field(tmp_path, capsys, model_dir, directions):
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": "hi", "answer": "hello"}])
+    err = _error(capsys, ["score", data, "--model", str(model_dir), "--directions", str(directions),
+                          "--out", str(tmp_path / "o")])
+    assert "row 0 has no field 'prompt'" in err and "['answer', 'question']" in err
+
+
+def test_empty_dataset(tmp_path, capsys, model_dir, directions):
+    (tmp_path / "empty.jsonl").write_text("")
+    err = _error(capsys, ["score", str(tmp_path / "empty.jsonl"), "--model", str(model_dir), "--directions",
+                          str(directions), "--out", str(tmp_path / "o")])
+    assert "is empty" in err
+
+
+def test_model_adapter_mismatch(tmp_path, capsys, gguf_tokenizer, directions):
+    other = tmp_path / "other"
+    config = LlamaConfig(vocab_size=len(gguf_tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(other)
+    gguf_tokenizer.save_pretrained(other)
+    data = _jsonl(tmp_path / "d.jsonl", BENIGN[:2])
+    err = _error(capsys, ["score", data, "--model", str(other), "--directions", str(directions), "--out",
+                          str(tmp_path / "o")])
+    assert "does not fit the model" in err
+
+
+def test_no_direction_sets(tmp_path, capsys, model_dir):
+    data = _jsonl(tmp_path / "d.jsonl", BENIGN[:2])
+    assert "no direction sets" in _error(capsys, ["score", data, "--model", str(model_dir), "--out",
+                                                  str(tmp_path / "o")])
+
+
+def test_report_on_a_missing_run(tmp_path, capsys):
+    assert "No scores.jsonl" in _error(capsys, ["report", str(tmp_path)])
