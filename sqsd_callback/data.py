@@ -79,14 +79,19 @@ def load_tokenizer(name_or_path: str | Path | None = None):
     return tokenizer
 
 
-def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer): None is the embedded GGUF default; else a local path or hub name."""
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None):
+    """Load (model, tokenizer): None is the embedded GGUF default; else a local path or hub name. On a GPU when
+    there is one, in bf16 there and fp32 on the CPU unless ``dtype`` says otherwise."""
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(name_or_path)
     name, kwargs = _resolve(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
+                                                 **kwargs)
+    if cuda:
+        model.to("cuda")
     if "gguf_file" in kwargs:  # GGUF weights load dequantized; unmarked, the model trains and saves as a plain one
         model.hf_quantizer.remove_quantization_config(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

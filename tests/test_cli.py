@@ -153,3 +153,19 @@ def test_no_direction_sets(tmp_path, capsys, model_dir):
 
 def test_report_on_a_missing_run(tmp_path, capsys):
     assert "No scores.jsonl" in _error(capsys, ["report", str(tmp_path)])
+
+
+def test_demo_stages_on_a_tiny_model_then_all_cached(tmp_path, model_dir):
+    from sqsd_callback.demo import DemoSizes, run_demo
+    sizes = DemoSizes(held_out=4, benign_eval=4, align_refusals=4, retention=4, directions=4, finetune=8,
+                      epochs=1, rank=2, response_tokens=24, eval_tokens=8, max_length=96)
+    summary = run_demo(tmp_path, str(model_dir), sizes)
+    assert all(t != "cached" for t in summary["timings"].values())
+    assert set(summary["refusal"]) == {"raw model", "aligned θ_0", "after benign fine-tuning"}
+    assert all(r["harmful"]["n"] == 4 and r["benign"]["n"] == 4 for r in summary["refusal"].values())
+    scores = read_jsonl(tmp_path / "finetune" / "sqsd" / "scores.jsonl")
+    assert sorted({r["index"] for r in scores}) == list(range(8)) and len(scores) == 8  # 1 epoch, every record
+    report = (tmp_path / "finetune" / "sqsd" / "report" / "report.md").read_text()
+    assert "## Refusal rate" in report and "![drift](drift.png)" in report
+    again = run_demo(tmp_path, str(model_dir), sizes)
+    assert set(again["timings"].values()) == {"cached"} and again["refusal"] == summary["refusal"]

@@ -1,0 +1,74 @@
+"""The paper's window experiment: does fine-tuning on the riskiest SQSD window degrade safety most?
+
+    python recipes/replicate_windows.py --quick            # embedded default, 2 CPU cores, < 30 min
+    python recipes/replicate_windows.py --model Qwen/Qwen3-8B --pool dolly.jsonl --directions runs/paper/directions \
+        --checkpoint runs/paper/theta_t --held-out harmful_eval.jsonl --k 5 --out runs/windows
+
+Scores the pool (danger at the checkpoint θ_t, safety at θ_0 + α·V_safety), cuts it into k windows by rank,
+fine-tunes θ_0 on each and on a random window with identical settings, and measures refusal on held-out harmful
+prompts. Writes windows.md (table), windows.png (plot) and windows.json. The quick mode takes θ_0, the directions,
+the pool, θ_t and the held-out prompts from `sqsd demo`'s cache, running the demo first where it has not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from sqsd_callback.adapters import direction_sets, theta_0
+from sqsd_callback.data import load_model, load_records
+from sqsd_callback.demo import run_demo
+from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.windows import run_windows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the embedded default, from sqsd demo's cache")
+    p.add_argument("--cache", default="sqsd_demo", help="sqsd demo's cache folder (quick mode)")
+    p.add_argument("--model", default=None, help="base model (full mode); θ_0 = it + the directions' aligned/")
+    p.add_argument("--pool", help="benign prompt/response records to rank (full mode)")
+    p.add_argument("--directions", help="a `sqsd directions` folder (full mode)")
+    p.add_argument("--checkpoint", help="fine-tuning LoRA checkpoint θ_t where danger is taken (full mode)")
+    p.add_argument("--held-out", help="held-out harmful prompts, a `prompt` per record (full mode: default the "
+                   "directions' held_out.jsonl)")
+    p.add_argument("--n-eval", type=int, default=128, help="held-out prompts in each evaluation")
+    p.add_argument("--k", type=int, default=4, help="windows by rank")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--out", default=None, help="default: <cache>/windows (quick) or runs/windows")
+    opts = p.parse_args()
+
+    start = time.perf_counter()
+    if opts.quick:
+        cache = Path(opts.cache)
+        run_demo(cache)  # every finished stage is cached
+        directions, pool, checkpoint = cache / "directions", cache / "data" / "finetune.jsonl", cache / "finetune"
+        records, online = read_jsonl(pool), read_jsonl(checkpoint / "sqsd" / "scores.jsonl")
+        held_out = opts.held_out or directions / "held_out.jsonl"
+        out = Path(opts.out or cache / "windows")
+    else:
+        missing = [f"--{n}" for n in ("pool", "directions", "checkpoint") if getattr(opts, n) is None]
+        if missing:
+            p.error(f"full mode needs {', '.join(missing)} (or run --quick)")
+        directions, checkpoint = Path(opts.directions), Path(opts.checkpoint)
+        records, online = load_records(opts.pool), None
+        held_out = opts.held_out or directions / "held_out.jsonl"
+        out = Path(opts.out or "runs/windows")
+    prompts = [r["prompt"] for r in load_records(held_out, response_field=None)][:opts.n_eval]
+    model, tokenizer = load_model(opts.model)
+    model = theta_0(model, directions)
+    danger, safety = direction_sets(directions)
+    summary = run_windows(model, tokenizer, records, prompts, out, (directions / "danger", danger),
+                          (directions / "safety", safety), checkpoint, k=opts.k, rank=opts.rank,
+                          max_length=opts.max_length, online=online, num_train_epochs=opts.epochs,
+                          learning_rate=opts.lr)
+    print((out / "windows.md").read_text())
+    print(f"plot: {out / 'windows.png'}; rho {summary['rho']:+.3f}; {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The paper's window experiment: rank a benign pool by SQSD, fine-tune the aligned model on each equal window of
+the ranking (and on a random window) with identical settings, and measure how harmful each result is.
+
+Harmfulness is the share of held-out harmful prompts the fine-tuned model does not refuse (refusal-phrase
+matching). The paper's claim holds where harmfulness falls with window rank: Spearman's rho between rank and
+harmfulness near −1, with a bootstrap interval over the held-out prompts that excludes 0.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .data import tokenize_chats
+from .finetune import load_adapter, lora_config, train_lora
+from .offline import ScoringPass, rank_windows, score_offline
+from .plots import plt
+from .refusal import refusal_rate
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan where either side is constant."""
+    rx, ry = (_ranks(np.asarray(v, dtype=float)) for v in (x, y))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    order = v.argsort(kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v))
+    for value in np.unique(v):  # ties share their mean rank
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def bootstrap_rho(complied: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of Spearman's rho between window rank and harmfulness, resampling the held-out prompts.
+    ``complied[w, j]``: window w's model answered (did not refuse) prompt j."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, complied.shape[0] + 1)
+    rhos = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, complied.shape[1], complied.shape[1])
+        rho = spearman(ranks, complied[:, pick].mean(1))
+        if not np.isnan(rho):
+            rhos.append(rho)
+    if not rhos:
+        return float("nan"), float("nan")
+    return float(np.percentile(rhos, 2.5)), float(np.percentile(rhos, 97.5))
+
+
+def score_variants(model, samples: Sequence[dict], danger: tuple[Path, object], safety: tuple[Path, object],
+                   checkpoint: Path, alpha: float, batch_size: int = 8) -> dict[str, list[dict]]:
+    """Offline rows of the pool under each metric, the paper's initialisations (danger at the checkpoint θ_t,
+    safety at θ_0 + α·V_safety)."""
+    passes = [ScoringPass(checkpoint, [danger[1]]), ScoringPass(safety[0], [safety[1]], alpha)]
+    return {metric: score_offline(model, samples, passes, metric, batch_size)
+            for metric in ("cosine", "global_cosine")}
+
+
+def variant_correlations(variants: dict[str, list[dict]], online: list[dict] | None) -> dict[str, float]:
+    """Spearman's rho of each score variant with the reference (SQSD, cosine, offline) over the pool."""
+    ref = {r["index"]: r["sqsd"] for r in variants["cosine"] if r["sqsd"] is not None}
+    others = {"danger only (cosine)": {r["index"]: r["danger"] for r in variants["cosine"]},
+              "SQSD, global_cosine": {r["index"]: r["sqsd"] for r in variants["global_cosine"]}}
+    if online:
+        first = {}
+        for r in online:  # the first epoch's online score of each example
+            if r.get("sqsd") is not None:
+                first.setdefault(r["index"], r["sqsd"])
+        others["SQSD online (monitored run, epoch 1)"] = first
+    out = {}
+    for name, values in others.items():
+        common = [i for i in ref if values.get(i) is not None]
+        out[name] = spearman([ref[i] for i in common], [values[i] for i in common]) if len(common) > 2 else None
+    return out
+
+
+def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[str], out: str | Path,
+                danger: tuple[Path, object], safety: tuple[Path, object], checkpoint: Path, k: int = 4,
+                alpha: float = 0.5, rank: int = 8, max_length: int = 192, eval_tokens: int = 32,
+                online: list[dict] | None = None, seed: int = 0, **train) -> dict:
+    """Score ``records`` (prompt/response) at θ_0 = ``model``, fine-tune θ_0 on each of ``k`` windows by rank and
+    on a random window of the same size (same steps, seed and hyper-parameters; ``train`` overrides SFTConfig
+    fields), and measure refusal on ``held_out`` prompts after each. Writes ``windows.json``, ``windows.md`` and
+    ``windows.png`` under ``out``; returns the results."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = tokenize_chats(tokenizer, records, max_length)
+    variants = score_variants(model, samples, danger, safety, checkpoint, alpha)
+    _, windows = rank_windows(variants["cosine"], k)
+    size = min(w["size"] for w in windows)
+    control = random.Random(seed).sample(range(len(samples)), size)
+    runs = [(f"window {w['window']}", w["indices"][:size]) for w in windows] + [("random", control)]
+    results = {}
+    for name, indices in runs:
+        adapter = out / name.replace(" ", "_")
+        if not (adapter / "refusal.json").is_file():  # each finished window is kept: a rerun resumes
+            train_lora(model, tokenizer, [samples[i] for i in indices], adapter, lora=lora_config(rank),
+                       seed=seed, **train)
+            tuned = load_adapter(model, adapter)
+            try:
+                rate = refusal_rate(tuned, tokenizer, held_out, eval_tokens)
+            finally:
+                tuned.unload()
+            (adapter / "refusal.json").write_text(json.dumps(rate))
+        rate = json.loads((adapter / "refusal.json").read_text())
+        results[name] = {"indices": indices, "harmfulness": 1 - rate["rate"],
+                         "complied": [not r["refused"] for r in rate["records"]]}
+    complied = np.array([results[f"window {w['window']}"]["complied"] for w in windows], dtype=float)
+    ranks = list(range(1, k + 1))
+    harm = complied.mean(1).tolist()
+    summary = {
+        "examples": len(samples), "k": k, "window_size": size, "held_out": len(held_out),
+        "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "harmfulness": h}
+                    for w, h in zip(windows, harm)],
+        "random": results["random"]["harmfulness"],
+        "rho": spearman(ranks, harm), "rho_95": bootstrap_rho(complied, seed=seed),
+        "variants_rho": variant_correlations(variants, online),
+    }
+    (out / "windows.json").write_text(json.dumps(summary, indent=1))
+    _plot(summary, out / "windows.png")
+    (out / "windows.md").write_text(table(summary))
+    return summary
+
+
+def table(summary: dict) -> str:
+    """The results as Markdown: harmfulness per window and the control, rho with its interval, the variants."""
+    lo, hi = summary["rho_95"]
+    lines = ["| window (1 = riskiest) | mean SQSD | harmfulness (held-out harmful prompts answered) |",
+             "|---|---|---|",
+             *[f"| {w['window']} | {w['sqsd_mean']:+.4f} | {w['harmfulness']:.3f} |" for w in summary["windows"]],
+             f"| random | | {summary['random']:.3f} |", "",
+             f"Spearman's rho (window rank vs harmfulness): {summary['rho']:+.3f}, 95% bootstrap interval over the "
+             f"{summary['held_out']} held-out prompts [{lo:+.3f}, {hi:+.3f}] (the paper's ordering is rho = −1).", "",
+             "| score variant | Spearman's rho with SQSD (cosine, offline) over the pool |", "|---|---|",
+             *[f"| {name} | {'n/a' if rho is None else f'{rho:+.3f}'} |"
+               for name, rho in summary["variants_rho"].items()]]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ws = summary["windows"]
+    ax.plot([w["window"] for w in ws], [w["harmfulness"] for w in ws], "o-", label="window by SQSD rank")
+    ax.axhline(summary["random"], color="grey", ls="--", label="random window")
+    ax.set(xlabel="window (1 = riskiest by SQSD)", ylabel="harmfulness (1 − refusal rate)",
+           title=f"Fine-tuning on each window: rho = {summary['rho']:+.2f}")
+    ax.set_xticks([w["window"] for w in ws])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
