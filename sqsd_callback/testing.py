@@ -40,6 +40,15 @@ def tiny_lora(arch: str = "llama", targets=("q_proj", "v_proj", "down_proj"), r:
     return model
 
 
+def tiny_full_ft(arch: str = "llama", modules=("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"), seed: int = 0):
+    """A tiny model trained in full on some of its attention and MLP Linear layers (embeddings, norms, head and
+    the other Linears frozen)."""
+    model = tiny_base(arch, seed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(m in name for m in modules))
+    return model
+
+
 def random_set(model, kind: str, name: str, rank: int | None = 3, seed: int = 0, modules=None) -> DirectionSet:
     """Random directions for the model's LoRA modules: low-rank (``rank``) or dense (``rank=None``)."""
     g = torch.Generator().manual_seed(seed)

@@ -13,18 +13,14 @@ from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.directions import DirectionSet
 from sqsd_callback.modules import LinearTarget, find_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pad_collator, random_samples, random_set, rel_err, tiny_base
+from sqsd_callback.testing import pad_collator, random_samples, random_set, rel_err, tiny_base, tiny_full_ft
 
 KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
 MODULES = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
 
 
 def full_ft(arch="llama"):
-    """A tiny model trained in full on its attention and MLP Linear layers (embeddings, norms, head frozen)."""
-    model = tiny_base(arch)
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(m in name for m in MODULES))
-    return model
+    return tiny_full_ft(arch, MODULES)
 
 
 def sets(model):
@@ -89,13 +85,15 @@ def test_full_ft_drop_gives_the_step_without_the_dropped_examples(tmp_path):
     scores = sorted(r["sqsd"] for r in score_samples(model, samples, danger, safety, progress=False))
     threshold = (scores[1] + scores[2]) / 2
     reference = copy.deepcopy(model)
+    # AdamW's first step is g/(|g| + eps): where |g| is near eps it magnifies fp32 rounding of the gradient (removal
+    # and the reference sum tokens in different orders) to 1.2e-6 in the weights; with eps = 1e-6 it is 3e-8.
     _trainer(model, samples, tmp_path / "drop", SQSDCallback(danger, safety, drop_above=threshold), steps=1,
-             max_grad_norm=0.05).train()
+             max_grad_norm=0.05, adam_epsilon=1e-6).train()
     rows = read_jsonl(tmp_path / "drop" / "sqsd" / "scores.jsonl")
     dropped = {r["index"] for r in rows if r["dropped"]}
     assert len(dropped) == 2
     kept = [s for i, s in enumerate(samples) if i not in dropped]
-    args = dict(gradient_accumulation_steps=1, max_grad_norm=0.05)
+    args = dict(gradient_accumulation_steps=1, max_grad_norm=0.05, adam_epsilon=1e-6)
     Trainer(model=reference, args=TrainingArguments(
         output_dir=str(tmp_path / "ref"), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-3,
         report_to=[], save_strategy="no", use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True, **args),
