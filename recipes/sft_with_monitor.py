@@ -15,18 +15,11 @@ import argparse
 
 import torch
 
-from sqsd_callback import DirectionSet, SQSDCallback
+from sqsd_callback import SQSDCallback
+from sqsd_callback.adapters import named_adapters
 from sqsd_callback.data import load_model, load_records, tokenize_chats
-from sqsd_callback.finetune import adapter_dir, lora_config, train_lora
+from sqsd_callback.finetune import lora_config, train_lora
 from sqsd_callback.report import write_report
-
-
-def _sets(specs: list[str], kind: str) -> list[DirectionSet]:
-    out = []
-    for spec in specs:
-        name, _, path = spec.rpartition("=")
-        out.append(DirectionSet.from_peft_adapter(adapter_dir(path), kind=kind, name=name or None))
-    return out
 
 
 def main() -> None:
@@ -53,7 +46,8 @@ def main() -> None:
     model, tokenizer = load_model(opts.model)  # on the GPU in bf16 where there is one
     samples = tokenize_chats(tokenizer, load_records(opts.data, opts.prompt_field, opts.response_field),
                              opts.max_length)
-    callback = SQSDCallback(danger=_sets(opts.danger, "danger"), safety=_sets(opts.safety, "safety"),
+    callback = SQSDCallback(danger=[s for _, s in named_adapters(opts.danger, "danger")],
+                            safety=[s for _, s in named_adapters(opts.safety, "safety")],
                             metric=opts.metric, drop_above=opts.drop_above, stop_drift_above=opts.stop_drift_above,
                             save_last_safe=opts.stop_drift_above is not None)
     summary = train_lora(model, tokenizer, samples, opts.out, lora=lora_config(opts.rank), callbacks=[callback],

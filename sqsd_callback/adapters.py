@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .data import generate_responses, tokenize_chats
 from .directions import DirectionSet
-from .finetune import lora_config, merge, train_lora
+from .finetune import adapter_dir, lora_config, merge, train_lora
 from .refusal import is_refusal, templated_refusals
 
 PREFILL = "Sure, here is"
@@ -91,6 +91,16 @@ def direction_sets(directions: str | Path) -> tuple[DirectionSet, DirectionSet]:
     directions = Path(directions)
     return (DirectionSet.from_peft_adapter(directions / "danger", kind="danger", name="danger"),
             DirectionSet.from_peft_adapter(directions / "safety", kind="safety", name="safety"))
+
+
+def named_adapters(specs: Sequence[str], kind: str) -> list[tuple[Path, DirectionSet]]:
+    """``PATH`` or ``NAME=PATH`` adapter arguments (local folders or hub names) as (folder, DirectionSet) pairs."""
+    pairs = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        path = adapter_dir(path)
+        pairs.append((path, DirectionSet.from_peft_adapter(path, kind=kind, name=name or None)))
+    return pairs
 
 
 def shuffled(*groups: Sequence[dict], seed: int = 0) -> list[dict]:

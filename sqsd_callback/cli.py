@@ -58,27 +58,15 @@ def _directions(opts) -> None:
     print(f"directions: {opts.out} ({', '.join(summary['adapters'])}; θ_0 = {summary['theta_0']})")
 
 
-def _named_adapters(specs: list[str], kind: str) -> list:
-    """``PATH`` or ``NAME=PATH`` adapter arguments as (path, DirectionSet) pairs."""
-    from .directions import DirectionSet
-    from .finetune import adapter_dir
-    pairs = []
-    for spec in specs:
-        name, _, path = spec.rpartition("=")
-        path = adapter_dir(path)
-        pairs.append((path, DirectionSet.from_peft_adapter(path, kind=kind, name=name or None)))
-    return pairs
-
-
 def _score(opts) -> None:
     from . import data
-    from .adapters import theta_0
+    from .adapters import named_adapters, theta_0
     from .offline import ScoringPass, paper_passes, score_offline, write_scores
 
-    danger, safety = _named_adapters(opts.danger, "danger"), _named_adapters(opts.safety, "safety")
+    danger, safety = named_adapters(opts.danger, "danger"), named_adapters(opts.safety, "safety")
     if opts.directions:
-        danger += _named_adapters([f"danger={Path(opts.directions) / 'danger'}"], "danger")
-        safety += _named_adapters([f"safety={Path(opts.directions) / 'safety'}"], "safety")
+        danger += named_adapters([f"danger={Path(opts.directions) / 'danger'}"], "danger")
+        safety += named_adapters([f"safety={Path(opts.directions) / 'safety'}"], "safety")
     if not danger and not safety:
         raise ValueError("no direction sets: pass --directions DIR (from `sqsd directions`) or --danger/--safety "
                          "adapters")
