@@ -48,8 +48,8 @@ def test_directions_writes_loadable_adapters_and_keeps_held_out_prompts_out(dire
     shapes = {n: tuple(m.weight.shape) for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)}
     for kind in ("danger", "safety"):
         ds = DirectionSet.from_peft_adapter(directions / kind, kind=kind)
-        assert sorted(ds.match(shapes)) == sorted(ds.modules)  # every direction names a module, with its shape
-        assert len(ds.modules) == 14  # all-linear: 7 per layer, lm_head excluded
+        with pytest.warns(UserWarning, match="covers 14 of the model's 15"):  # all-linear leaves out lm_head
+            assert sorted(ds.match(shapes)) == sorted(ds.modules)  # every direction names a module, right shape
         assert all(d.sq_norm() > 0 for d in ds.modules.values())
     summary = json.loads((directions / "directions.json").read_text())
     assert summary["adapters"]["danger"]["examples"] == 8 and summary["theta_0"] == "base model"
