@@ -160,7 +160,7 @@ def test_demo_stages_on_a_tiny_model_then_all_cached(tmp_path, model_dir):
     sizes = DemoSizes(held_out=4, benign_eval=4, align_refusals=4, retention=4, directions=4, finetune=8,
                       epochs=1, rank=2, response_tokens=24, eval_tokens=8, max_length=96)
     summary = run_demo(tmp_path, str(model_dir), sizes)
-    assert all(t != "cached" for t in summary["timings"].values())
+    assert all(isinstance(t, float) for t in summary["timings"].values())
     assert set(summary["refusal"]) == {"raw model", "aligned θ_0", "after benign fine-tuning"}
     assert all(r["harmful"]["n"] == 4 and r["benign"]["n"] == 4 for r in summary["refusal"].values())
     scores = read_jsonl(tmp_path / "finetune" / "sqsd" / "scores.jsonl")
@@ -168,4 +168,6 @@ def test_demo_stages_on_a_tiny_model_then_all_cached(tmp_path, model_dir):
     report = (tmp_path / "finetune" / "sqsd" / "report" / "report.md").read_text()
     assert "## Refusal rate" in report and "![drift](drift.png)" in report
     again = run_demo(tmp_path, str(model_dir), sizes)
-    assert set(again["timings"].values()) == {"cached"} and again["refusal"] == summary["refusal"]
+    assert again["timings"] == {k: f"cached ({t} s when it ran)" for k, t in summary["timings"].items()}
+    assert again["refusal"] == summary["refusal"]
+    assert run_demo(tmp_path, str(model_dir), sizes)["timings"] == again["timings"]  # kept across cached runs
