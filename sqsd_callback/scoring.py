@@ -79,9 +79,9 @@ def score_samples(
     """SQSD of every sample at the model's current parameters, one row per sample in input order.
 
     ``samples``: dicts with ``input_ids`` and ``labels`` (−100 = not scored), optional ``attention_mask`` and
-    ``index`` (defaults to the sample's position). Each example is scored as the paper does, by its own
-    mean-loss gradient at batch size 1, without dropout; the model's parameters, ``.grad`` and train/eval
-    mode are left as found.
+    ``index`` (defaults to the sample's position); batches group samples of similar length. Each example is
+    scored as the paper does, by its own mean-loss gradient at batch size 1, without dropout; the model's
+    parameters, ``.grad`` and train/eval mode are left as found.
     """
     from tqdm.auto import tqdm
 
@@ -98,12 +98,15 @@ def score_samples(
     device = next(iter(targets.values())).params[0].device
     bank = DirectionBank([*danger, *safety], {m: t.shape for m, t in targets.items()}).to(device)
     scorer = make_engine(engine, targets, bank)
-    out = []
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].get("input_ids", ())))  # little padding
+    out: list[dict] = [{} for _ in samples]
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc=f"sqsd score ({engine})", disable=not progress or len(starts) < 2):
-        chunk = samples[start:start + batch_size]
+        positions = order[start:start + batch_size]
+        chunk = [samples[i] for i in positions]
         batch = collate(chunk)
-        batch.index = [s.get("index", start + i) for i, s in enumerate(chunk)]
+        batch.index = [s.get("index", i) for i, s in zip(positions, chunk)]
         stats = scorer.compute(model, batch.to(device))
-        out += rows(project(stats, bank, metric), bank, batch.n_scored, batch.index)
+        for i, row in zip(positions, rows(project(stats, bank, metric), bank, batch.n_scored, batch.index)):
+            out[i] = row
     return out

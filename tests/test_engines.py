@@ -124,3 +124,17 @@ def test_bad_engine_metric_and_samples():
         score_samples(model, [{"input_ids": [1, 2, 3]}], danger, safety, progress=False)
     with pytest.raises(ValueError, match="got no samples"):
         score_samples(model, [], danger, safety, progress=False)
+
+
+def test_rows_come_back_in_input_order_whatever_the_length_grouping():
+    """Batches group samples by length; rows still follow the input, each equal to scoring the sample alone."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(9, seed=12, min_len=4, max_len=20)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert lengths != sorted(lengths)
+    alone = [score_samples(model, [s], danger, safety, progress=False)[0] for s in samples]
+    got = score_samples(model, samples, danger, safety, batch_size=4, progress=False)
+    assert [r["index"] for r in got] == list(range(9))
+    for k in KEYS:
+        assert rel_err([r[k] for r in got], [r[k] for r in alone]) < 1e-5, k
