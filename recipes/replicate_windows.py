@@ -48,7 +48,6 @@ def main() -> None:
         run_demo(cache)  # every finished stage is cached
         directions, pool, checkpoint = cache / "directions", cache / "data" / "finetune.jsonl", cache / "finetune"
         records, online = read_jsonl(pool), read_jsonl(checkpoint / "sqsd" / "scores.jsonl")
-        held_out = opts.held_out or directions / "held_out.jsonl"
         out = Path(opts.out or cache / "windows")
     else:
         missing = [f"--{n}" for n in ("pool", "directions", "checkpoint") if getattr(opts, n) is None]
@@ -56,8 +55,8 @@ def main() -> None:
             p.error(f"full mode needs {', '.join(missing)} (or run --quick)")
         directions, checkpoint = Path(opts.directions), Path(opts.checkpoint)
         records, online = load_records(opts.pool), None
-        held_out = opts.held_out or directions / "held_out.jsonl"
         out = Path(opts.out or "runs/windows")
+    held_out = opts.held_out or directions / "held_out.jsonl"
     prompts = [r["prompt"] for r in load_records(held_out, response_field=None)][:opts.n_eval]
     model, tokenizer = load_model(opts.model)
     model = theta_0(model, directions)

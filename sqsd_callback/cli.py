@@ -60,13 +60,13 @@ def _directions(opts) -> None:
 
 def _score(opts) -> None:
     from . import data
-    from .adapters import named_adapters, theta_0
+    from .adapters import direction_sets, named_adapters, theta_0
     from .offline import ScoringPass, paper_passes, score_offline, write_scores
 
     danger, safety = named_adapters(opts.danger, "danger"), named_adapters(opts.safety, "safety")
     if opts.directions:
-        danger += named_adapters([f"danger={Path(opts.directions) / 'danger'}"], "danger")
-        safety += named_adapters([f"safety={Path(opts.directions) / 'safety'}"], "safety")
+        folder, (d, s) = Path(opts.directions), direction_sets(opts.directions)
+        danger, safety = danger + [(folder / "danger", d)], safety + [(folder / "safety", s)]
     if not danger and not safety:
         raise ValueError("no direction sets: pass --directions DIR (from `sqsd directions`) or --danger/--safety "
                          "adapters")

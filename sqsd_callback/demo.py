@@ -94,7 +94,7 @@ def run_demo(cache: str | Path = "sqsd_demo", model_name: str | None = None, siz
 
     def stage(name: str, done: Path, run: Callable[[], None]) -> None:
         if done.exists():
-            took = earlier.get(name)
+            took = earlier.get(name, "cached")
             timings[name] = took if isinstance(took, str) else f"cached ({took} s when it ran)"
             return
         print(f"\n== sqsd demo: {name}", flush=True)
