@@ -9,6 +9,7 @@ RSS).
     python benchmarks/overhead.py                                  # LoRA: none vs hooks
     python benchmarks/overhead.py --full-ft --dir-rank 64          # full fine-tuning, rank-64 directions
     python benchmarks/overhead.py --full-ft --dir-rank 0           # full fine-tuning, full-rank directions
+    python benchmarks/overhead.py --shape narrow --seq 64          # per-operation overhead (GPU-like regime)
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ from trl import SFTConfig, SFTTrainer
 from sqsd_callback import SQSDCallback
 from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, random_set, word_tokenizer
 
+SHAPES = {
+    "smollm2-135m": {},
+    # every matrix small: kernels are cheap and per-operation overhead (Python, dispatch, on a GPU the kernel
+    # launches) sets the step time, as it does for a small model on a GPU
+    "narrow": dict(hidden_size=64, intermediate_size=192, num_attention_heads=2, num_key_value_heads=1,
+                   vocab_size=2048),
+}
+
 
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step, from on_step_begin to on_step_end (callback work included)."""
@@ -55,7 +64,8 @@ class StepTimer(TrainerCallback):
 def build(opts, engine: str | None, out_dir: str):
     """A trainer for one variant (engine None = no callback); every variant starts from the same weights."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": opts.layers}))
+    config = {**SMOLLM2_135M, **SHAPES[opts.shape], "num_hidden_layers": opts.layers}
+    model = LlamaForCausalLM(LlamaConfig(**config))
     if opts.full_ft:
         for name, p in model.named_parameters():
             p.requires_grad_(any(m in name for m in ALL_LINEAR))
@@ -64,7 +74,7 @@ def build(opts, engine: str | None, out_dir: str):
     g = torch.Generator().manual_seed(1)
     rows = []
     for _ in range(opts.batch * opts.steps_per_round):
-        ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (opts.seq,), generator=g).tolist()
+        ids = torch.randint(3, config["vocab_size"], (opts.seq,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
     timer = StepTimer()
     callbacks = [timer]
@@ -77,14 +87,15 @@ def build(opts, engine: str | None, out_dir: str):
                      logging_steps=opts.steps_per_round, report_to=[], save_strategy="no", bf16=opts.bf16,
                      gradient_checkpointing=True, disable_tqdm=True, dataloader_num_workers=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=word_tokenizer(SMOLLM2_135M["vocab_size"]), callbacks=callbacks)
+                         processing_class=word_tokenizer(config["vocab_size"]), callbacks=callbacks)
     return trainer, timer
 
 
 def peak_memory(opts, engine: str | None) -> float:
     """Peak memory (MiB) of a short run of one variant, in a fresh process."""
     cmd = [sys.executable, __file__, "--_memory-of", engine or "none", "--layers", str(opts.layers), "--batch",
-           str(opts.batch), "--seq", str(opts.seq), "--rank", str(opts.rank), "--dir-rank", str(opts.dir_rank)]
+           str(opts.batch), "--seq", str(opts.seq), "--shape", opts.shape, "--rank", str(opts.rank),
+           "--dir-rank", str(opts.dir_rank)]
     cmd += ["--bf16"] * opts.bf16 + ["--full-ft"] * opts.full_ft
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -110,6 +121,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-round", type=int, default=3, help="the first step of each round is a warm-up")
     p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
+    p.add_argument("--shape", choices=SHAPES, default="smollm2-135m",
+                   help="layer widths: SmolLM2-135M's, or narrow ones where per-operation overhead dominates")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")

@@ -62,12 +62,6 @@ class Direction:
         """M @ V for M (r×out), through the factors when V is low-rank."""
         return M @ self.dense if self.dense is not None else (M @ self.B) @ self.A
 
-    def dot(self, M: torch.Tensor) -> float:
-        """<M, V> for a dense M (out×in), through the factors when V is low-rank."""
-        if self.dense is not None:
-            return float((M * self.dense).sum())
-        return float(((self.B.T @ M) * self.A).sum())
-
     def to(self, device=None, dtype=None) -> Direction:
         def move(t):
             return None if t is None else t.to(device=device, dtype=dtype)

@@ -1,7 +1,8 @@
 """Cumulative drift of the run: θ_t − θ_0 against each direction set, per module and in total.
 
-Each target measures its own difference (LoRA in low-rank form, never an out×in matrix; full fine-tuning
-against a copy of W_0); this module turns the per-module dots and norms into cosines and projections.
+LoRA modules are measured in low-rank form (never an out×in matrix), a group of layers at a time; full
+fine-tuning against a copy of W_0, a module at a time (one out×in difference in memory). The per-module dots
+and norms reach the host in one transfer and become cosines and projections.
 """
 
 from __future__ import annotations
@@ -11,7 +12,37 @@ import math
 import torch
 
 from .directions import DirectionBank
-from .modules import Target
+from .groups import Group, group_modules
+from .modules import LinearTarget, LoraTarget, Target
+
+
+def _lora_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ_t − θ_0 = P Q with P = [sB_t, −sB_0] (L×out×2r), Q = [A_t; A_0]: <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ),
+    <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>."""
+    scale = torch.tensor([t.scaling for t in group.targets], device=start[0][0].device)
+    P = torch.cat([torch.stack([t.B.detach() for t in group.targets]).float() * scale[:, None, None],
+                   -torch.stack([s[0] for s in start])], 2)
+    Q = torch.cat([torch.stack([t.A.detach() for t in group.targets]).float(), torch.stack([s[1] for s in start])], 1)
+    Pt = P.transpose(1, 2)
+    dots = [group.block_sums(((Pt @ group.VB) * (Q @ group.VAt)).sum(1))] if group.low else []
+    dots += [torch.stack([(q * (p.T @ d[k].dense)).sum() for p, q, d in zip(P, Q, group.dirs)])[:, None]
+             for k in group.dense]
+    return torch.cat(dots, 1), ((Pt @ P) * (Q @ Q.transpose(1, 2))).sum((1, 2))
+
+
+def _linear_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """D = W_t − W_0 per module: <D, B_V A_V> = Σ B_V ⊙ (D A_Vᵀ), <D, V>, ‖D‖²."""
+    dots, sq = [], []
+    for i, (t, w0) in enumerate(zip(group.targets, start)):
+        D = t.module.weight.detach().float() - w0.float()
+        row = [group.block_sums(((D @ group.VAt[i]) * group.VB[i]).sum(0))] if group.low else []
+        row += [(D * group.dirs[i][k].dense).sum()[None] for k in group.dense]
+        dots.append(torch.cat(row))
+        sq.append(D.pow(2).sum())
+    return torch.stack(dots), torch.stack(sq)
+
+
+MEASURES = {LoraTarget: _lora_drift, LinearTarget: _linear_drift}
 
 
 class Drift:
@@ -20,6 +51,7 @@ class Drift:
     def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
         self.targets, self.bank = targets, bank
         self.start = {m: targets[m].snapshot() for m in bank.modules}
+        self.groups = group_modules(bank.modules, targets, bank)
 
     def state_dict(self) -> dict:
         return {"start": {m: _to(s, "cpu") for m, s in self.start.items()}}
@@ -31,12 +63,13 @@ class Drift:
     def measure(self) -> dict:
         """``{"cosine": [K], "projection": [K], "layers": {module: {"cosine": [K], "projection": [K]}}}``:
         cosine of θ_t − θ_0 with each set (over the modules the set covers) and its signed length along the set."""
-        K = len(self.bank.sets)
-        dots = torch.zeros(len(self.bank.modules), K, dtype=torch.float64)
-        sq = torch.zeros(len(self.bank.modules), dtype=torch.float64)
-        for j, m in enumerate(self.bank.modules):
-            d, sq[j] = self.targets[m].drift(self.start[m], self.bank.per_module[m])
-            dots[j] = torch.tensor(d, dtype=torch.float64)
+        device = self.targets[self.bank.modules[0]].params[0].device
+        dots = torch.zeros(len(self.bank.modules), len(self.bank.sets), device=device)
+        sq = torch.zeros(len(self.bank.modules), device=device)
+        for group in self.groups:
+            group.put(*MEASURES[type(group.targets[0])](group, [self.start[m] for m in group.names]), dots, sq)
+        both = torch.cat([dots, sq[:, None]], 1).double().cpu()  # one transfer (and wait) per step
+        dots, sq = both[:, :-1], both[:, -1]
         present = self.bank.present
         v_norm = self.bank.v_norm
         w_norm = sq.sqrt()[:, None]

@@ -1,6 +1,6 @@
 """The weight matrices a run trains and the engines score, by canonical name: PEFT LoRA Linear layers, or (full
 fine-tuning) plain Linear layers. Each target knows its parameters, its per-example update from their
-gradients (the oracles' dense math) and how far it has moved from a snapshot (drift)."""
+gradients (the oracles' dense math) and a snapshot of itself (where drift starts)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .directions import Direction, canonical_name
+from .directions import canonical_name
 
 
 @dataclass
@@ -46,13 +46,6 @@ class LoraTarget:
         """The merged delta now, as factors ``(s·B, A)`` (fp32 copies)."""
         return (self.scaling * self.B.detach().float(), self.A.detach().float().clone())
 
-    def drift(self, start, dirs: list[Direction | None]) -> tuple[list[float], float]:
-        """<θ_t − θ_0, V> per direction and ‖θ_t − θ_0‖², with θ_t − θ_0 = [sB_t, −sB_0]·[A_t; A_0] (rank ≤ 2r)."""
-        B_t, A_t = self.snapshot()
-        P, Q = torch.cat([B_t, -start[0]], 1), torch.cat([A_t, start[1]], 0)
-        sq = float(((P.T @ P) * (Q @ Q.T)).sum())
-        return [0.0 if d is None else float((Q * d.times_left(P.T)).sum()) for d in dirs], sq
-
 
 @dataclass
 class LinearTarget:
@@ -75,10 +68,6 @@ class LinearTarget:
     def snapshot(self) -> torch.Tensor:
         """A copy of W (in its own dtype and device: full-FT drift costs one copy of the covered weights)."""
         return self.module.weight.detach().clone()
-
-    def drift(self, start, dirs: list[Direction | None]) -> tuple[list[float], float]:
-        D = self.module.weight.detach().float() - start.float()
-        return [0.0 if d is None else d.dot(D) for d in dirs], float(D.pow(2).sum())
 
 
 Target = LoraTarget | LinearTarget

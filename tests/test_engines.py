@@ -138,3 +138,67 @@ def test_rows_come_back_in_input_order_whatever_the_length_grouping():
     assert [r["index"] for r in got] == list(range(9))
     for k in KEYS:
         assert rel_err([r[k] for r in got], [r[k] for r in alone]) < 1e-5, k
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_modules_grouped_by_layout_score_like_the_loop(kind):
+    """Layers of one kind are scored as a stack: a set that is dense in one layer and low-rank in another,
+    low-rank sets of different ranks side by side, and a set absent from some layers, each module's dots and
+    squared norm still equal the batch-size-1 loop's (tolerance 1e-5 of the largest)."""
+    from sqsd_callback import DirectionSet
+    from sqsd_callback.directions import Direction
+    from sqsd_callback.modules import find_targets
+    from sqsd_callback.testing import tiny_full_ft
+
+    model = tiny_lora("llama", targets=["q_proj", "k_proj", "v_proj", "up_proj"]) if kind == "lora" else \
+        tiny_full_ft("llama", ["q_proj", "k_proj", "v_proj", "up_proj"])
+    targets = find_targets(model)
+    g = torch.Generator().manual_seed(11)
+
+    def low(m, q):
+        out, inp = targets[m].shape
+        return Direction(B=torch.randn(out, q, generator=g), A=torch.randn(q, inp, generator=g))
+
+    mixed = DirectionSet({m: Direction(dense=torch.randn(targets[m].shape, generator=g)) if ".0." in m else low(m, 2)
+                          for m in targets}, "danger", "mixed")
+    wide = DirectionSet({m: low(m, 5) for m in targets}, "danger", "wide")
+    some = DirectionSet({m: low(m, 1) for m in targets if "k_proj" not in m}, "safety", "some")
+    with pytest.warns(UserWarning, match="covers"):
+        bank = DirectionBank([mixed, wide, some], {m: t.shape for m, t in targets.items()})
+    batch = collate(random_samples(5, seed=13))
+    fast = make_engine("hooks", targets, bank).compute(model, batch)
+    slow = make_engine("loop", targets, bank).compute(model, batch)
+    assert len(make_engine("hooks", targets, bank).groups) == 8  # q, k, v, up; layer 0 ('mixed' dense) apart
+    assert torch.allclose(fast.dots, slow.dots, rtol=0, atol=1e-5 * slow.dots.abs().max().item())
+    assert torch.allclose(fast.sq, slow.sq, rtol=1e-5, atol=0)
+
+
+def test_training_pass_with_lora_dropout_scores_the_gradients_it_made():
+    """In train mode with lora_dropout the masks are part of each example's gradient: the engine's kept
+    per-example gradients sum to the pass's own .grad, and its dots and norms equal the dense math on them
+    (tolerance 1e-5 of the largest)."""
+    from sqsd_callback.engines.base import dense_stats, example_mean_losses
+
+    model = tiny_lora("llama", targets=["q_proj", "v_proj", "up_proj", "down_proj"], dropout=0.5)
+    danger, safety = three_sets(model)
+    targets = lora_targets(model)
+    bank = DirectionBank(danger + safety, {m: t.shape for m, t in targets.items()})
+    engine = make_engine("hooks", targets, bank, keep_grads=True)
+    batch = collate(random_samples(5, seed=14))
+    model.train()
+    engine.attach()
+    engine.start(5, "cpu")
+    example_mean_losses(model(**batch.model_inputs()).logits, batch.labels).sum().backward()
+    stats = engine.finish()
+    per_example = {}
+    for group in engine.groups:
+        for t, (gA, gB) in zip(group.targets, group.kept):
+            per_example[t.name] = (gA, gB)
+            for p, g in zip(t.params, (gA, gB)):
+                assert torch.allclose(g.sum(0), p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item())
+    engine.detach()
+    ref = dense_stats(per_example, targets, bank)
+    assert torch.allclose(stats.dots, ref.dots, rtol=0, atol=1e-5 * ref.dots.abs().max().item())
+    assert torch.allclose(stats.sq, ref.sq, rtol=1e-5, atol=0)
+    no_masks = make_engine("loop", targets, bank).compute(model, batch)
+    assert not torch.allclose(stats.dots, no_masks.dots, rtol=1e-2)  # the masks mattered

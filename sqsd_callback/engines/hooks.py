@@ -1,132 +1,229 @@
 """Per-example scores from the step's own backward pass, never forming a per-example out×in gradient.
 
 A tap on a layer's output receives the layer's input, saved the way the layer saves it (so gradient
-checkpointing frees and recomputes it), and its output gradient. One scorer per layer type does the math:
+checkpointing frees and recomputes it), and its output gradient. Modules of one kind (e.g. every layer's q_proj:
+same shape, LoRA rank and direction layout) form a group whose direction products are stacked over its layers:
+a tap does a few batched products for its own module and the rest runs once per group per pass, so the Python
+and kernel-launch cost per module stays at a handful of operations.
 
-LoRA (taps on ``lora_B`` then ``lora_A``, in backward order), with ΔW_i = −s(gB_i A + B gA_i):
+LoRA (one tap on ``lora_B``, saving lora_A's input too; lora_A's output gradient is δB B), with
+ΔW_i = −s(gB_i A + B gA_i):
     <ΔW_i, V> = −s(<gB_i, V Aᵀ> + <gA_i, Bᵀ V>)
     ‖ΔW_i‖²  = s²(<gB_iᵀgB_i, AAᵀ> + <gA_i gA_iᵀ, BᵀB> + 2<Bᵀ gB_i, gA_i Aᵀ>)
-where gB_i (out×r) and gA_i (r×in) are the example's LoRA factor gradients, summed over its tokens.
+where gB_i (out×r) and gA_i (r×in) are the example's LoRA factor gradients, summed over its tokens. A tap keeps
+only r×r products (gB_iᵀ[B | V_1Aᵀ | …], gB_iᵀgB_i and their gA_i twins); the traces run once per group.
 
 Full fine-tuning (one tap per Linear), with ΔW_i = −G_i = −Σ_t δ_t x_tᵀ:
-    <ΔW_i, V> = −Σ_t (δ_tᵀ B_V)(A_V x_t)   (low-rank V; dense V: −Σ_t δ_tᵀ V x_t)
+    <ΔW_i, V> = −Σ_t (δ_tᵀ B_V)(A_V x_t)   (every low-rank set in one product; dense V: −Σ_t δ_tᵀ V x_t)
     ‖ΔW_i‖²  = Σ_{t,s} (x_t·x_s)(δ_t·δ_s)   (ghost norm, when 2T² ≤ in·out; else ‖G_i‖² from G_i)
+Layers that read the same input tensor (q, k, v; gate, up) share its Gram matrix x xᵀ.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..directions import DirectionBank
+from ..groups import Group, group_modules
 from ..modules import LinearTarget, LoraTarget, Target
 from .base import Batch, Stats, example_mean_losses, scoring_mode
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on ``out`` whose backward hands ``(inp, grad_out)`` to ``fn``."""
+    """Identity on ``out`` whose backward hands ``(*inputs, grad_out)`` to ``fn``; the inputs are saved the way
+    autograd saves tensors (so gradient checkpointing frees and recomputes them)."""
 
     @staticmethod
-    def forward(ctx, inp, out, fn):
-        ctx.save_for_backward(inp)
+    def forward(ctx, out, fn, *inputs):
+        ctx.save_for_backward(*inputs)
         ctx.fn = fn
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        (inp,) = ctx.saved_tensors
-        ctx.fn(inp, grad)
-        return None, grad, None
+        inputs = ctx.saved_tensors  # unpack once: checkpointing allows one unpack per saved tensor
+        ctx.fn(*inputs, grad)
+        return (grad, None, *(None for _ in inputs))
 
 
-class _LoraScorer:
-    """One LoRA module. Products of the current factors with the directions are cached and recomputed when
-    the factors change (keyed by their in-place version counters, so once per optimizer step)."""
+class _HookGroup(Group):
+    """A group as the engine scores it: the hooks of its modules, what one pass has gathered, what it keeps."""
 
-    def __init__(self, engine: HooksEngine, target: LoraTarget, dirs: list | None, slot: int | None) -> None:
-        self.engine, self.target, self.dirs, self.slot, self.key = engine, target, dirs, slot, None
-        self.partial = self.kept = None
+    def __init__(self, engine: HooksEngine, names: list[str], targets: dict[str, Target],
+                 bank: DirectionBank) -> None:
+        super().__init__(names, targets, bank)
+        self.engine = engine
+        self.kept: list = [None] * len(names)
 
-    def taps(self):
-        return [(self.target.lora_B, self.backward_B), (self.target.lora_A, self.backward_A)]
+    def reset(self) -> None:
+        """A new pass: nothing kept, no per-example products yet."""
+        self.kept = [None] * len(self.targets)
 
-    def algebra(self):
-        A, B = self.target.A, self.target.B
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr())
-        if key != self.key:
-            with torch.no_grad():
-                A32, B32 = A.detach().float(), B.detach().float()
-                zB, zA = torch.zeros_like(B32), torch.zeros_like(A32)
-                M1 = torch.stack([zB if d is None else d.times_right(A32.T) for d in self.dirs])  # K×out×r
-                M2 = torch.stack([zA if d is None else d.times_left(B32.T) for d in self.dirs])   # K×r×in
-                self.value = (M1, M2, A32 @ A32.T, B32.T @ B32, A32, B32)
-            self.key = key
-        return self.value
+    def write(self, record: Stats, dots: torch.Tensor, sq: torch.Tensor) -> None:
+        """Put the group's dots (L×n×sets) and squared norms (L×n) in the record."""
+        self.put(dots.transpose(0, 1), sq.T, record.dots, record.sq)
 
-    def backward_B(self, h: torch.Tensor, dB: torch.Tensor) -> None:
-        """lora_B's input h (…×r) and output gradient δB (…×out): keep what the lora_A step needs."""
-        gB = self.engine.per_example(dB, h)
-        if self.engine.keep_grads:
-            self.kept = [None, gB]
-        if self.slot is not None:
-            M1, _, _, _, _, B = self.algebra()
-            self.partial = (torch.einsum("bor,kor->bk", gB, M1), B.T @ gB, gB.transpose(1, 2) @ gB)
-
-    def backward_A(self, x: torch.Tensor, dA: torch.Tensor) -> None:
-        """lora_A's input x (…×in) and output gradient δA (…×r): finish the module for every example."""
-        gA = self.engine.per_example(dA, x)
-        if self.engine.keep_grads and self.kept is not None:
-            self.kept[0] = gA
-        if self.slot is None or self.partial is None:
-            return
-        _, M2, AAt, BtB, A, _ = self.algebra()
-        (dot_B, BtgB, gram_B), self.partial = self.partial, None
-        s, rec = self.target.scaling, self.engine.record
-        rec.dots[:, self.slot] += -s * (dot_B + torch.einsum("bri,kri->bk", gA, M2))
-        gram_A, gAAt = gA @ gA.transpose(1, 2), gA @ A.T
-        rec.sq[:, self.slot] += s * s * ((gram_B * AAt).sum((1, 2)) + (gram_A * BtB).sum((1, 2))
-                                         + 2 * (BtgB * gAAt).sum((1, 2)))
-
-    def removed(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        """The summed gradients of examples ``idx`` for (A, B)."""
-        return [g.index_select(0, idx).sum(0) for g in self.kept]
+    def removed(self, idx: torch.Tensor):
+        """Each kept module's parameters with the summed gradients of examples ``idx``; releases what was kept."""
+        for target, kept in zip(self.targets, self.kept):
+            if kept is not None:
+                yield from zip(target.params, self.summed(kept, idx))
+        self.kept = [None] * len(self.targets)
 
 
-class _LinearScorer:
-    """One fully trained Linear."""
+class _LoraGroup(_HookGroup):
+    """LoRA modules of one shape and rank. Per pass each module fills ``right[l]`` = gB_iᵀ CB (n×r×c),
+    ``left[l]`` = gA_i CA and ``grams[l]`` = (gB_iᵀgB_i, gA_i gA_iᵀ), with CB = [B | V_k Aᵀ …] and
+    CA = [Aᵀ | V_kᵀ B …]; block k's trace is the set's dot, block 0 gives the cross term of the norm."""
 
-    def __init__(self, engine: HooksEngine, target: LinearTarget, dirs: list | None, slot: int | None) -> None:
-        self.engine, self.target, self.dirs, self.slot, self.kept = engine, target, dirs, slot, None
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.scale = torch.tensor([t.scaling for t in self.targets])
+        self.key = self.const = None
+        self.reset()
 
-    def taps(self):
-        return [(self.target.module, self.backward)]
+    def hooks(self) -> list:
+        """Per module, a hook noting lora_A's input and a tap on lora_B that saves it with lora_B's input."""
+        handles = []
+        for i, t in enumerate(self.targets):
+            handles.append(t.lora_A.register_forward_hook(partial(self.note_input, i)))
+            handles.append(t.lora_B.register_forward_hook(self.engine.tap(partial(self.backward, i),
+                                                                          partial(self.noted_input, i))))
+        return handles
 
-    def backward(self, x: torch.Tensor, delta: torch.Tensor) -> None:
-        x, delta = self.engine.split(x), self.engine.split(delta)
-        if self.engine.keep_grads:
-            self.kept = (x, delta)
-        if self.slot is None:
-            return
-        rec = self.engine.record
-        for k, d in enumerate(self.dirs):
-            if d is None:
-                continue
-            if d.dense is not None:
-                rec.dots[:, self.slot, k] -= (delta * (x @ d.dense.T)).sum((1, 2))
-            else:
-                rec.dots[:, self.slot, k] -= ((delta @ d.B) * (x @ d.A.T)).sum((1, 2))
-        T, (out, inp) = x.shape[1], self.target.shape
-        if 2 * T * T <= inp * out:
-            rec.sq[:, self.slot] += ((x @ x.transpose(1, 2)) * (delta @ delta.transpose(1, 2))).sum((1, 2))
+    def note_input(self, i: int, module, args, out) -> None:
+        if self.engine.recording(out):
+            self.inputs[i] = args[0]
+
+    def noted_input(self, i: int) -> tuple:
+        return (self.inputs.pop(i, None),)  # None where lora_A is frozen (its input needs no gradient)
+
+    def reset(self) -> None:
+        super().reset()
+        self.right = self.left = self.grams = None
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.checked = False
+
+    def constants(self):
+        """(CB, CA, AAᵀ, BᵀB, B) stacked over the modules, fp32; recomputed when a factor changed (checked once per
+        pass, by the factors' in-place version counters: once per optimizer step)."""
+        if self.checked:
+            return self.const
+        self.checked = True
+        key = [(t.A._version, t.B._version, t.A.data_ptr(), t.B.data_ptr()) for t in self.targets]
+        if key == self.key:
+            return self.const
+        with torch.no_grad():
+            A = torch.stack([t.A.detach() for t in self.targets]).float()   # L×r×in
+            B = torch.stack([t.B.detach() for t in self.targets]).float()   # L×out×r
+            At, Bt = A.transpose(1, 2), B.transpose(1, 2)
+            right, left = [B], [At]
+            if self.low:
+                G, H = self.VAt.transpose(1, 2) @ At, Bt @ self.VB           # A_V Aᵀ (L×Q×r), Bᵀ B_V (L×r×Q)
+                for c in self.cols:
+                    right.append(self.VB[:, :, c] @ G[:, c])                  # V Aᵀ = B_V (A_V Aᵀ)
+                    left.append(self.VAt[:, :, c] @ H[:, :, c].transpose(1, 2))  # Vᵀ B = A_Vᵀ (B_Vᵀ B)
+            for k in self.dense:
+                right.append(torch.stack([d[k].dense @ a for d, a in zip(self.dirs, At)]))
+                left.append(torch.stack([d[k].dense.T @ b for d, b in zip(self.dirs, B)]))
+            self.const = (torch.cat(right, 2), torch.cat(left, 2), A @ At, Bt @ B, B)
+            self.scale = self.scale.to(A.device)
+        self.key = key
+        return self.const
+
+    def backward(self, i: int, x: torch.Tensor, h: torch.Tensor, dB: torch.Tensor) -> None:
+        """lora_A's input x (…×in), lora_B's input h (…×r) and output gradient δB (…×out); lora_A's output
+        gradient is δB B."""
+        split = self.engine.split
+        dB = split(dB)
+        B = self.constants()[4][i] if self.scored else self.targets[i].B.detach().float()
+        gBt = torch.bmm(split(h).transpose(1, 2), dB)             # gB_iᵀ: n×r×out
+        if x is None:
+            gA = gBt.new_zeros(gBt.shape[0], B.shape[1], self.targets[i].shape[1])
         else:
-            rec.sq[:, self.slot] += torch.bmm(delta.transpose(1, 2), x).pow(2).sum((1, 2))
+            gA = torch.bmm((dB @ B).transpose(1, 2), split(x))     # n×r×in
+        if self.engine.keep_grads:
+            self.kept[i] = [gA, gBt.transpose(1, 2)]
+        if not self.scored:
+            return
+        CB, CA = self.const[:2]
+        if self.right is None:
+            (L, (n, r), c) = len(self.targets), gA.shape[:2], CB.shape[2]
+            self.right, self.left, self.grams = gA.new_zeros(L, n, r, c), gA.new_zeros(L, n, r, c), \
+                gA.new_zeros(L, 2, n, r, r)
+        torch.matmul(gBt, CB[i], out=self.right[i])
+        torch.matmul(gA, CA[i], out=self.left[i])
+        torch.matmul(gBt, gBt.transpose(1, 2), out=self.grams[i, 0])
+        torch.matmul(gA, gA.transpose(1, 2), out=self.grams[i, 1])
 
-    def removed(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        x, delta = (t.index_select(0, idx) for t in self.kept)
+    def finish(self, record: Stats) -> None:
+        if not self.scored or self.right is None:
+            return
+        L, n, r, c = self.right.shape
+        AAt, BtB = self.const[2:4]
+        traces = (self.right + self.left).view(L, n, r, c // r, r).diagonal(dim1=2, dim2=4).sum(-1)
+        s = self.scale[:, None]
+        dots = -s[..., None] * traces[..., 1:]
+        sq = s * s * ((self.grams[:, 0] * AAt[:, None]).sum((-2, -1)) + (self.grams[:, 1] * BtB[:, None]).sum((-2, -1))
+                      + 2 * (self.right[..., :r] * self.left[..., :r].transpose(-2, -1)).sum((-2, -1)))
+        self.write(record, dots, sq)
+
+    @staticmethod
+    def summed(kept: list, idx: torch.Tensor) -> list[torch.Tensor]:
+        return [g.index_select(0, idx).sum(0) for g in kept]
+
+
+class _LinearGroup(_HookGroup):
+    """Fully trained Linear layers of one shape. Per pass each module fills ``low[l]`` (n×Q: Σ_t of
+    (δ_tᵀB_V)⊙(A_V x_t)), ``dense_dots[l]`` (n×dense sets) and ``sq[l]`` (n)."""
+
+    def hooks(self) -> list:
+        return [t.module.register_forward_hook(self.engine.tap(partial(self.backward, i)))
+                for i, t in enumerate(self.targets)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.buf = None
+
+    def backward(self, i: int, x_in: torch.Tensor, delta_in: torch.Tensor) -> None:
+        x, delta = self.engine.split(x_in), self.engine.split(delta_in)
+        if self.engine.keep_grads:
+            self.kept[i] = (x, delta)
+        if not self.scored:
+            return
+        if self.buf is None:
+            L, n = len(self.targets), x.shape[0]
+            self.buf = x.new_zeros(L, n, (self.VB.shape[2] if self.low else 0) + len(self.dense) + 1)
+        row, Q = self.buf[i], self.buf.shape[2] - len(self.dense) - 1
+        if self.low:
+            row[:, :Q] = ((delta @ self.VB[i]) * (x @ self.VAt[i])).sum(1)
+        for j, k in enumerate(self.dense):
+            row[:, Q + j] = (delta * (x @ self.dirs[i][k].dense.T)).sum((1, 2))
+        T, (out, inp) = x.shape[1], self.targets[i].shape
+        if 2 * T * T <= inp * out:
+            row[:, -1] = (self.engine.gram(x_in, x) * (delta @ delta.transpose(1, 2))).sum((1, 2))
+        else:
+            row[:, -1] = torch.bmm(delta.transpose(1, 2), x).pow(2).sum((1, 2))
+
+    def finish(self, record: Stats) -> None:
+        if not self.scored or self.buf is None:
+            return
+        Q = self.buf.shape[2] - len(self.dense) - 1
+        low = [self.block_sums(self.buf[..., :Q])] if self.low else []
+        dots = torch.cat(low + [self.buf[..., Q:-1]], -1)
+        self.write(record, -dots, self.buf[..., -1])
+
+    @staticmethod
+    def summed(kept: tuple, idx: torch.Tensor) -> list[torch.Tensor]:
+        x, delta = (t.index_select(0, idx) for t in kept)
         return [torch.einsum("nto,nti->oi", delta, x)]
 
 
-SCORERS = {LoraTarget: _LoraScorer, LinearTarget: _LinearScorer}
+GROUPS = {LoraTarget: _LoraGroup, LinearTarget: _LinearGroup}
 
 
 class HooksEngine:
@@ -140,21 +237,19 @@ class HooksEngine:
 
     def __init__(self, targets: dict[str, Target], bank: DirectionBank, keep_grads: bool = False) -> None:
         self.targets, self.bank, self.keep_grads = targets, bank, keep_grads
-        slot = {m: j for j, m in enumerate(bank.modules)}
-        names = targets if keep_grads else bank.modules
-        self.scorers = {m: SCORERS[type(targets[m])](self, targets[m], bank.per_module.get(m), slot.get(m))
-                        for m in names}
+        self.groups = group_modules(targets if keep_grads else bank.modules, targets, bank,
+                                    make=lambda names, *args: GROUPS[type(targets[names[0]])](self, names, *args))
         self.handles: list = []
         self.record: Stats | None = None
         self.segments = None
+        self._grams: list = []
 
     # -------------------------------------------------------------- lifecycle
     def attach(self) -> None:
         if self.handles:
             return
-        for scorer in self.scorers.values():
-            for module, fn in scorer.taps():
-                self.handles.append(module.register_forward_hook(self._tap(fn)))
+        for group in self.groups:
+            self.handles += group.hooks()
 
     def detach(self) -> None:
         for h in self.handles:
@@ -166,30 +261,40 @@ class HooksEngine:
         (a packed batch's :class:`Segments`) say."""
         K, M = len(self.bank.sets), len(self.bank.modules)
         self.record = Stats(torch.zeros(n_examples, M, K, device=device), torch.zeros(n_examples, M, device=device))
-        self.segments = segments
-        for scorer in self.scorers.values():
-            scorer.kept = None
+        self.segments, self._grams = segments, []
+        for group in self.groups:
+            group.reset()
 
     def finish(self) -> Stats:
         """Close the current record and return it."""
-        record, self.record = self.record, None
+        record, self.record, self._grams = self.record, None, []
+        with record_function("sqsd::finish"):
+            for group in self.groups:
+                group.finish(record)
         return record
 
     def removed(self, idx: torch.Tensor):
         """For each target, its parameters paired with the summed gradients of examples ``idx`` of the last pass
         (``keep_grads`` only); the kept tensors are released."""
-        for m, scorer in self.scorers.items():
-            if scorer.kept is not None:
-                yield from zip(self.targets[m].params, scorer.removed(idx))
-            scorer.kept = None
+        for group in self.groups:
+            yield from group.removed(idx)
 
-    def _tap(self, fn):
+    def recording(self, out: torch.Tensor) -> bool:
+        """Whether a layer output belongs to a pass being scored."""
+        return self.record is not None and torch.is_grad_enabled() and out.requires_grad
+
+    def tap(self, fn, saved_before=tuple):
+        """A forward hook whose backward calls ``fn(*saved_before(), layer input, output gradient)``."""
+        def backward(*args):
+            if self.record is not None:
+                fn(*args)
+
         def hook(module, args, out):
-            if self.record is None or not torch.is_grad_enabled() or not out.requires_grad:
-                return None
-            return _Tap.apply(args[0], out, lambda inp, grad: self.record is not None and fn(inp, grad))
+            if self.recording(out):
+                return _Tap.apply(out, backward, *saved_before(), args[0])
         return hook
 
+    # -------------------------------------------------------------- shared math
     def split(self, t: torch.Tensor) -> torch.Tensor:
         """Activations (rows × length × d) as (examples × tokens × d), fp32."""
         if self.segments is not None:
@@ -199,6 +304,17 @@ class HooksEngine:
     def per_example(self, grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         """Σ over each example's tokens of grad_t inp_tᵀ: (n × grad-dim × inp-dim), fp32."""
         return torch.bmm(self.split(grad).transpose(1, 2), self.split(inp))
+
+    def gram(self, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x xᵀ per example (n×T×T) for ``x``, the split form of the layer input ``raw``. Layers reading the same
+        input tensor share one; the last two inputs are held so that their memory cannot be reused meanwhile."""
+        key = (raw.data_ptr(), raw.shape, raw.stride(), raw.dtype)
+        for _, held_key, g in self._grams:
+            if held_key == key:
+                return g
+        g = x @ x.transpose(1, 2)
+        self._grams = [(raw, key, g), *self._grams[:1]]
+        return g
 
     # -------------------------------------------------------------- offline
     def compute(self, model: nn.Module, batch: Batch) -> Stats:

@@ -1,0 +1,63 @@
+"""Modules of one kind (e.g. every layer's q_proj) with their direction sets stacked over the layers, so that the
+hooks engine and the drift do their per-module algebra as a few batched operations per group, not per module."""
+
+from __future__ import annotations
+
+import torch
+
+from .directions import Direction, DirectionBank
+from .modules import LoraTarget, Target
+
+
+def _layout(d: Direction | None):
+    """What the modules of a group agree on for each set: absent (None), ``"dense"``, or the rank of V."""
+    return None if d is None else "dense" if d.dense is not None else d.A.shape[0]
+
+
+class Group:
+    """Modules of one target type, shape, LoRA rank and direction layout. Low-rank sets' factors are stacked over
+    the group's L modules, side by side (``VB``: L×out×Q, ``VAt``: L×in×Q; set ``low[j]`` in columns
+    ``cols[j]``); dense sets stay per module (as large as the weights: never copied). A scored group's results go
+    to module rows ``slots`` and set columns ``sets`` (= ``low + dense``)."""
+
+    def __init__(self, names: list[str], targets: dict[str, Target], bank: DirectionBank) -> None:
+        self.names, self.targets = names, [targets[m] for m in names]
+        self.dirs = [bank.per_module.get(m) for m in names]
+        slot = {m: j for j, m in enumerate(bank.modules)}
+        self.scored = names[0] in slot
+        if not self.scored:
+            return
+        layout = [_layout(d) for d in self.dirs[0]]
+        self.low = [k for k, lay in enumerate(layout) if isinstance(lay, int)]
+        self.dense = [k for k, lay in enumerate(layout) if lay == "dense"]
+        edges = [0]
+        for k in self.low:
+            edges.append(edges[-1] + layout[k])
+        self.cols = [slice(a, b) for a, b in zip(edges, edges[1:])]
+        if self.low:
+            self.VB = torch.stack([torch.cat([d[k].B for k in self.low], 1) for d in self.dirs])
+            self.VAt = torch.stack([torch.cat([d[k].A.T for k in self.low], 1) for d in self.dirs])
+        self.slots = torch.tensor([slot[m] for m in names])
+        self.sets = torch.tensor(self.low + self.dense)
+
+    def block_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """(…×Q) → (…×low sets): the sum over each low-rank set's columns."""
+        return torch.stack([x[..., c].sum(-1) for c in self.cols], -1)
+
+    def put(self, dots: torch.Tensor, sq: torch.Tensor, into_dots: torch.Tensor, into_sq: torch.Tensor) -> None:
+        """Write the group's dots (…×L×sets) and squared norms (…×L) into (…×M×K) and (…×M) tensors."""
+        if self.slots.device != dots.device:  # moved once: a host-to-device copy would wait for the device
+            self.slots, self.sets = self.slots.to(dots.device), self.sets.to(dots.device)
+        into_dots[..., self.slots[:, None], self.sets[None, :]] = dots
+        into_sq[..., self.slots] = sq
+
+
+def group_modules(names, targets: dict[str, Target], bank: DirectionBank, make=Group) -> list:
+    """Partition ``names`` into groups of one kind, each built by ``make(names, targets, bank)``."""
+    kinds: dict[tuple, list[str]] = {}
+    for m in names:
+        t, dirs = targets[m], bank.per_module.get(m)
+        rank = t.A.shape[0] if isinstance(t, LoraTarget) else None
+        kind = (type(t), t.shape, rank, None if dirs is None else tuple(_layout(d) for d in dirs))
+        kinds.setdefault(kind, []).append(m)
+    return [make(ms, targets, bank) for ms in kinds.values()]
