@@ -91,6 +91,13 @@ def build(opts, engine: str | None, out_dir: str):
     return trainer, timer
 
 
+def machine() -> dict:
+    """What the numbers were measured on."""
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads()}
+
+
 def peak_memory(opts, engine: str | None) -> float:
     """Peak memory (MiB) of a short run of one variant, in a fresh process."""
     cmd = [sys.executable, __file__, "--_memory-of", engine or "none", "--layers", str(opts.layers), "--batch",
@@ -153,9 +160,7 @@ def main() -> None:
     memory = {} if opts.no_memory else {v or "none": peak_memory(opts, v) for v in variants}
     result = {
         "config": {k: v for k, v in vars(opts).items() if not k.startswith("_")},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    "threads": torch.get_num_threads()},
+        "machine": machine(),
         "step_time_s": {v or "none": ts for v, ts in times.items()},
         "median_step_time_s": median,
         "step_time_ratio": {v: median[v] / median["none"] for v in median if v != "none"},

@@ -39,9 +39,11 @@ STATE_FILE = "sqsd_state.pt"
 @dataclass
 class _MicroBatch:
     """One micro-batch: its rows, ``weight[b]`` (the loss weight each scored token of row b got, read off the
-    backward pass; it scales hook gradients to batch-size-1 size), its stats and scored rows once known."""
+    backward pass; it scales hook gradients to batch-size-1 size), its stats and scored rows once known. Rows are
+    made at the step's end (one wait for the device per step), at once where a drop policy needs them."""
 
     batch: Batch
+    own_index: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     stats: Stats | None = None
     rows: list[dict] | None = None
@@ -185,11 +187,13 @@ class SQSDCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         for mb in self._pending:
-            if mb.rows is None and self.sets and self.engine_name != "hooks":  # oracle engines: extra passes
+            if mb.stats is None and self.sets and self.engine_name != "hooks":  # oracle engines: extra passes
                 mb.stats = self.engine.compute(self.model, mb.batch)
-                mb.rows = self._rows(mb)
 
     def on_step_end(self, args, state, control, **kwargs):
+        for mb in self._pending:
+            if mb.rows is None and mb.stats is not None:
+                mb.rows = self._rows(mb)
         step_rows = self._gather([r for mb in self._pending if mb.rows for r in mb.rows])
         self._write("examples", self._gather(self._new_texts))
         self._pending, self._new_texts = [], []
@@ -262,8 +266,7 @@ class SQSDCallback(TrainerCallback):
         if own_index is not None and segments is not None:
             raise ValueError("An `index` column cannot name the examples of packed rows; drop it from the batch "
                              "(SQSDCallback then finds each packed example by its tokens).")
-        batch.index = own_index.tolist() if own_index is not None else self.index.lookup(batch.example_ids())
-        self._pending.append(_MicroBatch(batch))
+        self._pending.append(_MicroBatch(batch, own_index=own_index))
         self._num_items = kwargs.get("num_items_in_batch")
         if self.sets and self.engine_name == "hooks":
             self.engine.start(batch.n_examples, ids.device, segments)
@@ -312,8 +315,8 @@ class SQSDCallback(TrainerCallback):
         examples, and on the step's last micro-batch renormalise and add the anchor's gradient."""
         if self.sets and self.engine_name == "hooks":
             mb.stats = self.engine.finish()
-            mb.rows = self._rows(mb)
-            if self.drop.active:
+            if self.drop.active:  # decided now: the decisions edit this micro-batch's gradients
+                mb.rows = self._rows(mb)
                 self._remove_dropped(mb)
         from accelerate.state import GradientState
         if not GradientState().sync_gradients:
@@ -393,9 +396,12 @@ class SQSDCallback(TrainerCallback):
 
     # --------------------------------------------------------------- helpers
     def _rows(self, mb: _MicroBatch) -> list[dict]:
-        self._note_texts(mb.batch)
-        out = rows(project(mb.stats, self.bank, self.metric, self._scale(mb)), self.bank,
-                   mb.batch.n_scored, mb.batch.index)
+        """Score rows of a micro-batch; its examples are identified on a host copy of the batch."""
+        host = mb.batch.to("cpu")
+        host.index = mb.own_index.tolist() if mb.own_index is not None else self.index.lookup(host.example_ids())
+        mb.batch.index = host.index
+        self._note_texts(host)
+        out = rows(project(mb.stats, self.bank, self.metric, self._scale(mb)), self.bank, host.n_scored, host.index)
         for r in out:
             r["dropped"] = False
         return out

@@ -60,6 +60,7 @@ class Drift:
         self.start = {m: _to(s, self.targets[m].params[0].device) for m, s in state["start"].items()}
 
     @torch.no_grad()
+    @torch.profiler.record_function("sqsd::drift")
     def measure(self) -> dict:
         """``{"cosine": [K], "projection": [K], "layers": {module: {"cosine": [K], "projection": [K]}}}``:
         cosine of θ_t − θ_0 with each set (over the modules the set covers) and its signed length along the set."""

@@ -34,16 +34,18 @@ def _train(model, samples, cb, tmp_path, side="right", steps=2, **kw):
     return trainer
 
 
-@pytest.mark.parametrize("arch,side,metric", [("llama", "left", "cosine"), ("qwen2", "right", "projection"),
-                                              ("llama", "right", "global_cosine")])
-def test_first_step_scores_equal_score_samples(tmp_path, arch, side, metric):
-    """Grad accumulation 2, gradient checkpointing, padding: the step's own backward gives the batch-size-1
+@pytest.mark.parametrize("arch,side,metric,engine", [
+    ("llama", "left", "cosine", "hooks"), ("qwen2", "right", "projection", "hooks"),
+    ("llama", "right", "global_cosine", "hooks"), ("llama", "right", "cosine", "vmap")])
+def test_first_step_scores_equal_score_samples(tmp_path, arch, side, metric, engine):
+    """Grad accumulation 2, gradient checkpointing, padding: the step's own backward (hooks), or an oracle pass at
+    the step's parameters (vmap, under the input-grad hooks PEFT + checkpointing add), gives the batch-size-1
     scores (max deviation ≤ 1e-5 × max |score|)."""
     model = tiny_lora(arch)
     danger, safety = three_sets(model)
     samples = random_samples(8, seed=11)
     expected = score_samples(model, samples, danger, safety, metric=metric, progress=False)
-    _train(model, samples, SQSDCallback(danger, safety, metric=metric), tmp_path, side=side,
+    _train(model, samples, SQSDCallback(danger, safety, metric=metric, engine=engine), tmp_path, side=side,
            gradient_checkpointing=True)
     rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
     assert [r["step"] for r in rows] == [0] * 4 + [1] * 4

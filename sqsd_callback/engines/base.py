@@ -85,7 +85,10 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.index)
+        segments = None if self.segments is None else Segments(self.segments.gather.to(device),
+                                                                self.segments.mask.to(device))
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.index,
+                     segments)
 
 
 def scored_tokens(labels: torch.Tensor) -> torch.Tensor:

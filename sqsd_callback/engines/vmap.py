@@ -3,12 +3,30 @@ math. An oracle: it materialises every example's gradient, so it is for small mo
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..directions import DirectionBank
 from ..modules import Target
 from .base import Batch, Stats, dense_stats, example_mean_losses, scoring_mode
+
+
+@contextlib.contextmanager
+def _without_input_grad_hooks(model: nn.Module):
+    """Lift transformers' ``make_inputs_require_grads`` hooks (set for PEFT with gradient checkpointing): they call
+    ``requires_grad_`` on the embeddings' output, which torch.func transforms refuse. vmap's gradients do not
+    need them."""
+    lifted = [(m._forward_hooks, k, h) for m in model.modules() for k, h in list(m._forward_hooks.items())
+              if getattr(h, "__name__", "") == "make_inputs_require_grads"]
+    for hooks, k, _ in lifted:
+        del hooks[k]
+    try:
+        yield
+    finally:
+        for hooks, k, h in lifted:
+            hooks[k] = h
 
 
 class VmapEngine:
@@ -27,7 +45,7 @@ class VmapEngine:
                 "input_ids": ids[None], "attention_mask": mask[None], "position_ids": pos[None]})
             return example_mean_losses(out.logits, labels[None])[0]
 
-        with scoring_mode(model, self.targets):
+        with scoring_mode(model, self.targets), _without_input_grad_hooks(model):
             params = {k: p.detach() for m in self.bank.modules for k, p in zip(keys[m], self.targets[m].params)}
             g = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(
                 params, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], batch.labels)
