@@ -19,7 +19,7 @@ from .modules import LinearTarget, LoraTarget, Target
 def _lora_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
     """θ_t − θ_0 = P Q with P = [sB_t, −sB_0] (L×out×2r), Q = [A_t; A_0]: <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ),
     <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>."""
-    scale = torch.tensor([t.scaling for t in group.targets], device=start[0][0].device)
+    scale = group.scaling(start[0][0].device)
     P = torch.cat([torch.stack([t.B.detach() for t in group.targets]).float() * scale[:, None, None],
                    -torch.stack([s[0] for s in start])], 2)
     Q = torch.cat([torch.stack([t.A.detach() for t in group.targets]).float(), torch.stack([s[1] for s in start])], 1)

@@ -40,6 +40,12 @@ class Group:
         self.slots = torch.tensor([slot[m] for m in names])
         self.sets = torch.tensor(self.low + self.dense)
 
+    def scaling(self, device) -> torch.Tensor:
+        """The LoRA modules' scalings s (L), kept on ``device`` after the first call."""
+        if getattr(self, "_scale", None) is None or self._scale.device != torch.device(device):
+            self._scale = torch.tensor([t.scaling for t in self.targets], device=device)
+        return self._scale
+
     def block_sums(self, x: torch.Tensor) -> torch.Tensor:
         """(…×Q) → (…×low sets): the sum over each low-rank set's columns."""
         return torch.stack([x[..., c].sum(-1) for c in self.cols], -1)

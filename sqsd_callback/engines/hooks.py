@@ -82,7 +82,6 @@ class _LoraGroup(_HookGroup):
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self.scale = torch.tensor([t.scaling for t in self.targets])
         self.key = self.const = None
         self.reset()
 
@@ -131,7 +130,6 @@ class _LoraGroup(_HookGroup):
                 right.append(torch.stack([d[k].dense @ a for d, a in zip(self.dirs, At)]))
                 left.append(torch.stack([d[k].dense.T @ b for d, b in zip(self.dirs, B)]))
             self.const = (torch.cat(right, 2), torch.cat(left, 2), A @ At, Bt @ B, B)
-            self.scale = self.scale.to(A.device)
         self.key = key
         return self.const
 
@@ -166,7 +164,7 @@ class _LoraGroup(_HookGroup):
         L, n, r, c = self.right.shape
         AAt, BtB = self.const[2:4]
         traces = (self.right + self.left).view(L, n, r, c // r, r).diagonal(dim1=2, dim2=4).sum(-1)
-        s = self.scale[:, None]
+        s = self.scaling(traces.device)[:, None]
         dots = -s[..., None] * traces[..., 1:]
         sq = s * s * ((self.grams[:, 0] * AAt[:, None]).sum((-2, -1)) + (self.grams[:, 1] * BtB[:, None]).sum((-2, -1))
                       + 2 * (self.right[..., :r] * self.left[..., :r].transpose(-2, -1)).sum((-2, -1)))
