@@ -34,6 +34,7 @@ class Group:
         for k in self.low:
             edges.append(edges[-1] + layout[k])
         self.cols = [slice(a, b) for a, b in zip(edges, edges[1:])]
+        self.Q = edges[-1]  # columns of the stacked low-rank factors
         if self.low:
             self.VB = torch.stack([torch.cat([d[k].B for k in self.low], 1) for d in self.dirs])
             self.VAt = torch.stack([torch.cat([d[k].A.T for k in self.low], 1) for d in self.dirs])

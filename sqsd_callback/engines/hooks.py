@@ -195,8 +195,8 @@ class _LinearGroup(_HookGroup):
             return
         if self.buf is None:
             L, n = len(self.targets), x.shape[0]
-            self.buf = x.new_zeros(L, n, (self.VB.shape[2] if self.low else 0) + len(self.dense) + 1)
-        row, Q = self.buf[i], self.buf.shape[2] - len(self.dense) - 1
+            self.buf = x.new_zeros(L, n, self.Q + len(self.dense) + 1)
+        row, Q = self.buf[i], self.Q
         if self.low:
             row[:, :Q] = ((delta @ self.VB[i]) * (x @ self.VAt[i])).sum(1)
         for j, k in enumerate(self.dense):
@@ -210,7 +210,7 @@ class _LinearGroup(_HookGroup):
     def finish(self, record: Stats) -> None:
         if not self.scored or self.buf is None:
             return
-        Q = self.buf.shape[2] - len(self.dense) - 1
+        Q = self.Q
         low = [self.block_sums(self.buf[..., :Q])] if self.low else []
         dots = torch.cat(low + [self.buf[..., Q:-1]], -1)
         self.write(record, -dots, self.buf[..., -1])
