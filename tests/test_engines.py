@@ -94,6 +94,24 @@ def test_unscored_example_gets_null_scores_and_others_are_unaffected():
     assert rows[0]["sqsd"] == pytest.approx(alone["sqsd"], rel=1e-5)
 
 
+def test_output_layer_sees_only_scored_positions_and_a_batch_with_none_scores_null():
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(3, seed=4)
+    samples[1]["labels"] = [-100] * len(samples[1]["labels"])
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    rows = score_samples(model, samples, danger, safety, batch_size=3, progress=False)
+    handle.remove()
+    scored = sum(sum(t != -100 for t in s["labels"][1:]) for s in samples)
+    assert seen == [torch.Size([1, scored, model.config.hidden_size])]
+    loop = score_samples(model, samples, danger, safety, engine="loop", progress=False)
+    assert rel_err([r["sqsd"] for r in rows if r["sqsd"] is not None],
+                   [r["sqsd"] for r in loop if r["sqsd"] is not None]) < 1e-5
+    none = score_samples(model, [samples[1]], danger, safety, progress=False)[0]
+    assert all(none[k] is None for k in KEYS)
+
+
 def test_score_samples_leaves_model_state_as_found():
     model = tiny_lora("llama")
     danger, safety = three_sets(model)

@@ -115,6 +115,33 @@ def example_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def summed_example_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Σ_i of example i's mean next-token cross-entropy, from one forward of the batch (its gradient is the sum of
+    the examples' batch-size-1 gradients). The output layer runs only at the scored positions: it is most of a
+    small model's compute, and prompt and padding positions need none of it."""
+    scored = torch.zeros_like(batch.labels, dtype=torch.bool)
+    scored[:, :-1] = batch.labels[:, 1:] != -100
+    rows, cols = scored.nonzero(as_tuple=True)
+    gathered = []
+
+    def gather(module, args):
+        if args[0].shape[:2] == scored.shape:  # (rows × length × hidden): the whole sequence reaches the head
+            gathered.append(True)
+            return (args[0][rows, cols][None], *args[1:])
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        logits = model(**batch.model_inputs()).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not gathered:
+        return example_mean_losses(logits, batch.labels).sum()
+    tok = nn.functional.cross_entropy(logits[0].float(), batch.labels[rows, cols + 1], reduction="none")
+    return (tok / scored.sum(-1)[rows]).sum()
+
+
 def dense_stats(grads: dict[str, tuple[torch.Tensor, ...]], targets: dict[str, Target], bank: DirectionBank) -> Stats:
     """Reference math from per-example parameter gradients (one tensor per target parameter, leading dim n):
     forms each ΔW_i densely (``target.update``) and takes plain dot products. For the oracle engines."""

@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from ..directions import DirectionBank
 from ..groups import Group, group_modules
 from ..modules import LinearTarget, LoraTarget, Target
-from .base import Batch, Stats, example_mean_losses, scoring_mode
+from .base import Batch, Stats, scoring_mode, summed_example_losses
 
 
 class _Tap(torch.autograd.Function):
@@ -76,9 +76,10 @@ class _HookGroup(Group):
 
 
 class _LoraGroup(_HookGroup):
-    """LoRA modules of one shape and rank. Per pass each module fills ``right[l]`` = gB_iᵀ CB (n×r×c),
-    ``left[l]`` = gA_i CA and ``grams[l]`` = (gB_iᵀgB_i, gA_i gA_iᵀ), with CB = [B | V_k Aᵀ …] and
-    CA = [Aᵀ | V_kᵀ B …]; block k's trace is the set's dot, block 0 gives the cross term of the norm."""
+    """LoRA modules of one shape and rank. Per pass each module's tap leaves its factor gradients gB_iᵀ (n×r×out)
+    and gA_i (n×r×in); at the pass end, for all modules at once, gB_iᵀ CB and gA_i CA (n×r×c) with
+    CB = [B | V_k Aᵀ …], CA = [Aᵀ | V_kᵀ B …] (block k's trace is the set's dot, block 0 gives the cross term of
+    the norm) and the grams gB_iᵀgB_i, gA_i gA_iᵀ. What the taps leave grows as backward frees activations."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -103,7 +104,7 @@ class _LoraGroup(_HookGroup):
 
     def reset(self) -> None:
         super().reset()
-        self.right = self.left = self.grams = None
+        self.grads: list = [None] * len(self.targets)
         self.inputs: dict[int, torch.Tensor] = {}
         self.checked = False
 
@@ -146,28 +147,25 @@ class _LoraGroup(_HookGroup):
             gA = torch.bmm((dB @ B).transpose(1, 2), split(x))     # n×r×in
         if self.engine.keep_grads:
             self.kept[i] = [gA, gBt.transpose(1, 2)]
-        if not self.scored:
-            return
-        CB, CA = self.const[:2]
-        if self.right is None:
-            (L, (n, r), c) = len(self.targets), gA.shape[:2], CB.shape[2]
-            self.right, self.left, self.grams = gA.new_zeros(L, n, r, c), gA.new_zeros(L, n, r, c), \
-                gA.new_zeros(L, 2, n, r, r)
-        torch.matmul(gBt, CB[i], out=self.right[i])
-        torch.matmul(gA, CA[i], out=self.left[i])
-        torch.matmul(gBt, gBt.transpose(1, 2), out=self.grams[i, 0])
-        torch.matmul(gA, gA.transpose(1, 2), out=self.grams[i, 1])
+        if self.scored:
+            self.grads[i] = (gBt, gA)
 
     def finish(self, record: Stats) -> None:
-        if not self.scored or self.right is None:
+        present = [g for g in self.grads if g is not None]
+        if not self.scored or not present:
             return
-        L, n, r, c = self.right.shape
-        AAt, BtB = self.const[2:4]
-        traces = (self.right + self.left).view(L, n, r, c // r, r).diagonal(dim1=2, dim2=4).sum(-1)
+        zero = [torch.zeros_like(t) for t in present[0]]  # a module no gradient reached
+        gBt, gA = (torch.stack([zero[j] if g is None else g[j] for g in self.grads]) for j in (0, 1))
+        self.grads = [None] * len(self.targets)
+        (L, n, r), (CB, CA, AAt, BtB) = gBt.shape[:3], self.const[:4]
+        right = (gBt.flatten(1, 2) @ CB).view(L, n, r, -1)
+        left = (gA.flatten(1, 2) @ CA).view(L, n, r, -1)
+        traces = (right + left).view(L, n, r, -1, r).diagonal(dim1=2, dim2=4).sum(-1)
         s = self.scaling(traces.device)[:, None]
         dots = -s[..., None] * traces[..., 1:]
-        sq = s * s * ((self.grams[:, 0] * AAt[:, None]).sum((-2, -1)) + (self.grams[:, 1] * BtB[:, None]).sum((-2, -1))
-                      + 2 * (self.right[..., :r] * self.left[..., :r].transpose(-2, -1)).sum((-2, -1)))
+        sq = s * s * (((gBt @ gBt.transpose(-2, -1)) * AAt[:, None]).sum((-2, -1))
+                      + ((gA @ gA.transpose(-2, -1)) * BtB[:, None]).sum((-2, -1))
+                      + 2 * (right[..., :r] * left[..., :r].transpose(-2, -1)).sum((-2, -1)))
         self.write(record, dots, sq)
 
     @staticmethod
@@ -323,9 +321,7 @@ class HooksEngine:
         try:
             with scoring_mode(model, self.targets) as params:
                 self.start(batch.input_ids.shape[0], batch.input_ids.device)
-                logits = model(**batch.model_inputs()).logits
-                loss = example_mean_losses(logits, batch.labels).sum()
-                torch.autograd.grad(loss, params, allow_unused=True)
+                torch.autograd.grad(summed_example_losses(model, batch), params, allow_unused=True)
                 return self.finish()
         finally:
             self.record = None
