@@ -17,20 +17,20 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 """LlamaConfig arguments of SmolLM2-135M's shape, for benchmarks with random weights."""
 
 
-def tiny_base(arch: str = "llama", seed: int = 0):
-    """A 2-layer causal LM with random weights, eager attention (vmap-friendly)."""
+def tiny_base(arch: str = "llama", seed: int = 0, attn: str = "eager"):
+    """A 2-layer causal LM with random weights and ``attn`` attention."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, attn_implementation="eager")
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, attn_implementation=attn)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
     return Qwen2ForCausalLM(Qwen2Config(**common))
 
 
 def tiny_lora(arch: str = "llama", targets=("q_proj", "v_proj", "down_proj"), r: int = 4, dropout: float = 0.0,
-              rslora: bool = False, seed: int = 0):
+              rslora: bool = False, seed: int = 0, attn: str = "eager"):
     """A tiny model with LoRA whose B factors are nonzero (so both factor gradients matter)."""
-    model = get_peft_model(tiny_base(arch, seed), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+    model = get_peft_model(tiny_base(arch, seed, attn), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
                                                              lora_dropout=dropout, use_rslora=rslora))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

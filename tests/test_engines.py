@@ -112,6 +112,14 @@ def test_output_layer_sees_only_scored_positions_and_a_batch_with_none_scores_nu
     assert all(none[k] is None for k in KEYS)
 
 
+def test_engines_agree_under_sdpa_attention():
+    """transformers' SDPA mask building branches on the mask's values, which vmap cannot trace: the oracles run
+    each example with its tokens first and no mask."""
+    model = tiny_lora("llama", attn="sdpa")
+    danger, safety = three_sets(model)
+    _agree(model, danger, safety, random_samples(5, seed=21), "cosine")
+
+
 def test_score_samples_leaves_model_state_as_found():
     model = tiny_lora("llama")
     danger, safety = three_sets(model)

@@ -45,3 +45,21 @@ def test_packed_rows_score_like_the_unpacked_examples(tmp_path, metric, kind):
     assert sorted(r["index"] for r in rows) == list(range(8))
     for k in KEYS:
         assert rel_err([r[k] for r in rows], [expected[r["index"]][k] for r in rows]) < 1e-5, k
+
+
+@pytest.mark.parametrize("engine", ["vmap", "loop"])
+def test_oracle_engines_score_packed_rows_per_example(tmp_path, engine):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(6, seed=17)
+    for s in samples:
+        s["labels"][0] = -100
+    expected = score_samples(model, samples, danger, safety, progress=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=1,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=pack_collator(),
+            callbacks=[SQSDCallback(danger, safety, engine=engine)]).train()
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    assert len({r["index"] for r in rows}) == 3  # one shuffled batch of three
+    for k in KEYS:
+        assert rel_err([r[k] for r in rows], [expected[r["index"]][k] for r in rows]) < 1e-5, k

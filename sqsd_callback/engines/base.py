@@ -74,10 +74,23 @@ class Batch:
 
     def example_ids(self) -> list[torch.Tensor]:
         """Each example's token ids (padding removed)."""
+        return self._per_example(self.input_ids)
+
+    def _per_example(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """A (rows × length) per-token tensor as one 1-D tensor per example, padding removed."""
         if self.segments is None:
-            return [ids[m.bool()] for ids, m in zip(self.input_ids, self.attention_mask)]
-        ids = self.segments.split(self.input_ids[..., None])[..., 0]
-        return [row[m] for row, m in zip(ids, self.segments.mask)]
+            return [row[m.bool()] for row, m in zip(t, self.attention_mask)]
+        split = self.segments.split(t[..., None])[..., 0]
+        return [row[m] for row, m in zip(split, self.segments.mask)]
+
+    def one_per_row(self) -> Batch:
+        """One example per row, its tokens first and padding after: causal attention then never reaches the
+        padding, so a model needs no mask for it (the form the oracle engines run)."""
+        pad = nn.utils.rnn.pad_sequence
+        ids, labels = self._per_example(self.input_ids), self._per_example(self.labels)
+        mask = [torch.ones_like(i) for i in ids]
+        return Batch(pad(ids, batch_first=True), pad(labels, batch_first=True, padding_value=-100),
+                     pad(mask, batch_first=True), self.index)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Inputs whose positions do not depend on the padding side (position ids from the attention mask)."""

@@ -21,6 +21,7 @@ class LoopEngine:
         modules = self.bank.modules
         params = [p for m in modules for p in self.targets[m].params]
         per_example = []
+        batch = batch.one_per_row()
         with scoring_mode(model, self.targets):
             for ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels):
                 keep = mask.bool()

@@ -38,15 +38,14 @@ class VmapEngine:
     def compute(self, model: nn.Module, batch: Batch) -> Stats:
         names = {id(p): n for n, p in model.named_parameters()}
         keys = {m: [names[id(p)] for p in self.targets[m].params] for m in self.bank.modules}
-        inputs = batch.model_inputs()
+        # tokens first, then no mask or position ids: transformers branches on their values, which vmap cannot
+        batch = batch.one_per_row()
 
-        def loss(params, ids, mask, pos, labels):
-            out = functional_call(model, params, args=(), kwargs={
-                "input_ids": ids[None], "attention_mask": mask[None], "position_ids": pos[None]})
+        def loss(params, ids, labels):
+            out = functional_call(model, params, args=(), kwargs={"input_ids": ids[None]})
             return example_mean_losses(out.logits, labels[None])[0]
 
         with scoring_mode(model, self.targets), _without_input_grad_hooks(model):
             params = {k: p.detach() for m in self.bank.modules for k, p in zip(keys[m], self.targets[m].params)}
-            g = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(
-                params, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], batch.labels)
+            g = vmap(grad(loss), in_dims=(None, 0, 0))(params, batch.input_ids, batch.labels)
         return dense_stats({m: tuple(g[k] for k in ks) for m, ks in keys.items()}, self.targets, self.bank)
