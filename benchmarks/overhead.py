@@ -3,8 +3,9 @@
 The same TRL SFTTrainer run (SmolLM2-135M-sized Llama with random weights, LoRA r=16 on every linear layer or
 full fine-tuning, a batch of random tokens, 2 danger + 1 safety direction sets) is trained in rounds that
 alternate the variants in one process; each round's first step is a warm-up and is dropped, the rest give
-medians. Peak memory comes from one short run per variant in its own process (CUDA: max allocated; CPU: peak
-RSS).
+medians (and per-round ratios, whose spread shows how steady the machine was). Peak memory comes from one short
+run per variant in its own process (CUDA: max allocated; CPU: the model's tensors plus the peak of PyTorch's
+allocations over the run, from the profiler's memory events).
 
     python benchmarks/overhead.py                                  # LoRA: none vs hooks
     python benchmarks/overhead.py --full-ft --dir-rank 64          # full fine-tuning, rank-64 directions
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,11 +115,26 @@ def _memory_child(opts) -> None:
         trainer, _ = build(opts, engine, d)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        trainer.train()
-    if torch.cuda.is_available():
-        print(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            trainer.train()
+            print(torch.cuda.max_memory_allocated() / 2**20)
+            return
+        held = sum(t.numel() * t.element_size() for t in [*trainer.model.parameters(), *trainer.model.buffers()])
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer.train()
+    print((held + allocation_peak(prof.events())) / 2**20)
+
+
+def allocation_peak(events) -> int:
+    """Peak bytes of PyTorch's CPU allocations above where a profiled region started (the CPU counterpart of CUDA's
+    max allocated; process RSS cannot see it under the allocator's caching). Each operator's own allocations count
+    at its start, frees at their ``[memory]`` events."""
+    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                     for e in events)
+    total = peak = 0
+    for _, change in changes:
+        total += change
+        peak = max(peak, total)
+    return peak
 
 
 def main() -> None:
@@ -148,12 +163,14 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     built = {v: build(opts, v, f"{tmp.name}/{v}") for v in variants}
     times = {v: [] for v in variants}
+    rounds = {v: [] for v in variants}  # each round's median: ratios within a round share the machine's state
     for r in range(opts.rounds):
         for v in variants:
             trainer, timer = built[v]
             timer.times = []
             trainer.train()
             times[v] += timer.times[1:]
+            rounds[v].append(statistics.median(timer.times[1:]))
             print(f"round {r + 1}/{opts.rounds} {v or 'none':>6}: " + " ".join(f"{t:.3f}" for t in timer.times),
                   flush=True)
     median = {v or "none": statistics.median(ts) for v, ts in times.items()}
@@ -164,15 +181,19 @@ def main() -> None:
         "step_time_s": {v or "none": ts for v, ts in times.items()},
         "median_step_time_s": median,
         "step_time_ratio": {v: median[v] / median["none"] for v in median if v != "none"},
+        "round_ratios": {v: [a / b for a, b in zip(rounds[v], rounds[None])] for v in opts.engines.split(",")},
         "peak_memory_mib": memory,
         "peak_memory_ratio": {v: memory[v] / memory["none"] for v in memory if v != "none"},
     }
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{'variant':>8} {'median step (s)':>16} {'time ratio':>11} {'peak MiB':>10} {'mem ratio':>10}")
+    print(f"\n{'variant':>8} {'median step (s)':>16} {'time ratio':>11} {'per round':>13} {'peak MiB':>10} "
+          f"{'mem ratio':>10}")
     for v in median:
+        spread = result["round_ratios"].get(v, [1.0])
         print(f"{v:>8} {median[v]:>16.3f} {result['step_time_ratio'].get(v, 1.0):>11.3f} "
-              f"{memory.get(v, float('nan')):>10.0f} {result['peak_memory_ratio'].get(v, 1.0):>10.3f}")
+              f"{min(spread):>6.3f}-{max(spread):<6.3f} {memory.get(v, float('nan')):>10.0f} "
+              f"{result['peak_memory_ratio'].get(v, 1.0):>10.3f}")
     print(f"\nwrote {opts.out}")
 
 

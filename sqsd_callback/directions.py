@@ -260,9 +260,28 @@ class DirectionBank:
             [[math.sqrt(d.sq_norm()) if d is not None else 0.0 for d in self.per_module[m]] for m in self.modules],
             dtype=torch.float64,
         )
+        self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device) -> DirectionBank:
         """Move every direction to ``device`` (fp32) once, before the first step."""
         for m, dirs in self.per_module.items():
             self.per_module[m] = [None if d is None else d.to(device, torch.float32) for d in dirs]
+        self._stacks = {}
         return self
+
+    def stacked(self, modules: list[str], sets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The low-rank factors of ``sets`` (indices into ``sets``) for ``modules``, side by side and stacked over
+        the modules: B_V (L×out×Q) and A_Vᵀ (L×in×Q). Made once per bank; the bank's own per-module factors
+        become views of them, so the engine, the drift and the bank share one copy."""
+        key = (tuple(modules), tuple(sets))
+        if key not in self._stacks:
+            VB = torch.stack([torch.cat([self.per_module[m][k].B for k in sets], 1) for m in modules])
+            VAt = torch.stack([torch.cat([self.per_module[m][k].A.T for k in sets], 1) for m in modules])
+            for m, b, at in zip(modules, VB, VAt):
+                col = 0
+                for k in sets:
+                    width = self.per_module[m][k].B.shape[1]
+                    self.per_module[m][k] = Direction(B=b[:, col:col + width], A=at[:, col:col + width].T)
+                    col += width
+            self._stacks[key] = (VB, VAt)
+        return self._stacks[key]

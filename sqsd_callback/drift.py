@@ -17,12 +17,14 @@ from .modules import LinearTarget, LoraTarget, Target
 
 
 def _lora_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """θ_t − θ_0 = P Q with P = [sB_t, −sB_0] (L×out×2r), Q = [A_t; A_0]: <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ),
-    <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>."""
-    scale = group.scaling(start[0][0].device)
-    P = torch.cat([torch.stack([t.B.detach() for t in group.targets]).float() * scale[:, None, None],
-                   -torch.stack([s[0] for s in start])], 2)
-    Q = torch.cat([torch.stack([t.A.detach() for t in group.targets]).float(), torch.stack([s[1] for s in start])], 1)
+    """θ_t − θ_0 = P Q with P = [sB_t, −sB_0] (L×out×2r), Q = [A_t; A_0] (just sB_t, A_t where every θ_0 delta is
+    zero): <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ), <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>."""
+    scale = group.scaling(group.targets[0].B.device)
+    P = torch.stack([t.B.detach() for t in group.targets]).float() * scale[:, None, None]
+    Q = torch.stack([t.A.detach() for t in group.targets]).float()
+    if any(s is not None for s in start):
+        P = torch.cat([P, -torch.stack([torch.zeros_like(p) if s is None else s[0] for s, p in zip(start, P)])], 2)
+        Q = torch.cat([Q, torch.stack([torch.zeros_like(q) if s is None else s[1] for s, q in zip(start, Q)])], 1)
     Pt = P.transpose(1, 2)
     dots = [group.block_sums(((Pt @ group.VB) * (Q @ group.VAt)).sum(1))] if group.low else []
     dots += [torch.stack([(q * (p.T @ d[k].dense)).sum() for p, q, d in zip(P, Q, group.dirs)])[:, None]
@@ -101,4 +103,6 @@ def summarize(measured: dict, bank: DirectionBank) -> dict[str, float]:
 
 
 def _to(snapshot, device):
+    if snapshot is None:
+        return None
     return tuple(t.to(device) for t in snapshot) if isinstance(snapshot, tuple) else snapshot.to(device)

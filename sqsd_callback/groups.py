@@ -17,8 +17,8 @@ def _layout(d: Direction | None):
 class Group:
     """Modules of one target type, shape, LoRA rank and direction layout. Low-rank sets' factors are stacked over
     the group's L modules, side by side (``VB``: L×out×Q, ``VAt``: L×in×Q; set ``low[j]`` in columns
-    ``cols[j]``); dense sets stay per module (as large as the weights: never copied). A scored group's results go
-    to module rows ``slots`` and set columns ``sets`` (= ``low + dense``)."""
+    ``cols[j]``; one copy, shared through the bank); dense sets stay per module (as large as the weights: never
+    copied). A scored group's results go to module rows ``slots`` and set columns ``sets`` (= ``low + dense``)."""
 
     def __init__(self, names: list[str], targets: dict[str, Target], bank: DirectionBank) -> None:
         self.names, self.targets = names, [targets[m] for m in names]
@@ -36,8 +36,7 @@ class Group:
         self.cols = [slice(a, b) for a, b in zip(edges, edges[1:])]
         self.Q = edges[-1]  # columns of the stacked low-rank factors
         if self.low:
-            self.VB = torch.stack([torch.cat([d[k].B for k in self.low], 1) for d in self.dirs])
-            self.VAt = torch.stack([torch.cat([d[k].A.T for k in self.low], 1) for d in self.dirs])
+            self.VB, self.VAt = bank.stacked(names, self.low)
         self.slots = torch.tensor([slot[m] for m in names])
         self.sets = torch.tensor(self.low + self.dense)
 

@@ -57,10 +57,16 @@ def test_first_step_scores_equal_score_samples(tmp_path, arch, side, metric, eng
     assert rel_err([r["sqsd"] for r in later], [expected[r["index"]]["sqsd"] for r in later]) > 1e-3
 
 
-def test_drift_and_logged_scalars_match_dense_math(tmp_path):
+@pytest.mark.parametrize("zero_start", [False, True])
+def test_drift_and_logged_scalars_match_dense_math(tmp_path, zero_start):
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
     targets = lora_targets(model)
+    if zero_start:  # PEFT's B = 0 start (kept as no snapshot): every layer-0 module, and q_proj in every layer
+        with torch.no_grad():
+            for m, t in targets.items():
+                if "layers.0." in m or "q_proj" in m:
+                    t.B.zero_()
     start = {m: (t.scaling * t.B.detach() @ t.A.detach()).clone() for m, t in targets.items()}
     trainer = _train(model, random_samples(8, seed=2), SQSDCallback(danger, safety), tmp_path, steps=3)
     drift = read_jsonl(tmp_path / "sqsd" / "drift.jsonl")

@@ -10,8 +10,9 @@ LoRA (one tap on ``lora_B``, saving lora_A's input too; lora_A's output gradient
 ΔW_i = −s(gB_i A + B gA_i):
     <ΔW_i, V> = −s(<gB_i, V Aᵀ> + <gA_i, Bᵀ V>)
     ‖ΔW_i‖²  = s²(<gB_iᵀgB_i, AAᵀ> + <gA_i gA_iᵀ, BᵀB> + 2<Bᵀ gB_i, gA_i Aᵀ>)
-where gB_i (out×r) and gA_i (r×in) are the example's LoRA factor gradients, summed over its tokens. A tap keeps
-only r×r products (gB_iᵀ[B | V_1Aᵀ | …], gB_iᵀgB_i and their gA_i twins); the traces run once per group.
+where gB_i (out×r) and gA_i (r×in) are the example's LoRA factor gradients, summed over its tokens. A tap only
+forms them; the rest runs once per group when the pass ends, through low-rank V = B_V A_V's factors:
+<gB_i, V Aᵀ> = <gB_iᵀ B_V, (A_V Aᵀ)ᵀ> and <gA_i, Bᵀ V> = <gA_i A_Vᵀ, Bᵀ B_V>, products of width r and rank(V).
 
 Full fine-tuning (one tap per Linear), with ΔW_i = −G_i = −Σ_t δ_t x_tᵀ:
     <ΔW_i, V> = −Σ_t (δ_tᵀ B_V)(A_V x_t)   (every low-rank set in one product; dense V: −Σ_t δ_tᵀ V x_t)
@@ -22,6 +23,7 @@ Layers that read the same input tensor (q, k, v; gate, up) share its Gram matrix
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -75,11 +77,24 @@ class _HookGroup(Group):
         self.kept = [None] * len(self.targets)
 
 
+class _LoraConstants(NamedTuple):
+    """A LoRA group's per-step constants, stacked over its L modules (fp32)."""
+
+    B: torch.Tensor          # L×out×r
+    At: torch.Tensor         # L×in×r
+    AAt: torch.Tensor        # L×r×r
+    BtB: torch.Tensor        # L×r×r
+    G: torch.Tensor | None   # A_V Aᵀ, L×Q×r (low-rank sets)
+    H: torch.Tensor | None   # Bᵀ B_V, L×r×Q
+    dense_right: torch.Tensor | None  # [V_k Aᵀ …], L×out×(r·dense sets)
+    dense_left: torch.Tensor | None   # [V_kᵀ B …], L×in×(r·dense sets)
+
+
 class _LoraGroup(_HookGroup):
     """LoRA modules of one shape and rank. Per pass each module's tap leaves its factor gradients gB_iᵀ (n×r×out)
-    and gA_i (n×r×in); at the pass end, for all modules at once, gB_iᵀ CB and gA_i CA (n×r×c) with
-    CB = [B | V_k Aᵀ …], CA = [Aᵀ | V_kᵀ B …] (block k's trace is the set's dot, block 0 gives the cross term of
-    the norm) and the grams gB_iᵀgB_i, gA_i gA_iᵀ. What the taps leave grows as backward frees activations."""
+    and gA_i (n×r×in); at the pass end, for all modules at once, their products with the directions' stacked
+    factors and with B, Aᵀ (n×r×Q, n×r×r) and their grams give the dots and norms. What the taps leave grows as
+    backward frees the activations."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -108,9 +123,10 @@ class _LoraGroup(_HookGroup):
         self.inputs: dict[int, torch.Tensor] = {}
         self.checked = False
 
-    def constants(self):
-        """(CB, CA, AAᵀ, BᵀB, B) stacked over the modules, fp32; recomputed when a factor changed (checked once per
-        pass, by the factors' in-place version counters: once per optimizer step)."""
+    def constants(self) -> _LoraConstants:
+        """The factors' products with themselves and the directions, stacked over the modules, fp32; recomputed
+        when a factor changed (checked once per pass, by the factors' in-place version counters: once per
+        optimizer step). All r×r or r×Q, except B and Aᵀ themselves and the dense sets' V Aᵀ, Vᵀ B."""
         if self.checked:
             return self.const
         self.checked = True
@@ -121,16 +137,11 @@ class _LoraGroup(_HookGroup):
             A = torch.stack([t.A.detach() for t in self.targets]).float()   # L×r×in
             B = torch.stack([t.B.detach() for t in self.targets]).float()   # L×out×r
             At, Bt = A.transpose(1, 2), B.transpose(1, 2)
-            right, left = [B], [At]
-            if self.low:
-                G, H = self.VAt.transpose(1, 2) @ At, Bt @ self.VB           # A_V Aᵀ (L×Q×r), Bᵀ B_V (L×r×Q)
-                for c in self.cols:
-                    right.append(self.VB[:, :, c] @ G[:, c])                  # V Aᵀ = B_V (A_V Aᵀ)
-                    left.append(self.VAt[:, :, c] @ H[:, :, c].transpose(1, 2))  # Vᵀ B = A_Vᵀ (B_Vᵀ B)
-            for k in self.dense:
-                right.append(torch.stack([d[k].dense @ a for d, a in zip(self.dirs, At)]))
-                left.append(torch.stack([d[k].dense.T @ b for d, b in zip(self.dirs, B)]))
-            self.const = (torch.cat(right, 2), torch.cat(left, 2), A @ At, Bt @ B, B)
+            low = (self.VAt.transpose(1, 2) @ At, Bt @ self.VB) if self.low else (None, None)
+            dense = (torch.cat([torch.stack([d[k].dense @ a for d, a in zip(self.dirs, At)]) for k in self.dense], 2),
+                     torch.cat([torch.stack([d[k].dense.T @ b for d, b in zip(self.dirs, B)]) for k in self.dense],
+                               2)) if self.dense else (None, None)
+            self.const = _LoraConstants(B, At, A @ At, Bt @ B, *low, *dense)
         self.key = key
         return self.const
 
@@ -139,7 +150,7 @@ class _LoraGroup(_HookGroup):
         gradient is δB B."""
         split = self.engine.split
         dB = split(dB)
-        B = self.constants()[4][i] if self.scored else self.targets[i].B.detach().float()
+        B = self.constants().B[i] if self.scored else self.targets[i].B.detach().float()
         gBt = torch.bmm(split(h).transpose(1, 2), dB)             # gB_iᵀ: n×r×out
         if x is None:
             gA = gBt.new_zeros(gBt.shape[0], B.shape[1], self.targets[i].shape[1])
@@ -151,22 +162,27 @@ class _LoraGroup(_HookGroup):
             self.grads[i] = (gBt, gA)
 
     def finish(self, record: Stats) -> None:
-        present = [g for g in self.grads if g is not None]
-        if not self.scored or not present:
+        if not self.scored or all(g is None for g in self.grads):
             return
-        zero = [torch.zeros_like(t) for t in present[0]]  # a module no gradient reached
-        gBt, gA = (torch.stack([zero[j] if g is None else g[j] for g in self.grads]) for j in (0, 1))
+        some = next(g for g in self.grads if g is not None)
+        gBt, gA = (torch.stack([torch.zeros_like(some[j]) if g is None else g[j] for g in self.grads])
+                   for j in (0, 1))  # zeros: a module no gradient reached
         self.grads = [None] * len(self.targets)
-        (L, n, r), (CB, CA, AAt, BtB) = gBt.shape[:3], self.const[:4]
-        right = (gBt.flatten(1, 2) @ CB).view(L, n, r, -1)
-        left = (gA.flatten(1, 2) @ CA).view(L, n, r, -1)
-        traces = (right + left).view(L, n, r, -1, r).diagonal(dim1=2, dim2=4).sum(-1)
-        s = self.scaling(traces.device)[:, None]
-        dots = -s[..., None] * traces[..., 1:]
-        sq = s * s * (((gBt @ gBt.transpose(-2, -1)) * AAt[:, None]).sum((-2, -1))
-                      + ((gA @ gA.transpose(-2, -1)) * BtB[:, None]).sum((-2, -1))
-                      + 2 * (right[..., :r] * left[..., :r].transpose(-2, -1)).sum((-2, -1)))
-        self.write(record, dots, sq)
+        (L, n, r), c = gBt.shape[:3], self.const
+        gb, ga = gBt.flatten(1, 2), gA.flatten(1, 2)
+        parts = []
+        if self.low:  # <gB, V Aᵀ> = Σ (gBᵀ B_V) ⊙ (A_V Aᵀ)ᵀ, <gA, Bᵀ V> = Σ (gA A_Vᵀ) ⊙ (Bᵀ B_V)
+            right, left = (gb @ self.VB).view(L, n, r, -1), (ga @ self.VAt).view(L, n, r, -1)
+            parts.append(self.block_sums((right * c.G.transpose(1, 2)[:, None] + left * c.H[:, None]).sum(2)))
+        if self.dense:  # block k's trace
+            both = (gb @ c.dense_right + ga @ c.dense_left).view(L, n, r, -1, r)
+            parts.append(both.diagonal(dim1=2, dim2=4).sum(-1))
+        s = self.scaling(gBt.device)[:, None]
+        gBtB, gAAt = (gb @ c.B).view(L, n, r, r), (ga @ c.At).view(L, n, r, r)
+        sq = s * s * (((gBt @ gBt.transpose(-2, -1)) * c.AAt[:, None]).sum((-2, -1))
+                      + ((gA @ gA.transpose(-2, -1)) * c.BtB[:, None]).sum((-2, -1))
+                      + 2 * (gBtB * gAAt.transpose(-2, -1)).sum((-2, -1)))
+        self.write(record, -s[..., None] * torch.cat(parts, -1), sq)
 
     @staticmethod
     def summed(kept: list, idx: torch.Tensor) -> list[torch.Tensor]:
