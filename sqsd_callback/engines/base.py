@@ -152,7 +152,7 @@ def summed_example_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     if not gathered:
         return example_mean_losses(logits, batch.labels).sum()
     tok = nn.functional.cross_entropy(logits[0].float(), batch.labels[rows, cols + 1], reduction="none")
-    return (tok / scored.sum(-1)[rows]).sum()
+    return (tok / batch.n_scored[rows]).sum()
 
 
 def dense_stats(grads: dict[str, tuple[torch.Tensor, ...]], targets: dict[str, Target], bank: DirectionBank) -> Stats:
