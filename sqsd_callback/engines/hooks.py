@@ -98,7 +98,6 @@ class _LoraGroup(_HookGroup):
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self.key = self.const = None
         self.reset()
 
     def hooks(self) -> list:
@@ -121,17 +120,15 @@ class _LoraGroup(_HookGroup):
         super().reset()
         self.grads: list = [None] * len(self.targets)
         self.inputs: dict[int, torch.Tensor] = {}
-        self.checked = False
+        self.const: _LoraConstants | None = None
 
     def constants(self) -> _LoraConstants:
-        """The factors' products with themselves and the directions, stacked over the modules, fp32; recomputed
-        when a factor changed (checked once per pass, by the factors' in-place version counters: once per
-        optimizer step). All r×r or r×Q, except B and Aᵀ themselves and the dense sets' V Aᵀ, Vᵀ B."""
-        if self.checked:
-            return self.const
-        self.checked = True
-        key = [(t.A._version, t.B._version, t.A.data_ptr(), t.B.data_ptr()) for t in self.targets]
-        if key == self.key:
+        """The factors' products with themselves and the directions, stacked over the modules, fp32; made at the
+        pass's first tap from the parameters that pass used, and never carried to the next pass: optimizers update
+        parameters in place without bumping their version counters (fused AdamW, 8-bit optimizers, DeepSpeed's
+        write-back), so nothing but the pass itself says they are current. All r×r or r×Q, except B and Aᵀ
+        themselves and the dense sets' V Aᵀ, Vᵀ B."""
+        if self.const is not None:
             return self.const
         with torch.no_grad():
             A = torch.stack([t.A.detach() for t in self.targets]).float()   # L×r×in
@@ -142,7 +139,6 @@ class _LoraGroup(_HookGroup):
                      torch.cat([torch.stack([d[k].dense.T @ b for d, b in zip(self.dirs, B)]) for k in self.dense],
                                2)) if self.dense else (None, None)
             self.const = _LoraConstants(B, At, A @ At, Bt @ B, *low, *dense)
-        self.key = key
         return self.const
 
     def backward(self, i: int, x: torch.Tensor, h: torch.Tensor, dB: torch.Tensor) -> None:

@@ -1,0 +1,76 @@
+"""What the every-step tests share: a Trainer over the tiny models, the parameters θ_s each optimizer step used,
+and the independent references at those parameters (the batch-size-1 loop engine; a hand-written training loop
+for the update without dropped examples)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from sqsd_callback import score_samples
+from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.testing import pad_collator, rel_err
+
+SCORE_KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+
+
+def trainer(model, samples, out, callbacks=(), batch=2, accum=1, steps=3, optim=None, lr=0.05,
+            optimizers=(None, None), **kw) -> Trainer:
+    """A CPU Trainer on ``samples``; ``optim=None`` keeps TrainingArguments' default optimizer (fused AdamW)."""
+    kw.setdefault("save_strategy", "no")
+    kw.setdefault("max_grad_norm", 0.05)
+    if optim is not None:
+        kw["optim"] = optim
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                             max_steps=steps, learning_rate=lr, logging_steps=1, report_to=[], use_cpu=True,
+                             seed=5, disable_tqdm=True, **kw)
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=pad_collator(),
+                   callbacks=list(callbacks), optimizers=optimizers)
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class ThetaEachStep(TrainerCallback):
+    """Records θ_s, the trainable parameters optimizer step s starts from (θ_0 at train begin, θ_s after step s)."""
+
+    def __init__(self) -> None:
+        self.theta: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.theta[state.global_step] = trainable(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.theta[state.global_step] = trainable(model)
+
+
+def at(model, theta: dict[str, torch.Tensor]):
+    """A copy of ``model`` with its trainable parameters set to ``theta``."""
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in probe.named_parameters():
+            if n in theta:
+                p.copy_(theta[n])
+    return probe
+
+
+def assert_every_step_matches_loop(model, samples, out, thetas: ThetaEachStep, danger, safety, metric="cosine",
+                                   steps=3, tol=1e-5, keys=SCORE_KEYS) -> dict[int, float]:
+    """Every row of ``<out>/sqsd/scores.jsonl`` equals the batch-size-1 loop at the parameters its step used:
+    per step and key, max |row − loop| ≤ tol × max |loop|. Returns the worst relative error per step."""
+    rows = read_jsonl(out / "sqsd" / "scores.jsonl")
+    assert sorted({r["step"] for r in rows}) == list(range(steps)), "a step has no rows"
+    worst = {}
+    for s in range(steps):
+        got = [r for r in rows if r["step"] == s]
+        want = score_samples(at(model, thetas.theta[s]), [dict(samples[r["index"]], index=r["index"]) for r in got],
+                             danger, safety, metric=metric, engine="loop", progress=False)
+        errs = {k: rel_err([r[k] for r in got], [w[k] for w in want]) for k in keys}
+        worst[s] = max(errs.values())
+        assert worst[s] <= tol, f"step {s}: {errs}"
+    return worst
