@@ -89,16 +89,38 @@ def find_targets(model: nn.Module) -> dict[str, Target]:
     return linear
 
 
-def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarget]:
-    """Every active vanilla-LoRA Linear in ``model``, keyed by the base model's module name."""
+def lora_linear_types() -> tuple[type, ...]:
+    """PEFT's LoRA layer classes whose update is ``scaling · lora_B @ lora_A`` over Linear factors: LoRA on a Linear,
+    and QLoRA's bitsandbytes 4-bit and 8-bit base layers (present where bitsandbytes is installed)."""
+    from peft.tuners.lora import bnb
     from peft.tuners.lora import layer as lora_layer
+    return (lora_layer.Linear, *(getattr(bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, n)))
+
+
+def _adapters(module: nn.Module) -> list[str]:
+    """The active adapters a PEFT LoRA layer actually holds (in any of its factor containers)."""
+    held = [k for attr in ("lora_A", "lora_embedding_A") for k in getattr(module, attr, {})]
+    return [a for a in module.active_adapters if a in held]
+
+
+def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarget]:
+    """Every active vanilla-LoRA Linear in ``model`` (QLoRA's 4-/8-bit layers included), keyed by the base model's
+    module name; a LoRA layer of any other kind (embedding, convolution, a type this package does not know) is an
+    error naming its type, since its update cannot be scored as one."""
+    from peft.tuners.lora.layer import LoraLayer
+    known = lora_linear_types()
     targets: dict[str, LoraTarget] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, lora_layer.Linear):
+        if not isinstance(module, LoraLayer):
             continue
-        active = [a for a in module.active_adapters if a in module.lora_A]
+        active = _adapters(module)
         if not active:
             continue
+        if not isinstance(module, known):
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            raise ValueError(f"{name} is a LoRA layer of type {kind}, which SQSD cannot score: it scores LoRA on "
+                             f"Linear layers ({', '.join(t.__qualname__ for t in known)}). Leave this module out "
+                             f"of the LoraConfig's target_modules.")
         if len(active) > 1:
             raise ValueError(f"{name} has several active LoRA adapters {active}; score one adapter at a time "
                              f"(model.set_adapter(name)).")

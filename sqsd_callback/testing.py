@@ -32,7 +32,26 @@ def tiny_lora(arch: str = "llama", targets=("q_proj", "v_proj", "down_proj"), r:
     """A tiny model with LoRA whose B factors are nonzero (so both factor gradients matter)."""
     model = get_peft_model(tiny_base(arch, seed, attn), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
                                                              lora_dropout=dropout, use_rslora=rslora))
-    g = torch.Generator().manual_seed(seed + 1)
+    return _nonzero_b(model, seed + 1)
+
+
+def tiny_qlora(folder, bits: int = 4, targets=("q_proj", "v_proj", "down_proj"), r: int = 4, seed: int = 0):
+    """``tiny_lora``'s model with its base weights quantized by bitsandbytes as QLoRA loads them (4-bit NF4 with
+    fp32 compute, or LLM.int8), through a checkpoint written to ``folder``; the same seed gives the same model."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if not (folder / "config.json").is_file():
+        tiny_base("llama", seed).save_pretrained(folder)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4") \
+        if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    return _nonzero_b(model, seed + 1)
+
+
+def _nonzero_b(model, seed: int):
+    """Random LoRA B factors (PEFT starts them at zero), so that both factor gradients matter."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -8,9 +8,11 @@ import copy
 
 import torch
 from datasets import Dataset
+from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sqsd_callback import score_samples
+from sqsd_callback.modules import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import pad_collator, rel_err
 
@@ -74,3 +76,41 @@ def assert_every_step_matches_loop(model, samples, out, thetas: ThetaEachStep, d
         worst[s] = max(errs.values())
         assert worst[s] <= tol, f"step {s}: {errs}"
     return worst
+
+
+def dense_asft(model, dirs: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """AsFT's penalty λ Σ_m ‖(I − Ĉ_m) ΔW_m‖², Ĉ = V Vᵀ/‖V‖_F, ΔW = s·B A, formed densely (differentiable)."""
+    total = 0.0
+    for m, t in lora_targets(model).items():
+        if m in dirs:
+            dW, V = t.scaling * t.B @ t.A, dirs[m]
+            total = total + (dW - V @ V.T @ dW / V.norm()).pow(2).sum()
+    return lam * total
+
+
+def assert_steps_equal_kept_only(model, samples, rows, out, thetas: ThetaEachStep, steps=3, max_grad_norm=0.05,
+                                 lr=0.05, penalty=None, **kw) -> None:
+    """θ after every step of the run whose rows are ``rows`` equals a hand-written loop's from the same start
+    (``model``, trained here) with the Trainer's own optimizer and scheduler on each step's kept examples alone:
+    loss = Σ token CE / kept scored tokens (+ ``penalty(model)``), clipped, one optimizer step. Tolerance 1e-3 × lr:
+    AdamW moves each weight by about lr, and where |g| is near its eps it magnifies the fp32 rounding of the
+    gradient (summed in another order)."""
+    ref = trainer(model, samples, out, max_grad_norm=max_grad_norm, lr=lr, steps=steps, **kw)
+    ref.create_optimizer_and_scheduler(num_training_steps=steps)
+    collate, params = pad_collator(), [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for s in range(steps):
+        batch = collate([samples[r["index"]] for r in rows if r["step"] == s and not r["dropped"]])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        loss = loss / (labels != -100).sum()
+        (loss if penalty is None else loss + penalty(model)).backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        ref.optimizer.step()
+        ref.lr_scheduler.step()
+        ref.optimizer.zero_grad()
+        got, want = thetas.theta[s + 1], trainable(model)
+        moved = max((want[n] - thetas.theta[s][n]).abs().max().item() for n in got)
+        err = max((got[n] - want[n]).abs().max().item() for n in got)
+        assert err < 1e-3 * lr < moved, f"step {s}: |θ − reference| = {err:.3g}, the step moved θ by {moved:.3g}"

@@ -15,6 +15,8 @@ from sqsd_callback.policies import Anchor
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import pad_collator, random_samples, random_set, three_sets, tiny_base, tiny_lora
 
+from helpers import dense_asft
+
 
 def _trainer(model, samples, tmp_path, callbacks=(), batch=2, accum=1, steps=1, optim="sgd", **kw):
     kw.setdefault("save_strategy", "no")
@@ -131,25 +133,14 @@ def test_drift_stop_fires_at_the_expected_step_and_saves_the_last_safe_adapter(t
 
 
 # ------------------------------------------------------------------- anchor
-def _dense_asft(model, V, lam):
-    total = 0.0
-    for m, t in lora_targets(model).items():
-        if m not in V:
-            continue
-        dW = t.scaling * t.B @ t.A
-        C = V[m] @ V[m].T / V[m].norm()
-        total = total + (dW - C @ dW).pow(2).sum()
-    return lam * total
-
-
 @pytest.mark.parametrize("rank", [None, 3])
-def test_anchor_penalty_and_gradient_equal_dense_asft(rank):
+def test_anchor_penalty_and_gradient_equaldense_asft(rank):
     model = tiny_lora("llama")
     ds = random_set(model, "safety", "aligned", rank=rank, seed=4)
     anchor = Anchor(ds, lam=0.7)
     anchor.bind(lora_targets(model))
     params = [p for n, p in model.named_parameters() if "lora_" in n]
-    dense = _dense_asft(model, {m: d.materialize() for m, d in ds.modules.items()}, 0.7)
+    dense = dense_asft(model, {m: d.materialize() for m, d in ds.modules.items()}, 0.7)
     want = torch.autograd.grad(dense, params)
     got_value = anchor.penalty()
     got = torch.autograd.grad(got_value, params)
@@ -167,7 +158,7 @@ def test_anchor_shrinks_the_orthogonal_component(tmp_path):
 
     def orthogonal(model):
         with torch.no_grad():
-            return float(_dense_asft(model, {m: dirs[m] for m in lora_targets(model)}, 1.0))
+            return float(dense_asft(model, {m: dirs[m] for m in lora_targets(model)}, 1.0))
 
     def fresh():  # standard LoRA init (B = 0): the delta starts at zero and grows by training
         from peft import LoraConfig, get_peft_model
