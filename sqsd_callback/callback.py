@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from . import plots
 from .directions import DirectionBank, DirectionSet
+from .distributed import Processes, after_queued_callbacks, grads_reduced_now
 from .drift import Drift, summarize
 from .engines import make_engine
 from .engines.base import Batch, Segments, Stats, scored_tokens
@@ -130,6 +130,7 @@ class SQSDCallback(TrainerCallback):
         self.anchor = Anchor(anchor, anchor_lambda) if anchor is not None else None
         self._handles: list = []
         self._pending: list[_MicroBatch] = []
+        self._removal: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(p) -> (p, removal after DDP)
         self._window = _LogWindow()
         self._last_drift: dict[str, float] = {}
         self._anchor_value: float | None = None
@@ -158,11 +159,8 @@ class SQSDCallback(TrainerCallback):
             self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
             self.engine = make_engine(self.engine_name, self.targets, self.bank, keep_grads=self.drop.active)
             self.drift = Drift(self.targets, self.bank)
-        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if self.world > 1 and (self.drop.active or self.anchor is not None):
-            raise ValueError("Drops and the anchor edit gradients that DDP averages across processes during the "
-                             "backward pass; across several processes they are not supported yet. Monitor "
-                             "(scores, drift, stop_drift_above) works with any number of processes.")
+        self.procs = Processes.current()
+        self._check_processes(model)
         self.main = state.is_world_process_zero
         self.index = ExampleIndex(getattr(train_dataloader, "dataset", None))
         self.out = Path(self.output_dir or Path(args.output_dir) / "sqsd")
@@ -194,8 +192,8 @@ class SQSDCallback(TrainerCallback):
         for mb in self._pending:
             if mb.rows is None and mb.stats is not None:
                 mb.rows = self._rows(mb)
-        step_rows = self._gather([r for mb in self._pending if mb.rows for r in mb.rows])
-        self._write("examples", self._gather(self._new_texts))
+        step_rows = self.procs.gather([r for mb in self._pending if mb.rows for r in mb.rows])
+        self._write("examples", self.procs.gather(self._new_texts))
         self._pending, self._new_texts = [], []
         for r in step_rows:
             r.update(step=state.global_step - 1, epoch=state.epoch)
@@ -311,46 +309,79 @@ class SQSDCallback(TrainerCallback):
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._after_backward(mb))
 
     def _after_backward(self, mb: _MicroBatch) -> None:
-        """The micro-batch's gradients are all accumulated and not yet clipped: score it, remove dropped
-        examples, and on the step's last micro-batch renormalise and add the anchor's gradient."""
+        """The micro-batch's gradients are all accumulated and not yet clipped: score it and remove dropped
+        examples; on the step's last micro-batch renormalise and add the anchor's gradient. Under DDP, edits of
+        gradients that DDP reduces in this pass wait until it has written the averages (then reduced themselves)."""
         if self.sets and self.engine_name == "hooks":
             mb.stats = self.engine.finish()
-            if self.drop.active:  # decided now: the decisions edit this micro-batch's gradients
-                mb.rows = self._rows(mb)
-                self._remove_dropped(mb)
+        if self.drop.active:  # decided now: the decisions edit this micro-batch's gradients
+            mb.rows = self._rows(mb)
+            self._decide(mb)
+            removed = self._dropped_grads(mb)
+            if self.procs.reduces_in_backward and grads_reduced_now():
+                for p, g in removed:
+                    held = self._removal.get(id(p))
+                    self._removal[id(p)] = (p, g if held is None else held[1] + g)
+            else:
+                self._subtract(removed)
         from accelerate.state import GradientState
         if not GradientState().sync_gradients:
             return
+        if self.procs.reduces_in_backward:
+            after_queued_callbacks(self._finish_step_grads)
+        else:
+            self._finish_step_grads()
+
+    def _finish_step_grads(self) -> None:
+        """The step's gradients are complete (and reduced): apply held removals, renormalise, add the anchor."""
         if self.drop.active:
+            held, self._removal = list(self._removal.values()), {}
+            if held:  # every rank's removals, averaged as DDP averaged the gradients
+                summed = self.procs.sum([g for _, g in held])
+                self._subtract([(p, g / self.procs.world) for (p, _), g in zip(held, summed)])
             self._renormalise()
         if self.anchor is not None:
             self._anchor_value = self.anchor.add_grad()
 
     # ---------------------------------------------------------------- drops
-    def _remove_dropped(self, mb: _MicroBatch) -> None:
-        """Subtract the dropped examples' own gradients (kept by the engine) from the accumulated ones."""
-        decisions = self.drop.decide(mb.rows)
-        for r, d in zip(mb.rows, decisions):
+    def _decide(self, mb: _MicroBatch) -> None:
+        """Mark the micro-batch's rows dropped or kept. Every rank decides on every rank's rows of this micro-step
+        (the same policy state everywhere, so z-score statistics and the dropped set agree) and keeps its own."""
+        mine = [(self.procs.rank, r["index"], r["sqsd"]) for r in mb.rows]
+        every = self.procs.gather(mine)
+        decisions = self.drop.decide([{"index": i, "sqsd": s} for _, i, s in every])
+        own = [d for (rank, _, _), d in zip(every, decisions) if rank == self.procs.rank]
+        for r, d in zip(mb.rows, own):
             r["dropped"] = d
-        keep = torch.tensor([not d for d in decisions])
+        keep = torch.tensor([not d for d in own])
         mb.kept_tokens = int((mb.batch.n_scored.cpu() * keep).sum())
-        drop_idx = torch.nonzero(~keep).flatten().to(mb.batch.input_ids.device)
-        with torch.no_grad():
-            for p, g in self.engine.removed(drop_idx):
-                if len(drop_idx) and p.grad is not None:
-                    p.grad.sub_(g.to(p.grad.dtype))
+
+    def _dropped_grads(self, mb: _MicroBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each scored parameter with the summed gradients (as the step weighted them) of the micro-batch's dropped
+        examples; the engine's kept per-example tensors are released."""
+        drop_idx = torch.tensor([i for i, r in enumerate(mb.rows) if r["dropped"]], dtype=torch.long,
+                                device=mb.batch.input_ids.device)
+        return list(self.engine.removed(drop_idx))
+
+    @staticmethod
+    @torch.no_grad()
+    def _subtract(removed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for p, g in removed:
+            if p.grad is not None:
+                p.grad.sub_(g.to(p.grad.dtype))
 
     def _renormalise(self) -> None:
-        """Scale the step's remaining gradient from 1/N to 1/N' (N' the scored tokens left); skip the step
-        (no gradient at all) when nothing is left."""
+        """Scale the step's remaining gradient from 1/N to 1/N' (N' the scored tokens left, over every process);
+        skip the step (no gradient at all) when nothing is left."""
         step = [mb for mb in self._pending if mb.rows is not None]
-        total = sum(int(mb.batch.n_scored.sum()) for mb in step)
-        kept = sum(mb.kept_tokens for mb in step)
         weights = [float(mb.weight.mean()) for mb in step if mb.weight is not None]
         if len(weights) != len(step) or max(weights) - min(weights) > 1e-4 * max(abs(w) for w in weights):
             raise RuntimeError("Exact drops need the loss normalised by the step's scored-token count "
                                "(num_items_in_batch, the Trainer's and SFTTrainer's default); this run's "
                                "micro-batches weight tokens differently.")
+        counts = torch.tensor([sum(int(mb.batch.n_scored.sum()) for mb in step),
+                               sum(mb.kept_tokens for mb in step)], dtype=torch.float64)
+        total, kept = (int(c) for c in self.procs.sum([counts])[0])
         with torch.no_grad():
             for p in self.params:
                 if p.grad is None:
@@ -359,6 +390,19 @@ class SQSDCallback(TrainerCallback):
                     p.grad = None
                 elif kept != total:
                     p.grad.mul_(total / kept)
+
+    def _check_processes(self, model) -> None:
+        """Refuse, before the first step, what the run's multi-process engine cannot do exactly."""
+        procs = self.procs
+        if procs.engine == "fsdp" and procs.fsdp_version != 2:
+            raise ValueError("SQSDCallback does not support FSDP1 (FullyShardedDataParallel's flat parameters hide "
+                             "the LoRA factors from the scoring taps). Use FSDP2: fsdp_version: 2 in the accelerate "
+                             "config, or TrainingArguments(fsdp_config={'fsdp_version': 2}).")
+        if procs.engine in ("fsdp", "deepspeed") and (self.drop.active or self.anchor is not None):
+            what = "FSDP2" if procs.engine == "fsdp" else f"DeepSpeed ZeRO-{procs.zero_stage}"
+            raise ValueError(f"Drops and the anchor edit the step's gradients, which {what} reduces and shards in "
+                             f"its own buffers; under {what} they are not supported. Monitoring (scores, drift, "
+                             f"stop_drift_above) works; for drops or the anchor train with DDP or one process.")
 
     # ---------------------------------------------------------------- stop
     def _check_stop(self, state, control) -> None:
@@ -433,14 +477,6 @@ class SQSDCallback(TrainerCallback):
             return None
         w = mb.weight * mb.batch.n_scored.to(mb.weight.device).float()
         return torch.where(w != 0, 1.0 / torch.where(w != 0, w, torch.ones_like(w)), torch.zeros_like(w))
-
-    def _gather(self, rows: list) -> list:
-        """Every process's rows, in rank order (each rank scores its own examples)."""
-        if self.world == 1:
-            return rows
-        parts = [None] * self.world
-        dist.all_gather_object(parts, rows)
-        return [r for part in parts for r in part]
 
     def _write(self, name: str, rows: list[dict]) -> None:
         """Append to one of the run's files: the main process writes for all."""

@@ -43,7 +43,8 @@ def tiny_qlora(folder, bits: int = 4, targets=("q_proj", "v_proj", "down_proj"),
         tiny_base("llama", seed).save_pretrained(folder)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4") \
         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
-    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu",
+                                                dtype=torch.float32)
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
     return _nonzero_b(model, seed + 1)

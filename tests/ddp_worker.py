@@ -1,23 +1,52 @@
-"""One rank of the 2-process CPU (gloo) DDP test: trains the tiny LoRA model with SQSDCallback.
+"""One rank of the 2-process CPU (gloo) DDP tests: trains the tiny LoRA model with SQSDCallback in each of the runs
+below, one launch for all; rank 0 keeps θ at every step, every rank its drop policy's state.
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR
 """
 
+import json
 import sys
+from pathlib import Path
 
+import torch
 import torch.distributed
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.testing import pad_collator, random_samples, three_sets, tiny_lora
+from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_lora
 
-if __name__ == "__main__":
+from helpers import ThetaEachStep, trainer
+
+SAMPLES = random_samples(24, seed=3)
+STEPS = 3
+TRAIN = dict(accum=2, steps=STEPS, adam_epsilon=1e-6, max_grad_norm=0.05)  # clipping active
+RUNS = {  # name: (callback options, trainer options)
+    "monitor": (dict(metric="projection"), dict(gradient_checkpointing=True)),
+    "top_anchor": (dict(drop_top_fraction=0.5, anchor_lambda=0.5), {}),
+    "zscore": (dict(drop_zscore_above=0.3, drop_min_history=4, exclude_dropped=True), {}),
+    "above": (dict(drop_above=0.0), {}),
+}
+
+
+def anchor_set(model):
+    return random_set(model, "safety", "aligned", rank=2, seed=9)
+
+
+def run(out: Path, name: str) -> None:
+    options, extra = RUNS[name]
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
-    args = TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, disable_tqdm=True, gradient_checkpointing=True, seed=1)
-    Trainer(model=model, args=args, train_dataset=Dataset.from_list(random_samples(16, seed=3)),
-            data_collator=pad_collator("left"), callbacks=[SQSDCallback(danger, safety, metric="projection")]).train()
+    if "anchor_lambda" in options:
+        options = dict(options, anchor=anchor_set(model))
+    thetas = ThetaEachStep()
+    cb = SQSDCallback(danger, safety, **options)
+    trainer(model, SAMPLES, out / name, [cb, thetas], **TRAIN, **extra).train()
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        torch.save(thetas.theta, out / name / "thetas.pt")
+    (out / name / f"drop-rank{rank}.json").write_text(json.dumps(cb.drop.state_dict()))
+
+
+if __name__ == "__main__":
+    for name in RUNS:
+        run(Path(sys.argv[1]), name)
     torch.distributed.destroy_process_group()  # a clean gloo shutdown before the interpreter exits

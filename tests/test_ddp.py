@@ -1,5 +1,9 @@
-"""A 2-process DDP run on CPU (gloo): each rank scores its own examples, rank 0 writes one scores.jsonl."""
+"""2-process DDP runs on CPU (gloo), one launch: each rank scores its own examples and rank 0 writes one
+scores.jsonl whose every row equals the batch-size-1 loop at its step's θ; drops (every policy, decided on every
+rank's rows) and the anchor give, at every step, the update of one single-process step on all ranks' kept examples
+(default optimizer, accumulation 2, clipping active)."""
 
+import json
 import os
 import shutil
 import socket
@@ -8,34 +12,74 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from ddp_worker import RUNS, SAMPLES, STEPS, TRAIN, anchor_set
 
-from sqsd_callback import score_samples
+from sqsd_callback.policies import DropPolicy
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, rel_err, three_sets, tiny_lora
+from sqsd_callback.testing import three_sets, tiny_lora
 
-KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+from helpers import ThetaEachStep, assert_every_step_matches_loop, assert_steps_equal_kept_only, dense_asft
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not found")
-def test_two_process_run_writes_the_single_process_scores(tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Every run of ddp_worker.py in one 2-process launch."""
+    if not Path(TORCHRUN).exists():
+        pytest.skip("torchrun not found")
+    out = tmp_path_factory.mktemp("ddp")
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           str(tests / "ddp_worker.py"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
-    # 2 ranks × 2 micro-batches × 2 examples per optimizer step, gathered into one file by rank 0
-    assert [r["step"] for r in rows] == [0] * 8 + [1] * 8
-    assert len({r["index"] for r in rows}) == 16
+    return out
+
+
+def _thetas(out: Path) -> ThetaEachStep:
+    recorded = ThetaEachStep()
+    recorded.theta = torch.load(out / "thetas.pt")
+    return recorded
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_every_step(ddp_runs, tmp_path, name):
+    out = ddp_runs / name
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
-    expected = score_samples(model, random_samples(16, seed=3), danger, safety, metric="projection", progress=False)
-    first = [r for r in rows if r["step"] == 0]
-    for k in KEYS:
-        assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
-    assert [d["step"] for d in read_jsonl(tmp_path / "sqsd" / "drift.jsonl")] == [1, 2]
+    rows = read_jsonl(out / "sqsd" / "scores.jsonl")
+    # 2 ranks × 2 micro-batches × 2 examples per optimizer step, gathered into one file by rank 0
+    assert [r["step"] for r in rows] == [s for s in range(STEPS) for _ in range(8)]
+    assert len({r["index"] for r in rows}) == 24
+    thetas = _thetas(out)
+    metric = RUNS[name][0].get("metric", "cosine")
+    assert_every_step_matches_loop(model, SAMPLES, out, thetas, danger, safety, metric, STEPS)
+    assert [d["step"] for d in read_jsonl(out / "sqsd" / "drift.jsonl")] == list(range(1, STEPS + 1))
+    if name == "monitor":
+        assert not any(r["dropped"] for r in rows)
+        return
+
+    # the decisions: the policy replayed on each micro-step's rows of both ranks, in rank order; the same state on
+    # every rank
+    options = {k.removeprefix("drop_"): v for k, v in RUNS[name][0].items() if k.startswith(("drop_", "exclude"))}
+    replay = DropPolicy(**options)
+    for s in range(STEPS):
+        step = [r for r in rows if r["step"] == s]  # rank 0's two micro-batches, then rank 1's
+        for k in range(2):
+            micro = step[2 * k:2 * k + 2] + step[4 + 2 * k:6 + 2 * k]
+            assert replay.decide(micro) == [r["dropped"] for r in micro], (s, k)
+    states = [json.loads((out / f"drop-rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0] == states[1] == replay.state_dict()
+    assert 0 < sum(r["dropped"] for r in rows) < len(rows)
+
+    penalty = None
+    if "anchor_lambda" in RUNS[name][0]:
+        dirs = {m: d.materialize() for m, d in anchor_set(model).modules.items()}
+        penalty = lambda m: dense_asft(m, dirs, RUNS[name][0]["anchor_lambda"])  # noqa: E731
+    assert_steps_equal_kept_only(tiny_lora("llama"), SAMPLES, rows, tmp_path, thetas, penalty=penalty, **TRAIN)

@@ -1,0 +1,82 @@
+"""What several processes need: which engine spreads the model (DDP, FSDP, DeepSpeed), the one set of decisions
+every rank takes, and gradient corrections made after DDP's reduction.
+
+DDP averages gradients inside the backward pass and writes the averages into ``.grad`` in a callback of its own at
+the pass's end; an edit made before that is overwritten. By linearity an edit after it is exact: subtracting
+(1/W)·Σ_ranks of the ranks' own removed gradients from the averaged gradient equals removing them before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes of a run: ``world`` of them, this one ``rank``, spread by ``engine`` (``"single"``,
+    ``"ddp"``, ``"fsdp"``, ``"deepspeed"``) with ``fsdp_version`` or ``zero_stage`` where they apply."""
+
+    world: int = 1
+    rank: int = 0
+    engine: str = "single"
+    fsdp_version: int | None = None
+    zero_stage: int | None = None
+
+    @classmethod
+    def current(cls) -> Processes:
+        """Read off accelerate's state (which the Trainer set up) and torch.distributed."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+        state = AcceleratorState() if AcceleratorState._shared_state else None
+        kind = getattr(state, "distributed_type", None)
+        if kind == DistributedType.FSDP:
+            version = getattr(state.fsdp_plugin, "fsdp_version", 1) if state.fsdp_plugin is not None else 1
+            return cls(world, rank, "fsdp", fsdp_version=version)
+        if kind == DistributedType.DEEPSPEED:
+            stage = None
+            if state.deepspeed_plugin is not None:
+                stage = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+            return cls(world, rank, "deepspeed", zero_stage=stage)
+        return cls(world, rank, "ddp" if world > 1 else "single")
+
+    @property
+    def reduces_in_backward(self) -> bool:
+        """Whether gradients are averaged across processes inside the backward pass (DDP)."""
+        return self.engine == "ddp"
+
+    def gather(self, items: list) -> list:
+        """Every process's items, in rank order."""
+        if self.world == 1:
+            return items
+        parts = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Element-wise sums over the processes, in one all-reduce of one flat buffer."""
+        if self.world == 1 or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def grads_reduced_now() -> bool:
+    """Whether the micro-batch now in its backward pass is the one whose gradients DDP reduces: the step's last
+    (the Trainer runs the others under ``no_sync``), or every one with accelerate's ``sync_each_batch``."""
+    from accelerate.state import GradientState
+    state = GradientState()
+    return bool(state.sync_gradients or state.plugin_kwargs.get("sync_each_batch", False))
+
+
+def after_queued_callbacks(fn) -> None:
+    """From a running backward-pass callback: run ``fn`` after every callback the pass has queued (DDP's reducer
+    queues the one that writes the averaged gradients to ``.grad`` while the pass runs). The autograd engine runs
+    callbacks queued by a running callback after those already queued."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
