@@ -3,8 +3,10 @@
 The same TRL SFTTrainer run (SmolLM2-135M-sized Llama with random weights, LoRA r=16 on every linear layer or
 full fine-tuning, a batch of random tokens, 2 danger + 1 safety direction sets) is trained in rounds that
 alternate the variants in one process; each round's first step is a warm-up and is dropped, the rest give
-medians (and per-round ratios, whose spread shows how steady the machine was). Peak memory comes from one short
-run per variant in its own process (CUDA: max allocated; CPU: the model's tensors plus the peak of PyTorch's
+medians (and per-round ratios, whose spread shows how steady the machine was). A profiled run of each engine gives
+the time its per-step LoRA constants take (``sqsd::constants``: rebuilt every pass from the parameters it used, so
+that no optimizer's in-place update can leave them stale), as a share of the plain step. Peak memory comes from
+one short run per variant in its own process (CUDA: max allocated; CPU: the model's tensors plus the peak of PyTorch's
 allocations over the run, from the profiler's memory events).
 
     python benchmarks/overhead.py                                  # LoRA: none vs hooks
@@ -174,6 +176,8 @@ def main() -> None:
             print(f"round {r + 1}/{opts.rounds} {v or 'none':>6}: " + " ".join(f"{t:.3f}" for t in timer.times),
                   flush=True)
     median = {v or "none": statistics.median(ts) for v, ts in times.items()}
+    constants = {v: region_seconds_per_step(built[v][0], "sqsd::constants", opts.steps_per_round)
+                 for v in opts.engines.split(",")}
     memory = {} if opts.no_memory else {v or "none": peak_memory(opts, v) for v in variants}
     result = {
         "config": {k: v for k, v in vars(opts).items() if not k.startswith("_")},
@@ -182,6 +186,8 @@ def main() -> None:
         "median_step_time_s": median,
         "step_time_ratio": {v: median[v] / median["none"] for v in median if v != "none"},
         "round_ratios": {v: [a / b for a, b in zip(rounds[v], rounds[None])] for v in opts.engines.split(",")},
+        "constants_s_per_step": constants,
+        "constants_fraction_of_plain_step": {v: c / median["none"] for v, c in constants.items()},
         "peak_memory_mib": memory,
         "peak_memory_ratio": {v: memory[v] / memory["none"] for v in memory if v != "none"},
     }
@@ -194,7 +200,21 @@ def main() -> None:
         print(f"{v:>8} {median[v]:>16.3f} {result['step_time_ratio'].get(v, 1.0):>11.3f} "
               f"{min(spread):>6.3f}-{max(spread):<6.3f} {memory.get(v, float('nan')):>10.0f} "
               f"{result['peak_memory_ratio'].get(v, 1.0):>10.3f}")
+    for v, c in constants.items():
+        print(f"{v}: LoRA constants rebuilt every pass: {c * 1e3:.2f} ms/step, "
+              f"{result['constants_fraction_of_plain_step'][v]:.2%} of the plain step")
     print(f"\nwrote {opts.out}")
+
+
+def region_seconds_per_step(trainer, region: str, steps: int) -> float:
+    """Time per optimizer step inside ``record_function(region)``, from one profiled run (device time on a GPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        trainer.train()
+    events = [e for e in prof.key_averages() if e.key == region]
+    attr = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return sum(getattr(e, attr) for e in events) / 1e6 / steps
 
 
 if __name__ == "__main__":

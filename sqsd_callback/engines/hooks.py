@@ -130,7 +130,7 @@ class _LoraGroup(_HookGroup):
         themselves and the dense sets' V Aᵀ, Vᵀ B."""
         if self.const is not None:
             return self.const
-        with torch.no_grad():
+        with torch.no_grad(), record_function("sqsd::constants"):
             A = torch.stack([t.A.detach() for t in self.targets]).float()   # L×r×in
             B = torch.stack([t.B.detach() for t in self.targets]).float()   # L×out×r
             At, Bt = A.transpose(1, 2), B.transpose(1, 2)
