@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from . import plots
 from .directions import DirectionBank, DirectionSet
-from .distributed import Processes, after_queued_callbacks, grads_reduced_now
+from .distributed import Processes, after_queued_callbacks, full_parameters, grads_reduced_now
 from .drift import Drift, summarize
 from .engines import make_engine
 from .engines.base import Batch, Segments, Stats, scored_tokens
@@ -147,6 +147,8 @@ class SQSDCallback(TrainerCallback):
         if self.anchor is not None:
             self.anchor.bind(self.targets)
         self.params = [p for t in self.targets.values() for p in t.params if p.requires_grad]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._param_names = {names[id(p)] for p in self.params}
         if self.drop.active:
             others = [n for n, p in model.named_parameters()
                       if p.requires_grad and not any(p is q for q in self.params)]
@@ -158,7 +160,7 @@ class SQSDCallback(TrainerCallback):
             device = self.params[0].device
             self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
             self.engine = make_engine(self.engine_name, self.targets, self.bank, keep_grads=self.drop.active)
-            self.drift = Drift(self.targets, self.bank)
+            self.drift = Drift(self.targets, self.bank, gather=self._full_parameters)
         self.procs = Processes.current()
         self._check_processes(model)
         self.main = state.is_world_process_zero
@@ -422,20 +424,25 @@ class SQSDCallback(TrainerCallback):
         elif below and self.save_last_safe:
             self._keep_safe_params()
 
+    def _full_parameters(self):
+        """A context in which the trained parameters hold their full values (FSDP2 / ZeRO-3 gather them)."""
+        return full_parameters(self.model, self.params)
+
     def _keep_safe_params(self) -> None:
-        self._safe_params = {id(p): p.detach().to("cpu", copy=True) for p in self.params}
+        with self._full_parameters():
+            self._safe_params = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                                 if n in self._param_names}
 
     def _save_safe(self) -> Path:
-        """Write the adapter as it was at the last safe step (swapped in, saved, swapped back)."""
+        """Write the model as it was at the last safe step: its saved state with the kept trained values (a PEFT
+        model saves its adapter from them); the live parameters are not touched."""
         path = self.out / "last_safe"
-        with torch.no_grad():
-            current = [p.detach().clone() for p in self.params]
-            for p in self.params:
-                p.copy_(self._safe_params[id(p)])
-            self.model.save_pretrained(str(path))
-            for p, c in zip(self.params, current):
-                p.copy_(c)
-        (path / "sqsd_step.json").write_text(json.dumps({"step": self.stop.last_safe_step}))
+        from peft import PeftModel
+        state = self._safe_params if isinstance(self.model, PeftModel) else {**self.model.state_dict(),
+                                                                              **self._safe_params}
+        if self.main:
+            self.model.save_pretrained(str(path), state_dict=state)
+            (path / "sqsd_step.json").write_text(json.dumps({"step": self.stop.last_safe_step}))
         return path
 
     # --------------------------------------------------------------- helpers
@@ -492,8 +499,7 @@ class SQSDCallback(TrainerCallback):
         return {"drift": self.drift.state_dict() if self.sets else None, "drop": self.drop.state_dict(),
                 "stop": self.stop.state_dict() if self.stop else None, "seen": sorted(self._seen),
                 "window": (self._window.values, self._window.dropped), "last_drift": self._last_drift,
-                "safe_params": None if self._safe_params is None else
-                [self._safe_params[id(p)] for p in self.params]}
+                "safe_params": self._safe_params}
 
     def _resume(self, args, state) -> None:
         """Restore the state saved with the checkpoint training resumes from and cut the logs back to it."""
@@ -512,7 +518,7 @@ class SQSDCallback(TrainerCallback):
         self._window.values, self._window.dropped = saved["window"]
         self._last_drift = saved["last_drift"]
         if saved["safe_params"] is not None:
-            self._safe_params = {id(p): s for p, s in zip(self.params, saved["safe_params"])}
+            self._safe_params = saved["safe_params"]
         if self.main:
             truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
             truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)

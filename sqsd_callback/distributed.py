@@ -8,6 +8,7 @@ the pass's end; an edit made before that is overwritten. By linearity an edit af
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -80,3 +81,26 @@ def after_queued_callbacks(fn) -> None:
     queues the one that writes the averaged gradients to ``.grad`` while the pass runs). The autograd engine runs
     callbacks queued by a running callback after those already queued."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether a parameter is split across processes: an FSDP2 DTensor or a DeepSpeed ZeRO-3 partition."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(p, DTensor) or hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module, params: list[torch.Tensor]):
+    """Within: ``params`` hold their full values (read only), however FSDP2 or ZeRO-3 shard them; a collective, so
+    every process enters it at the same point. Outside a forward or backward pass only."""
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    from torch.distributed.fsdp import FSDPModule
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)] if any(is_sharded(p) for p in params) else []
+    with contextlib.ExitStack() as stack:
+        if zero:
+            import deepspeed
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero, modifier_rank=None))
+        for m in fsdp:
+            m.unshard()
+            stack.callback(m.reshard)
+        yield

@@ -7,6 +7,7 @@ and norms reach the host in one transfer and become cosines and projections.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,9 +51,12 @@ MEASURES = {LoraTarget: _lora_drift, LinearTarget: _linear_drift}
 class Drift:
     """Remembers θ_0 of every scored module and measures θ_t − θ_0 against every set, per module and in total."""
 
-    def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
-        self.targets, self.bank = targets, bank
-        self.start = {m: targets[m].snapshot() for m in bank.modules}
+    def __init__(self, targets: dict[str, Target], bank: DirectionBank, gather=contextlib.nullcontext) -> None:
+        """``gather()``: a context in which the targets' parameters hold their full values (FSDP2 and ZeRO-3 shard
+        them), entered for θ_0 and each measurement."""
+        self.targets, self.bank, self.gather = targets, bank, gather
+        with gather():
+            self.start = {m: targets[m].snapshot() for m in bank.modules}
         self.groups = group_modules(bank.modules, targets, bank)
 
     def state_dict(self) -> dict:
@@ -69,8 +73,9 @@ class Drift:
         device = self.targets[self.bank.modules[0]].params[0].device
         dots = torch.zeros(len(self.bank.modules), len(self.bank.sets), device=device)
         sq = torch.zeros(len(self.bank.modules), device=device)
-        for group in self.groups:
-            group.put(*MEASURES[type(group.targets[0])](group, [self.start[m] for m in group.names]), dots, sq)
+        with self.gather():
+            for group in self.groups:
+                group.put(*MEASURES[type(group.targets[0])](group, [self.start[m] for m in group.names]), dots, sq)
         both = torch.cat([dots, sq[:, None]], 1).double().cpu()  # one transfer (and wait) per step
         dots, sq = both[:, :-1], both[:, -1]
         present = self.bank.present

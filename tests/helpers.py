@@ -5,6 +5,12 @@ for the update without dropped examples)."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -12,6 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sqsd_callback import score_samples
+from sqsd_callback.distributed import full_parameters
 from sqsd_callback.modules import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import pad_collator, rel_err
@@ -39,16 +46,36 @@ def trainable(model) -> dict[str, torch.Tensor]:
 
 
 class ThetaEachStep(TrainerCallback):
-    """Records θ_s, the trainable parameters optimizer step s starts from (θ_0 at train begin, θ_s after step s)."""
+    """Records θ_s, the trainable parameters optimizer step s starts from (θ_0 at train begin, θ_s after step s),
+    whole where FSDP2 or ZeRO-3 shard them."""
 
     def __init__(self) -> None:
         self.theta: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.theta[state.global_step] = trainable(model)
+        self._record(state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.theta[state.global_step] = trainable(model)
+        self._record(state, model)
+
+    def _record(self, state, model) -> None:
+        with full_parameters(model, [p for p in model.parameters() if p.requires_grad]):
+            self.theta[state.global_step] = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                                             if p.requires_grad}
+
+
+def launch(worker: Path, out: Path, nproc: int = 2, **env) -> None:
+    """Run ``worker OUT`` in ``nproc`` CPU processes under torchrun (gloo), tests/ on its import path."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]),
+           **env}
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([torchrun, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
+                           str(port), str(worker), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def at(model, theta: dict[str, torch.Tensor]):

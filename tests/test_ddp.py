@@ -4,41 +4,24 @@ rank's rows) and the anchor give, at every step, the update of one single-proces
 (default optimizer, accumulation 2, clipping active)."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ddp_worker import RUNS, SAMPLES, STEPS, TRAIN, anchor_set
 
 from sqsd_callback.policies import DropPolicy
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import three_sets, tiny_lora
 
-from helpers import ThetaEachStep, assert_every_step_matches_loop, assert_steps_equal_kept_only, dense_asft
-
-TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+from ddp_worker import RUNS, SAMPLES, STEPS, TRAIN, anchor_set
+from helpers import ThetaEachStep, assert_every_step_matches_loop, assert_steps_equal_kept_only, dense_asft, launch
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """Every run of ddp_worker.py in one 2-process launch."""
-    if not Path(TORCHRUN).exists():
-        pytest.skip("torchrun not found")
     out = tmp_path_factory.mktemp("ddp")
-    tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(tests / "ddp_worker.py"), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(Path(__file__).with_name("ddp_worker.py"), out)
     return out
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..directions import DirectionBank
+from ..distributed import is_sharded
 from ..groups import Group, group_modules
 from ..modules import LinearTarget, LoraTarget, Target
 from .base import Batch, Stats, scoring_mode, summed_example_losses
@@ -101,13 +102,23 @@ class _LoraGroup(_HookGroup):
         self.reset()
 
     def hooks(self) -> list:
-        """Per module, a hook noting lora_A's input and a tap on lora_B that saves it with lora_B's input."""
+        """Per module, a hook noting lora_A's input and a tap on lora_B that saves it with lora_B's input. Where
+        FSDP2 or ZeRO-3 shard the factors, each factor is also copied when its layer runs (then whole)."""
         handles = []
+        sharded = any(is_sharded(p) for t in self.targets for p in t.params)
         for i, t in enumerate(self.targets):
             handles.append(t.lora_A.register_forward_hook(partial(self.note_input, i)))
             handles.append(t.lora_B.register_forward_hook(self.engine.tap(partial(self.backward, i),
                                                                           partial(self.noted_input, i))))
+            if sharded:
+                handles += [f.register_forward_pre_hook(partial(self.note_factor, i, j))
+                            for j, f in enumerate((t.lora_A, t.lora_B))]
         return handles
+
+    def note_factor(self, i: int, j: int, module, args) -> None:
+        """Copy factor j (A, B) of module i while its layer runs: the engine has gathered it whole."""
+        if self.engine.record is not None and torch.is_grad_enabled():
+            self.factors.setdefault(i, [None, None])[j] = module.weight.detach().clone()
 
     def note_input(self, i: int, module, args, out) -> None:
         if self.engine.recording(out):
@@ -120,6 +131,7 @@ class _LoraGroup(_HookGroup):
         super().reset()
         self.grads: list = [None] * len(self.targets)
         self.inputs: dict[int, torch.Tensor] = {}
+        self.factors: dict[int, list] = {}  # module -> [A, B] copied in the forward (sharded factors only)
         self.const: _LoraConstants | None = None
 
     def constants(self) -> _LoraConstants:
@@ -131,8 +143,10 @@ class _LoraGroup(_HookGroup):
         if self.const is not None:
             return self.const
         with torch.no_grad(), record_function("sqsd::constants"):
-            A = torch.stack([t.A.detach() for t in self.targets]).float()   # L×r×in
-            B = torch.stack([t.B.detach() for t in self.targets]).float()   # L×out×r
+            live = [self.factors[i] if self.factors else (t.A.detach(), t.B.detach())
+                    for i, t in enumerate(self.targets)]
+            A = torch.stack([a for a, _ in live]).float()   # L×r×in
+            B = torch.stack([b for _, b in live]).float()   # L×out×r
             At, Bt = A.transpose(1, 2), B.transpose(1, 2)
             low = (self.VAt.transpose(1, 2) @ At, Bt @ self.VB) if self.low else (None, None)
             dense = (torch.cat([torch.stack([d[k].dense @ a for d, a in zip(self.dirs, At)]) for k in self.dense], 2),

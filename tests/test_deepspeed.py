@@ -1,0 +1,69 @@
+"""DeepSpeed ZeRO-1, -2 and -3, 2 processes on CPU (DeepSpeed's CPU accelerator, gloo), one launch: every row equals
+the batch-size-1 loop at its step's θ, every drift record equals dense math on θ_s − θ_0 (θ_0 the real starting
+adapter, gathered), and the drift stop saves the last safe adapter whole. Under ZeRO-3 the factors are checked to be
+partitioned, so the test cannot pass by running unsharded."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sqsd_callback.modules import lora_targets
+from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.testing import three_sets, tiny_lora
+
+from deepspeed_worker import SAMPLES, STAGES, STEPS
+from helpers import ThetaEachStep, assert_every_step_matches_loop, at, launch
+
+pytest.importorskip("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed")
+    launch(Path(__file__).with_name("deepspeed_worker.py"), out, DS_ACCELERATOR="cpu")
+    return out
+
+
+def dense_drift_cosines(model, theta0, theta, sets) -> dict[str, float]:
+    """cos(θ − θ_0, V) over each set's modules, with every merged delta s·B A formed densely."""
+    def deltas(th):
+        with torch.no_grad():
+            return {m: t.scaling * t.B @ t.A for m, t in lora_targets(at(model, th)).items()}
+    d0, d = deltas(theta0), deltas(theta)
+    out = {}
+    for s in sets:
+        D = {m: d[m] - d0[m] for m in s.modules}
+        num = sum(float((D[m] * v.materialize()).sum()) for m, v in s.modules.items())
+        wn = sum(float(D[m].pow(2).sum()) for m in s.modules) ** 0.5
+        vn = sum(float(v.materialize().pow(2).sum()) for v in s.modules.values()) ** 0.5
+        out[f"cosine/{s.kind}/{s.name}"] = num / (wn * vn)
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_monitor_every_step(zero_runs, stage):
+    out = zero_runs / f"zero{stage}"
+    assert json.loads((out / "sharding.json").read_text())["partitioned"] == (stage == 3)
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    thetas = ThetaEachStep()
+    thetas.theta = torch.load(out / "thetas.pt")
+    rows = read_jsonl(out / "sqsd" / "scores.jsonl")
+    assert [r["step"] for r in rows] == [s for s in range(STEPS) for _ in range(8)]
+    assert_every_step_matches_loop(model, SAMPLES, out, thetas, danger, safety, steps=STEPS)
+
+    drift = read_jsonl(out / "sqsd" / "drift.jsonl")
+    assert [d["step"] for d in drift] == list(range(1, STEPS + 1))
+    for d in drift:
+        want = dense_drift_cosines(model, thetas.theta[0], thetas.theta[d["step"]], danger + safety)
+        assert {k: d[k] for k in want} == pytest.approx(want, rel=1e-4, abs=1e-7), d["step"]
+
+    stop = json.loads((out / "sqsd" / "stop.json").read_text())
+    assert stop["step"] == STEPS and stop["last_safe_step"] == 0
+    saved = load_file(str(out / "sqsd" / "last_safe" / "adapter_model.safetensors"))
+    start = {k.replace(".default", ""): v for k, v in thetas.theta[0].items()}
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
+    assert any(float(start[k].abs().max()) > 0 for k in start if "lora_B" in k)  # the real start, not zeros
