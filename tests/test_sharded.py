@@ -1,7 +1,7 @@
-"""DeepSpeed ZeRO-1, -2 and -3, 2 processes on CPU (DeepSpeed's CPU accelerator, gloo), one launch: every row equals
-the batch-size-1 loop at its step's θ, every drift record equals dense math on θ_s − θ_0 (θ_0 the real starting
-adapter, gathered), and the drift stop saves the last safe adapter whole. Under ZeRO-3 the factors are checked to be
-partitioned, so the test cannot pass by running unsharded."""
+"""Sharded engines, 2 processes on CPU (gloo): DeepSpeed ZeRO-1, -2 and -3 (DeepSpeed's CPU accelerator, one launch)
+and FSDP2 (one launch). Every row equals the batch-size-1 loop at its step's θ, every drift record equals dense math
+on θ_s − θ_0 (θ_0 the real starting adapter, gathered), and the drift stop saves the last safe adapter whole. The
+factors are checked to be partitioned (ZeRO-3) or DTensor shards (FSDP2), so a test cannot pass unsharded."""
 
 import json
 from pathlib import Path
@@ -10,20 +10,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sqsd_callback import SQSDCallback
+from sqsd_callback.distributed import Processes
 from sqsd_callback.modules import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import three_sets, tiny_lora
 
 from deepspeed_worker import SAMPLES, STAGES, STEPS
-from helpers import ThetaEachStep, assert_every_step_matches_loop, at, launch
-
-pytest.importorskip("deepspeed")
+from helpers import ThetaEachStep, assert_every_step_matches_loop, at, launch, trainable, trainer
 
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
+    pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("deepspeed")
     launch(Path(__file__).with_name("deepspeed_worker.py"), out, DS_ACCELERATOR="cpu")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    launch(Path(__file__).with_name("fsdp_worker.py"), out)
     return out
 
 
@@ -47,6 +55,16 @@ def dense_drift_cosines(model, theta0, theta, sets) -> dict[str, float]:
 def test_zero_monitor_every_step(zero_runs, stage):
     out = zero_runs / f"zero{stage}"
     assert json.loads((out / "sharding.json").read_text())["partitioned"] == (stage == 3)
+    assert_sharded_run_matches(out)
+
+
+def test_fsdp2_monitor_every_step(fsdp2_run):
+    assert json.loads((fsdp2_run / "sharding.json").read_text()) == {"sharded": True, "factors": 12}
+    assert_sharded_run_matches(fsdp2_run)
+
+
+def assert_sharded_run_matches(out: Path) -> None:
+    """Rows at every step against the loop, drift against dense math, the stop and its saved adapter."""
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
     thetas = ThetaEachStep()
@@ -67,3 +85,23 @@ def test_zero_monitor_every_step(zero_runs, stage):
     start = {k.replace(".default", ""): v for k, v in thetas.theta[0].items()}
     assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
     assert any(float(start[k].abs().max()) > 0 for k in start if "lora_B" in k)  # the real start, not zeros
+
+
+@pytest.mark.parametrize("procs,options,message", [
+    (Processes(2, 0, "fsdp", fsdp_version=1), {}, "does not support FSDP1.*fsdp_version: 2"),
+    (Processes(2, 0, "fsdp", fsdp_version=2), {"drop_above": 0.0}, "under FSDP2 they are not supported"),
+    (Processes(2, 0, "deepspeed", zero_stage=3), {"drop_top_fraction": 0.5}, "under DeepSpeed ZeRO-3 they are not"),
+    (Processes(2, 0, "deepspeed", zero_stage=2), {"anchor_lambda": 1.0}, "under DeepSpeed ZeRO-2 they are not"),
+])
+def test_unsupported_multi_process_combinations_are_refused_before_the_first_step(tmp_path, monkeypatch, procs,
+                                                                                   options, message):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    if "anchor_lambda" in options:
+        options = dict(options, anchor=safety[0])
+    monkeypatch.setattr(Processes, "current", classmethod(lambda cls: procs))
+    before = trainable(model)
+    run = trainer(model, SAMPLES, tmp_path, [SQSDCallback(danger, safety, **options)])
+    with pytest.raises(ValueError, match=message):
+        run.train()
+    assert run.state.global_step == 0 and all(torch.equal(p, before[n]) for n, p in trainable(model).items())
