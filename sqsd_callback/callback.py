@@ -159,7 +159,8 @@ class SQSDCallback(TrainerCallback):
         if self.sets:
             device = self.params[0].device
             self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(device)
-            self.engine = make_engine(self.engine_name, self.targets, self.bank, keep_grads=self.drop.active)
+            self.engine = make_engine(self.engine_name, self.targets, self.bank, keep_grads=self.drop.active,
+                                      model=model)
             self.drift = Drift(self.targets, self.bank, gather=self._full_parameters)
         self.procs = Processes.current()
         self._check_processes(model)
@@ -405,6 +406,9 @@ class SQSDCallback(TrainerCallback):
             raise ValueError(f"Drops and the anchor edit the step's gradients, which {what} reduces and shards in "
                              f"its own buffers; under {what} they are not supported. Monitoring (scores, drift, "
                              f"stop_drift_above) works; for drops or the anchor train with DDP or one process.")
+        if procs.engine in ("fsdp", "deepspeed") and self.engine_name != "hooks":
+            raise ValueError(f"engine={self.engine_name!r} runs extra passes outside the training step, which "
+                             f"FSDP2 and DeepSpeed do not shard for it; use engine='hooks' (the default).")
 
     # ---------------------------------------------------------------- stop
     def _check_stop(self, state, control) -> None:

@@ -97,7 +97,7 @@ def score_samples(
     targets = find_targets(model)
     device = next(iter(targets.values())).params[0].device
     bank = DirectionBank([*danger, *safety], {m: t.shape for m, t in targets.items()}).to(device)
-    scorer = make_engine(engine, targets, bank)
+    scorer = make_engine(engine, targets, bank, model=model)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].get("input_ids", ())))  # little padding
     out: list[dict] = [{} for _ in samples]
     starts = range(0, len(samples), batch_size)

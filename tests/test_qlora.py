@@ -87,6 +87,13 @@ def test_qlora_every_step_with_drops_and_anchor(tmp_path, bits, int8_training_ke
                                  penalty=lambda m: dense_asft(m, dirs, 0.5), **kw)
 
 
+def test_vmap_refuses_quantized_layers_by_name(tmp_path):
+    model = tiny_qlora(tmp_path, 4)
+    danger, safety = three_sets(model)
+    with pytest.raises(ValueError, match=r"engine='vmap' cannot run a model with bitsandbytes layers \(Linear4bit"):
+        score_samples(model, random_samples(2), danger, safety, engine="vmap", progress=False)
+
+
 def test_unknown_lora_layer_kind_is_refused_by_name():
     model = get_peft_model(tiny_base("llama"), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
     with pytest.raises(ValueError, match=r"embed_tokens is a LoRA layer of type peft\.tuners\.lora\.layer\.Embedding"

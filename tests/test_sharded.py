@@ -92,6 +92,7 @@ def assert_sharded_run_matches(out: Path) -> None:
     (Processes(2, 0, "fsdp", fsdp_version=2), {"drop_above": 0.0}, "under FSDP2 they are not supported"),
     (Processes(2, 0, "deepspeed", zero_stage=3), {"drop_top_fraction": 0.5}, "under DeepSpeed ZeRO-3 they are not"),
     (Processes(2, 0, "deepspeed", zero_stage=2), {"anchor_lambda": 1.0}, "under DeepSpeed ZeRO-2 they are not"),
+    (Processes(2, 0, "fsdp", fsdp_version=2), {"engine": "vmap"}, "engine='vmap' runs extra passes"),
 ])
 def test_unsupported_multi_process_combinations_are_refused_before_the_first_step(tmp_path, monkeypatch, procs,
                                                                                    options, message):

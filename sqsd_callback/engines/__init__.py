@@ -8,8 +8,12 @@ from .vmap import VmapEngine
 ENGINES = {e.name: e for e in (HooksEngine, VmapEngine, LoopEngine)}
 
 
-def make_engine(name: str, targets, bank, keep_grads: bool = False):
-    """The engine called ``name`` for these targets and directions (``keep_grads``: hooks only, for drops)."""
+def make_engine(name: str, targets, bank, keep_grads: bool = False, model=None):
+    """The engine called ``name`` for these targets and directions (``keep_grads``: hooks only, for drops); with
+    ``model``, an engine that cannot run it says so now (``check``), before any pass."""
     if name not in ENGINES:
         raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)} ('hooks' is the fast one).")
-    return ENGINES[name](targets, bank, keep_grads=True) if keep_grads else ENGINES[name](targets, bank)
+    cls = ENGINES[name]
+    if model is not None and hasattr(cls, "check"):
+        cls.check(model)
+    return cls(targets, bank, keep_grads=True) if keep_grads else cls(targets, bank)

@@ -35,6 +35,14 @@ class VmapEngine:
     def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
         self.targets, self.bank = targets, bank
 
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        """torch.func cannot trace bitsandbytes' quantized layers (autograd Functions without ``setup_context``)."""
+        quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")})
+        if quantized:
+            raise ValueError(f"engine='vmap' cannot run a model with bitsandbytes layers ({', '.join(quantized)}): "
+                             f"torch.func does not trace them. Use engine='hooks' (or 'loop', the reference).")
+
     def compute(self, model: nn.Module, batch: Batch) -> Stats:
         names = {id(p): n for n, p in model.named_parameters()}
         keys = {m: [names[id(p)] for p in self.targets[m].params] for m in self.bank.modules}
