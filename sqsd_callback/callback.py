@@ -422,9 +422,10 @@ class SQSDCallback(TrainerCallback):
                 path = self._save_safe()
                 reason += f", its adapter saved to {path}"
             print(reason)
-            (self.out / "stop.json").write_text(json.dumps({
-                "step": state.global_step, "drift": self._last_drift["drift"], "threshold": self.stop.threshold,
-                "patience": self.stop.patience, "last_safe_step": self.stop.last_safe_step, "reason": reason}))
+            if self.main:
+                (self.out / "stop.json").write_text(json.dumps({
+                    "step": state.global_step, "drift": self._last_drift["drift"], "threshold": self.stop.threshold,
+                    "patience": self.stop.patience, "last_safe_step": self.stop.last_safe_step, "reason": reason}))
         elif below and self.save_last_safe:
             self._keep_safe_params()
 
