@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import plots
+from .config import SQSDConfig
 from .directions import DirectionBank, DirectionSet
 from .distributed import Processes, after_queued_callbacks, full_parameters, grads_reduced_now
 from .drift import Drift, summarize
@@ -29,7 +30,7 @@ from .identity import ExampleIndex
 from .modules import find_targets
 from .policies import Anchor, DriftStop, DropPolicy
 from .report import riskiest
-from .scoring import check_metric, project, rows
+from .scoring import project, rows
 from .sinks import JsonlWriter, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
 
 _TEXT_CHARS = 600
@@ -71,35 +72,22 @@ class SQSDCallback(TrainerCallback):
     Args:
         danger: danger direction sets (``DirectionSet(kind="danger")``).
         safety: safety direction sets.
-        metric: ``"cosine"`` (the paper's), ``"projection"`` or ``"global_cosine"``.
-        engine: ``"hooks"`` (scores the step's own backward pass, what training used: dropout masks included),
-            ``"vmap"`` or ``"loop"`` (extra passes at the step's parameters without dropout; oracles).
-        output_dir: where the ``sqsd`` files go; None means ``<args.output_dir>/sqsd``.
-        drop_above: drop examples whose SQSD exceeds this value: their contribution is removed from the
-            gradients before clipping, and the rest renormalised over the remaining scored tokens, so the update
-            equals a step on the same micro-batches without them.
-        drop_top_fraction: drop the riskiest fraction of every micro-batch (for users who do not know the scale).
-        drop_zscore_above: drop examples this many standard deviations above the running mean SQSD.
-        drop_min_history: examples to see before the z-score policy acts.
-        exclude_dropped: a dropped example is dropped again in later epochs.
-        stop_drift_above: stop the run once ``sqsd/drift`` exceeds this value ...
-        stop_patience: ... for this many consecutive optimizer steps.
-        save_last_safe: on a drift stop, save the LoRA adapter of the last step whose drift was below the
-            threshold to ``<sqsd dir>/last_safe``.
+        config: an :class:`SQSDConfig`; or pass its options as keywords (``metric="cosine"``, ``drop_above=0.5``,
+            ``stop_drift_above=0.2`` ...), not both. Every option is documented on SQSDConfig.
         anchor: a direction set (e.g. ``DirectionSet.from_weight_diff(aligned, base, kind="safety")``) that AsFT
-            anchors the LoRA update to: adds λ‖(I − Ĉ)ΔW‖² to every step's loss (logged as sqsd/anchor_penalty).
-        anchor_lambda: λ.
-        top_k: how many of the riskiest examples so far the wandb table shows.
-        wandb_every: logging steps between refreshes of the wandb table and per-module drift heatmap (the
-            histogram of the window's scores goes out at every logging step).
+            anchors the LoRA update to: adds λ‖(I − Ĉ)ΔW‖² to every step's loss (λ: ``anchor_lambda``; logged as
+            sqsd/anchor_penalty).
     """
 
-    def __init__(self, danger=(), safety=(), metric: str = "cosine", engine: str = "hooks",
-                 output_dir: str | None = None, drop_above: float | None = None,
-                 drop_top_fraction: float | None = None, drop_zscore_above: float | None = None,
-                 drop_min_history: int = 32, exclude_dropped: bool = False, stop_drift_above: float | None = None,
-                 stop_patience: int = 1, save_last_safe: bool = False, anchor: DirectionSet | None = None,
-                 anchor_lambda: float = 1.0, top_k: int = 20, wandb_every: int = 10) -> None:
+    def __init__(self, danger=(), safety=(), config: SQSDConfig | None = None, *, anchor: DirectionSet | None = None,
+                 **options) -> None:
+        if config is not None and options:
+            raise ValueError(f"Pass the options either as config=SQSDConfig(...) or as keywords, not both (got "
+                             f"config and {sorted(options)}).")
+        if config is not None and not isinstance(config, SQSDConfig):
+            raise TypeError(f"config must be an SQSDConfig, got {type(config).__name__}.")
+        cfg = self.config = config if config is not None else SQSDConfig.from_dict(options)
+        danger, safety = list(danger), list(safety)
         sets = [*danger, *safety]
         for s in [*sets, *([anchor] if anchor is not None else [])]:
             if not isinstance(s, DirectionSet):
@@ -107,27 +95,21 @@ class SQSDCallback(TrainerCallback):
         for s, kind in [*((s, "danger") for s in danger), *((s, "safety") for s in safety)]:
             if s.kind != kind:
                 raise ValueError(f"Direction set {s.name!r} is a {s.kind} set but was passed as {kind}.")
-        self.drop = DropPolicy(drop_above, drop_top_fraction, drop_zscore_above, drop_min_history, exclude_dropped)
-        self.stop = DriftStop(stop_drift_above, stop_patience) if stop_drift_above is not None else None
+        self.drop = DropPolicy(cfg.drop_above, cfg.drop_top_fraction, cfg.drop_zscore_above, cfg.drop_min_history,
+                               cfg.exclude_dropped)
+        self.stop = DriftStop(cfg.stop_drift_above, cfg.stop_patience) if cfg.stop_drift_above is not None else None
         if not sets and (self.drop.active or self.stop is not None):
             raise ValueError("Drop and stop thresholds act on SQSD scores and drift: pass danger=[...] and/or "
                              "safety=[...] direction sets.")
         if not sets and anchor is None:
             raise ValueError("SQSDCallback needs at least one direction set: danger=[...] and/or safety=[...].")
-        if exclude_dropped and not self.drop.active:
-            raise ValueError("exclude_dropped=True needs a drop policy (drop_above, drop_top_fraction or "
-                             "drop_zscore_above).")
-        if save_last_safe and self.stop is None:
-            raise ValueError("save_last_safe=True needs stop_drift_above.")
-        if self.drop.active and engine != "hooks":
-            raise ValueError(f"Dropping examples edits the step's own gradients, which only engine='hooks' "
-                             f"sees; got engine={engine!r}.")
+        _refuse_same_directions(danger, safety)
         for s in sets:
             s.check_values()
-        self.sets, self.metric, self.engine_name = sets, check_metric(metric), engine
-        self.output_dir, self.save_last_safe = output_dir, save_last_safe
-        self.top_k, self.wandb_every = top_k, wandb_every
-        self.anchor = Anchor(anchor, anchor_lambda) if anchor is not None else None
+        self.sets, self.metric, self.engine_name = sets, cfg.metric, cfg.engine
+        self.output_dir, self.save_last_safe = cfg.output_dir, cfg.save_last_safe
+        self.top_k, self.wandb_every = cfg.top_k, cfg.wandb_every
+        self.anchor = Anchor(anchor, cfg.anchor_lambda) if anchor is not None else None
         self._handles: list = []
         self._pending: list[_MicroBatch] = []
         self._removal: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(p) -> (p, removal after DDP)
@@ -562,3 +544,13 @@ class SQSDCallback(TrainerCallback):
             "anchor": None if self.anchor is None else {"set": self.anchor.directions.name,
                                                         "lambda": self.anchor.lam},
         }
+
+
+def _refuse_same_directions(danger: list[DirectionSet], safety: list[DirectionSet]) -> None:
+    """A set passed as danger and as safety cancels itself (SQSD = 0 for every example): refuse it by name."""
+    for d in danger:
+        for s in safety:
+            if d.modules.keys() == s.modules.keys() and all(d.modules[m].same_as(s.modules[m]) for m in d.modules):
+                raise ValueError(f"Danger set {d.name!r} and safety set {s.name!r} hold the same directions "
+                                 f"(SQSD would be 0 for every example): check the adapter paths "
+                                 f"({d.source!r}, {s.source!r}).")

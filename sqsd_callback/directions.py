@@ -50,6 +50,11 @@ class Direction:
         B, A = self.B.double(), self.A.double()
         return float(((B.T @ B) * (A @ A.T)).sum())
 
+    def same_as(self, other: Direction) -> bool:
+        """Whether both hold the same stored tensors (the same adapter loaded twice)."""
+        mine, theirs = self.tensors(), other.tensors()
+        return len(mine) == len(theirs) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs))
+
     def materialize(self) -> torch.Tensor:
         """Dense V (out×in). For oracles and small models only."""
         return self.dense if self.dense is not None else self.B @ self.A

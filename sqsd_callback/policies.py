@@ -44,12 +44,6 @@ class DropPolicy:
     stats: RunningStats = field(default_factory=RunningStats)
     dropped: set = field(default_factory=set)
 
-    def __post_init__(self) -> None:
-        if self.top_fraction is not None and not 0 < self.top_fraction < 1:
-            raise ValueError(f"drop_top_fraction must be in (0, 1), got {self.top_fraction}.")
-        if self.zscore_above is not None and self.zscore_above <= 0:
-            raise ValueError(f"drop_zscore_above must be positive, got {self.zscore_above}.")
-
     @property
     def active(self) -> bool:
         return any(v is not None for v in (self.above, self.top_fraction, self.zscore_above))
@@ -94,10 +88,6 @@ class DriftStop:
     streak: int = 0
     last_safe_step: int = 0
 
-    def __post_init__(self) -> None:
-        if self.patience < 1:
-            raise ValueError(f"stop_patience must be at least 1, got {self.patience}.")
-
     def update(self, step: int, drift: float) -> bool:
         """Record the drift after ``step`` optimizer steps; True when the run should stop."""
         if drift > self.threshold:
@@ -118,8 +108,6 @@ class Anchor:
     LoRA delta. Computed as s² tr(XᵀX · AAᵀ) with X = B − V(VᵀB)/‖V‖_F: r×r and out×r products only."""
 
     def __init__(self, directions: DirectionSet, lam: float) -> None:
-        if lam <= 0:
-            raise ValueError(f"anchor_lambda must be positive, got {lam}.")
         directions.check_values()
         self.directions, self.lam = directions, lam
 

@@ -125,11 +125,20 @@ def utility(model, tokenizer, tasks: Sequence[dict], max_new_tokens: int = 24) -
 
 
 def calibrated_threshold(model, samples: Sequence[dict], danger: DirectionSet, safety: DirectionSet,
-                         quantile: float) -> float:
-    """A drop_above threshold from benign examples scored at θ_0 before training: their ``quantile``."""
+                         quantile: float, rank: int = 8, seed: int = 0) -> float:
+    """A drop_above threshold from benign examples before training: the ``quantile`` of their SQSD under a fresh LoRA
+    adapter on θ_0 (what the run's first step scores), never trained on."""
+    import torch
+    from peft import get_peft_model
+
     from .scoring import score_samples
-    scores = sorted(r["sqsd"] for r in score_samples(model, samples, [danger], [safety], progress=False)
-                    if r["sqsd"] is not None)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, lora_config(rank))
+    try:
+        rows = score_samples(peft_model, samples, [danger], [safety], progress=False)
+    finally:
+        peft_model.unload()
+    scores = sorted(r["sqsd"] for r in rows if r["sqsd"] is not None)
     return scores[min(len(scores) - 1, int(quantile * len(scores)))]
 
 
@@ -185,7 +194,7 @@ class Experiment:
         calibration = read_jsonl(inputs.calibration)[:self.s.calibration]
         self.threshold = calibrated_threshold(self.model, tokenize_chats(self.tokenizer, calibration,
                                                                          self.s.max_length),
-                                              self.danger, self.safety, self.s.calibration_quantile)
+                                              self.danger, self.safety, self.s.calibration_quantile, self.s.rank)
 
     def run(self, p: float, condition: Condition, seed: int) -> dict:
         """One fine-tune and its evaluation; cached under ``out``."""

@@ -134,7 +134,7 @@ def test_drift_stop_fires_at_the_expected_step_and_saves_the_last_safe_adapter(t
 
 # ------------------------------------------------------------------- anchor
 @pytest.mark.parametrize("rank", [None, 3])
-def test_anchor_penalty_and_gradient_equaldense_asft(rank):
+def test_anchor_penalty_and_gradient_equal_dense_asft(rank):
     model = tiny_lora("llama")
     ds = random_set(model, "safety", "aligned", rank=rank, seed=4)
     anchor = Anchor(ds, lam=0.7)
@@ -225,7 +225,7 @@ def test_contradictory_and_incomplete_options_fail_before_training():
         SQSDCallback(danger, save_last_safe=True)
     with pytest.raises(ValueError, match="drop_top_fraction must be in"):
         SQSDCallback(danger, drop_top_fraction=1.5)
-    with pytest.raises(ValueError, match="anchor_lambda must be positive"):
+    with pytest.raises(ValueError, match=r"anchor_lambda must be in \(0, inf\), got 0"):
         SQSDCallback(danger, anchor=safety[0], anchor_lambda=0)
 
 

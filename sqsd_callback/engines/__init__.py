@@ -8,12 +8,16 @@ from .vmap import VmapEngine
 ENGINES = {e.name: e for e in (HooksEngine, VmapEngine, LoopEngine)}
 
 
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)} ('hooks' is the fast one).")
+    return name
+
+
 def make_engine(name: str, targets, bank, keep_grads: bool = False, model=None):
     """The engine called ``name`` for these targets and directions (``keep_grads``: hooks only, for drops); with
     ``model``, an engine that cannot run it says so now (``check``), before any pass."""
-    if name not in ENGINES:
-        raise ValueError(f"Unknown engine {name!r}; choose one of {sorted(ENGINES)} ('hooks' is the fast one).")
-    cls = ENGINES[name]
+    cls = ENGINES[check_engine(name)]
     if model is not None and hasattr(cls, "check"):
         cls.check(model)
     return cls(targets, bank, keep_grads=True) if keep_grads else cls(targets, bank)

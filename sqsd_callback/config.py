@@ -1,0 +1,130 @@
+"""SQSDConfig: every option of SQSDCallback in one dataclass, documented where declared and checked when built, so
+that bad values fail before training; round-trips through dicts, JSON and YAML (axolotl / LLaMA-Factory configs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .engines import check_engine
+from .scoring import check_metric
+
+
+@dataclass
+class SQSDConfig:
+    """The callback's options (the direction sets themselves are passed to SQSDCallback)."""
+
+    metric: str = field(default="cosine", metadata={
+        "help": "'cosine' (the paper's: Σ over modules of cos(ΔW_i, V)), 'projection' (Σ <ΔW_i, V>/‖V‖) or "
+                "'global_cosine' (one cosine over all modules)."})
+    engine: str = field(default="hooks", metadata={
+        "help": "'hooks' scores the step's own backward pass; 'vmap' and 'loop' run extra oracle passes at the "
+                "step's parameters (small models, tests)."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Where the sqsd files go; None: <TrainingArguments.output_dir>/sqsd."})
+    drop_above: float | None = field(default=None, metadata={
+        "help": "Drop examples whose SQSD exceeds this value (removed exactly from the step's gradients)."})
+    drop_top_fraction: float | None = field(default=None, metadata={
+        "help": "Drop the riskiest fraction, in (0, 1), of every micro-batch."})
+    drop_zscore_above: float | None = field(default=None, metadata={
+        "help": "Drop examples this many (> 0) standard deviations above the running mean SQSD."})
+    drop_min_history: int = field(default=32, metadata={
+        "help": "Examples to see before the z-score policy acts (≥ 2)."})
+    exclude_dropped: bool = field(default=False, metadata={
+        "help": "A dropped example is dropped again whenever it comes back (needs a drop policy)."})
+    stop_drift_above: float | None = field(default=None, metadata={
+        "help": "Stop the run once sqsd/drift exceeds this value for stop_patience optimizer steps."})
+    stop_patience: int = field(default=1, metadata={"help": "Consecutive steps above stop_drift_above (≥ 1)."})
+    save_last_safe: bool = field(default=False, metadata={
+        "help": "On a drift stop, save the trained weights of the last step below the threshold to "
+                "<sqsd dir>/last_safe (needs stop_drift_above)."})
+    anchor_lambda: float = field(default=1.0, metadata={"help": "λ of the AsFT anchor penalty (> 0)."})
+    top_k: int = field(default=20, metadata={"help": "Riskiest examples in the wandb table (≥ 1)."})
+    wandb_every: int = field(default=10, metadata={
+        "help": "Logging steps between refreshes of the wandb table and drift heatmap (≥ 1)."})
+
+    def __post_init__(self) -> None:
+        check_metric(self.metric)
+        check_engine(self.engine)
+        if self.output_dir is not None and not isinstance(self.output_dir, (str, Path)):
+            raise TypeError(f"output_dir must be a path (str), got {type(self.output_dir).__name__}.")
+        _number("drop_above", self.drop_above)
+        _number("drop_top_fraction", self.drop_top_fraction, low=0, high=1, open_ends=True)
+        _number("drop_zscore_above", self.drop_zscore_above, low=0, open_ends=True)
+        _number("stop_drift_above", self.stop_drift_above)
+        _number("anchor_lambda", self.anchor_lambda, low=0, open_ends=True, optional=False)
+        for name, low in (("drop_min_history", 2), ("stop_patience", 1), ("top_k", 1), ("wandb_every", 1)):
+            _integer(name, getattr(self, name), low)
+        for name in ("exclude_dropped", "save_last_safe"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.exclude_dropped and not self.drops:
+            raise ValueError("exclude_dropped=True needs a drop policy (drop_above, drop_top_fraction or "
+                             "drop_zscore_above).")
+        if self.save_last_safe and self.stop_drift_above is None:
+            raise ValueError("save_last_safe=True needs stop_drift_above.")
+        if self.drops and self.engine != "hooks":
+            raise ValueError(f"Dropping examples edits the step's own gradients, which only engine='hooks' "
+                             f"sees; got engine={self.engine!r}.")
+
+    @property
+    def drops(self) -> bool:
+        """Whether any drop policy is set."""
+        return any(v is not None for v in (self.drop_above, self.drop_top_fraction, self.drop_zscore_above))
+
+    # ------------------------------------------------------------- round trips
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SQSDConfig:
+        """From a mapping (unknown keys are an error naming them and the known ones)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown SQSDConfig option(s) {unknown}; the options are {sorted(known)}.")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SQSDConfig:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> SQSDConfig:
+        import yaml
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _number(name: str, value: Any, low: float | None = None, high: float | None = None, open_ends: bool = False,
+            optional: bool = True) -> None:
+    """A finite real number (not a bool or a string) within (low, high) or [low, high]; None where optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}); e.g. {name}=0.5, "
+                        f"not {name}='0.5'.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}.")
+    below = low is not None and (value <= low if open_ends else value < low)
+    above = high is not None and (value >= high if open_ends else value > high)
+    if below or above:
+        lo, hi = ("(", ")") if open_ends else ("[", "]")
+        span = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ValueError(f"{name} must be in {span}, got {value}.")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}.")
