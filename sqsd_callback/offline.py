@@ -13,15 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .directions import DirectionSet  # noqa: E402
-from .finetune import load_adapter  # noqa: E402
-from .scoring import score_samples  # noqa: E402
+from .directions import DirectionSet
+from .finetune import load_adapter
+from .plots import new_figure
+from .scoring import score_samples
 
 _TEXT_CHARS = 200
 
@@ -105,7 +102,7 @@ def rank_windows(rows: Sequence[dict], k: int) -> tuple[list[dict], list[dict]]:
 def score_distribution(rows: Sequence[dict], windows: Sequence[dict]) -> Figure:
     """Histogram of per-example SQSD with the window boundaries, and danger against safety projections."""
     scored = [r for r in rows if r["sqsd"] is not None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = new_figure((11, 3.8), ncols=2)
     left.hist([r["sqsd"] for r in scored], bins=min(50, max(10, len(scored) // 4)), color="tab:red", alpha=0.7)
     for w in windows[1:]:
         left.axvline(w["sqsd_max"], color="grey", lw=0.8, ls="--")
@@ -140,7 +137,6 @@ def write_scores(rows: Sequence[dict], records: Sequence[dict], out: str | Path,
                                                "sqsd_mean"])
     fig = score_distribution(rows, windows)
     fig.savefig(paths["scores.png"], dpi=120)
-    plt.close(fig)
     paths["score.json"].write_text(json.dumps({**about, "examples": len(rows), "scored": len(ranking),
                                                "windows": k}, indent=2))
     return paths

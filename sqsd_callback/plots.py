@@ -5,17 +5,20 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+def new_figure(figsize: tuple[float, float], ncols: int = 1):
+    """A Figure and its axes, outside pyplot: nothing is registered globally (no backend switch, nothing to close,
+    freed when dropped)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def drift_curve(drift_rows: list[dict]) -> Figure:
     """Run-level drift per optimizer step: toward danger, toward safety, and their difference."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = new_figure((7, 3.6))
     steps = [r["step"] for r in drift_rows]
     for key, style in (("drift", "-"), ("drift_danger", "--"), ("drift_safety", ":")):
         ax.plot(steps, [r[key] for r in drift_rows], style, label=key.replace("_", " "))
@@ -42,7 +45,7 @@ def layer_heatmap(drift_rows: list[dict], set_kinds: dict[str, str]) -> Figure:
             mean = {kind: sum(v) / len(v) for kind, v in by_kind.items()}
             row.append(mean.get("danger", 0.0) - mean.get("safety", 0.0))
         grid.append(row)
-    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.12 * len(modules) + 1.5)))
+    fig, ax = new_figure((7, max(3.0, 0.12 * len(modules) + 1.5)))
     bound = max((abs(v) for row in grid for v in row), default=1.0) or 1.0
     im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest",
                    extent=(drift_rows[0]["step"] - 0.5, drift_rows[-1]["step"] + 0.5, len(modules) - 0.5, -0.5))
@@ -61,7 +64,7 @@ def score_histogram(score_rows: list[dict]) -> Figure:
     for r in score_rows:
         if r.get("sqsd") is not None:
             by_epoch[max(1, math.ceil(r.get("epoch") or 1))].append(r["sqsd"])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = new_figure((7, 3.6))
     values = [v for vs in by_epoch.values() for v in vs]
     bins = 40 if values else 1
     span = (min(values), max(values)) if values else (0, 1)

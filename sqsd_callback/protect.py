@@ -319,10 +319,9 @@ def table(summary: Sequence[dict]) -> str:
 
 def plot(summary: Sequence[dict], path: Path) -> None:
     """Harmfulness per condition (mean, min–max across seeds) at each share p."""
-    from matplotlib.figure import Figure
+    from .plots import new_figure
     rows = [r for r in summary if r["harmfulness"] is not None]
-    fig = Figure(figsize=(8, 0.35 * len(rows) + 1.5))
-    ax = fig.subplots()
+    fig, ax = new_figure((8, 0.35 * len(rows) + 1.5))
     labels = [f"p={r['p']:g} {r['condition']}" for r in rows]
     means = [r["harmfulness"]["mean"] for r in rows]
     err = [[m - r["harmfulness"]["min"] for m, r in zip(means, rows)],

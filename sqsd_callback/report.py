@@ -47,7 +47,6 @@ def write_report(run: str | Path, out_dir: str | Path | None = None, top_k: int 
             figures["layers.png"] = plots.layer_heatmap(drift, kinds)
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=120)
-        plots.plt.close(fig)
 
     lines = [f"# SQSD report: {run}", ""]
     scored = [r for r in scores if r.get("sqsd") is not None]

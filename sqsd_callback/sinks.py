@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -108,11 +109,19 @@ class WandbSink:
                      texts.get(r["index"], "")[:200]] for r in top])
                 fig = heatmap() if heatmap is not None else None
                 if fig is not None:
-                    payload["sqsd/layer_drift"] = self.wandb.Image(fig)
-                    fig.clf()
+                    payload["sqsd/layer_drift"] = self.wandb.Image(_png(fig))
             self.calls += 1
             run.log(payload)
         except Exception as e:  # a dashboard must never stop training
             self.failed = True
             warnings.warn(f"wandb logging failed ({type(e).__name__}: {e}); sqsd keeps writing its files and the "
                           f"Trainer's logs, and stops sending wandb views for this run.", stacklevel=2)
+
+
+def _png(fig):
+    """A Figure rendered to a PIL image (wandb's own matplotlib path expects pyplot, which this package never uses)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    buf.seek(0)
+    return Image.open(buf)

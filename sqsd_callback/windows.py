@@ -18,7 +18,7 @@ import numpy as np
 from .data import tokenize_chats
 from .finetune import load_adapter, lora_config, train_lora
 from .offline import ScoringPass, rank_windows, score_offline
-from .plots import plt
+from .plots import new_figure
 from .refusal import refusal_rate
 
 
@@ -147,7 +147,7 @@ def table(summary: dict) -> str:
 
 
 def _plot(summary: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = new_figure((6, 3.6))
     ws = summary["windows"]
     ax.plot([w["window"] for w in ws], [w["harmfulness"] for w in ws], "o-", label="window by SQSD rank")
     ax.axhline(summary["random"], color="grey", ls="--", label="random window")
@@ -157,4 +157,3 @@ def _plot(summary: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,0 +1,27 @@
+"""Importing the package changes nothing global, and figures are never registered with pyplot (a long run's
+dashboards keep memory flat)."""
+
+import subprocess
+import sys
+
+from sqsd_callback import plots
+
+
+def test_importing_every_module_leaves_the_matplotlib_backend_alone():
+    code = ("import matplotlib; matplotlib.use('pdf'); import sqsd_callback, sqsd_callback.plots, "
+            "sqsd_callback.offline, sqsd_callback.windows, sqsd_callback.report, sqsd_callback.protect, "
+            "sqsd_callback.cli; print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().lower() == "pdf"
+
+
+def test_figures_are_not_kept_by_pyplot():
+    from matplotlib._pylab_helpers import Gcf
+    rows = [{"step": s, "drift": 0.1 * s, "drift_danger": 0.2 * s, "drift_safety": 0.1 * s,
+             "layers": {f"m{i}": {"cosine": [0.1 * i, -0.1], "projection": [0.0, 0.0]} for i in range(4)}}
+            for s in range(1, 4)]
+    before = Gcf.get_num_fig_managers()
+    for _ in range(20):  # what a wandb run with wandb_every=1 does at every logging step
+        plots.layer_heatmap(rows, {"danger/d": "danger", "safety/s": "safety"}).savefig(__import__("io").BytesIO())
+        plots.drift_curve(rows)
+    assert Gcf.get_num_fig_managers() == before
