@@ -5,7 +5,7 @@ rows, how many scored tokens) and opens the engine's record; a forward hook read
 outputs and queues ``_after_backward`` to run when that micro-batch's backward has finished (before the
 Trainer clips gradients), where scores are made, dropped examples are removed from the gradients and the
 anchor's gradient is added. At each optimizer step rows go to ``scores.jsonl`` and the drift to
-``drift.jsonl``; ``sqsd/*`` scalars join the Trainer's logs; ``sqsd_state.pt`` rides in every checkpoint.
+``drift.jsonl``; ``sqsd/*`` scalars join the Trainer's logs; ``sqsd_state.safetensors`` rides in every checkpoint.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from .policies import Anchor, DriftStop, DropPolicy
 from .report import riskiest
 from .scoring import project, rows
 from .sinks import JsonlWriter, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
+from .state import STATE_FILE, load_state, save_state, split
 
 _TEXT_CHARS = 600
-STATE_FILE = "sqsd_state.pt"
 
 
 @dataclass
@@ -218,7 +218,11 @@ class SQSDCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir() and state.is_world_process_zero:
-            torch.save(self._state_dict(), ckpt / STATE_FILE)
+            try:
+                save_state(ckpt / STATE_FILE, *self._state())
+            except OSError as err:  # a full disk must not end the run; resuming from this checkpoint will say so
+                self._warn_once(f"state:{err.errno}", f"SQSDCallback could not write {ckpt / STATE_FILE} ({err}); "
+                                "training goes on, but this checkpoint cannot resume the monitor's state.")
 
     def on_train_end(self, args, state, control, **kwargs):
         for h in self._handles:
@@ -482,30 +486,33 @@ class SQSDCallback(TrainerCallback):
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _state_dict(self) -> dict:
-        return {"drift": self.drift.state_dict() if self.sets else None, "drop": self.drop.state_dict(),
-                "stop": self.stop.state_dict() if self.stop else None, "seen": sorted(self._seen),
-                "window": (self._window.values, self._window.dropped), "last_drift": self._last_drift,
-                "safe_params": self._safe_params}
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a resumed run needs: θ_0 for drift and the last safe weights (tensors), the rest as JSON."""
+        tensors = {f"drift/{k}": v for k, v in (self.drift.state_tensors() if self.sets else {}).items()}
+        tensors.update({f"safe/{n}": v for n, v in (self._safe_params or {}).items()})
+        meta = {"drop": self.drop.state_dict(), "stop": self.stop.state_dict() if self.stop else None,
+                "seen": sorted(self._seen), "window": [self._window.values, self._window.dropped],
+                "last_drift": self._last_drift, "has_safe": self._safe_params is not None}
+        return tensors, meta
 
     def _resume(self, args, state) -> None:
         """Restore the state saved with the checkpoint training resumes from and cut the logs back to it."""
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
         if not ckpt.is_file():
-            raise FileNotFoundError(f"Resuming at step {state.global_step} but {ckpt} is missing: the checkpoint "
-                                    f"was not written by a run with SQSDCallback, so θ_0 and the drop state are "
-                                    f"unknown. Start a new run (new output_dir) to monitor it.")
-        saved = torch.load(ckpt, weights_only=False)
+            raise FileNotFoundError(f"Resuming at step {state.global_step} but {ckpt} is missing: the checkpoint was "
+                                    f"written by a run without SQSDCallback, or the run was killed while saving it. "
+                                    f"Resume from an earlier checkpoint, or start a new run (new output_dir).")
+        tensors, saved = load_state(ckpt)
         if self.sets:
-            self.drift.load_state_dict(saved["drift"])
+            self.drift.load_state_tensors(split("drift", tensors))
         self.drop.load_state_dict(saved["drop"])
         if self.stop is not None and saved["stop"] is not None:
             self.stop.load_state_dict(saved["stop"])
         self._seen = set(saved["seen"])
         self._window.values, self._window.dropped = saved["window"]
         self._last_drift = saved["last_drift"]
-        if saved["safe_params"] is not None:
-            self._safe_params = saved["safe_params"]
+        if saved["has_safe"]:
+            self._safe_params = split("safe", tensors)
         if self.main:
             truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
             truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)

@@ -59,11 +59,24 @@ class Drift:
             self.start = {m: targets[m].snapshot() for m in bank.modules}
         self.groups = group_modules(bank.modules, targets, bank)
 
-    def state_dict(self) -> dict:
-        return {"start": {m: _to(s, "cpu") for m, s in self.start.items()}}
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """θ_0 as named tensors: ``<module>`` (a weight) or ``<module>/sB``, ``<module>/A`` (LoRA factors); modules
+        that started at a zero delta have none."""
+        out = {}
+        for m, snap in self.start.items():
+            if isinstance(snap, tuple):
+                out[f"{m}/sB"], out[f"{m}/A"] = snap
+            elif snap is not None:
+                out[m] = snap
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
-        self.start = {m: _to(s, self.targets[m].params[0].device) for m, s in state["start"].items()}
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        def start(m):
+            device = self.targets[m].params[0].device
+            if f"{m}/A" in tensors:
+                return tensors[f"{m}/sB"].to(device), tensors[f"{m}/A"].to(device)
+            return tensors[m].to(device) if m in tensors else None
+        self.start = {m: start(m) for m in self.bank.modules}
 
     @torch.no_grad()
     @torch.profiler.record_function("sqsd::drift")
@@ -106,8 +119,3 @@ def summarize(measured: dict, bank: DirectionBank) -> dict[str, float]:
     out["drift"] = out["drift_danger"] - out["drift_safety"]
     return out
 
-
-def _to(snapshot, device):
-    if snapshot is None:
-        return None
-    return tuple(t.to(device) for t in snapshot) if isinstance(snapshot, tuple) else snapshot.to(device)

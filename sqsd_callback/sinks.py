@@ -19,17 +19,25 @@ def _clean(value):
 
 
 class JsonlWriter:
-    """Appends one JSON object per line and flushes after every ``write``."""
+    """Appends one JSON object per line and flushes after every ``write``. A failed write (a full disk, a lost
+    mount) warns once, naming the file, and does not stop training: later writes try again."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
+        self.failures = 0
 
     def write(self, rows: list[dict]) -> None:
-        for row in rows:
-            self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._f.flush()
+        text = "".join(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n" for row in rows)
+        try:
+            self._f.write(text)
+            self._f.flush()
+        except OSError as err:
+            self.failures += 1
+            if self.failures == 1:
+                warnings.warn(f"SQSDCallback could not write to {self.path} ({err}); training goes on, and the rows "
+                              f"of this step are missing from the file.", stacklevel=2)
 
     def close(self) -> None:
         self._f.close()

@@ -1,0 +1,83 @@
+"""Nothing lost, nothing silent: a torn state file is named with the way out, the state is never pickled and is
+written atomically, and a failing score log warns once while training (and its drops) go on."""
+
+import errno
+import json
+import warnings
+
+import pytest
+import torch
+
+from sqsd_callback import SQSDCallback, sinks
+from sqsd_callback.state import STATE_FILE, load_state
+from sqsd_callback.testing import random_samples, three_sets, tiny_lora
+
+from helpers import trainer
+
+
+def _run(out, steps=2, resume=None, **kw):
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    cb = SQSDCallback(danger, safety, drop_top_fraction=0.5, stop_drift_above=10.0, save_last_safe=True)
+    run = trainer(model, random_samples(8, seed=4), out, [cb], steps=steps, save_strategy="steps", save_steps=2,
+                  **kw)
+    run.train(resume_from_checkpoint=resume)
+    return run, cb
+
+
+def test_state_is_safetensors_with_json_header(tmp_path):
+    _run(tmp_path)
+    tensors, meta = load_state(tmp_path / "checkpoint-2" / STATE_FILE)
+    assert any(k.startswith("drift/") for k in tensors) and any(k.startswith("safe/") for k in tensors)
+    assert meta["has_safe"] and json.dumps(meta)  # plain JSON, no pickle
+    with open(tmp_path / "checkpoint-2" / STATE_FILE, "rb") as f:
+        assert not f.read(2).startswith(b"PK")  # not a torch.save zip archive
+
+
+def test_torn_state_file_is_named_with_the_way_out(tmp_path):
+    _run(tmp_path)
+    (state,) = (tmp_path / "checkpoint-2").glob("sqsd_state.*")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # killed while saving
+    with pytest.raises(ValueError, match=rf"{state}.*incomplete.*Resume from an earlier checkpoint"):
+        _run(tmp_path, steps=4, resume=str(tmp_path / "checkpoint-2"))
+
+
+def test_kill_while_saving_leaves_no_torn_state(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def killed(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise KeyboardInterrupt  # the process dies mid-write
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    assert not (tmp_path / "checkpoint-2" / STATE_FILE).exists()  # only the temporary file was touched
+
+
+def test_failing_score_log_warns_once_and_training_and_drops_go_on(tmp_path, monkeypatch):
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def full_disk_for_scores(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return Full(f) if str(path).endswith("scores.jsonl") else f
+    monkeypatch.setattr(sinks, "open", full_disk_for_scores, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run, cb = _run(tmp_path, steps=3)
+    failed = [w for w in caught if "could not write to" in str(w.message)]
+    assert len(failed) == 1 and "scores.jsonl" in str(failed[0].message)
+    assert run.state.global_step == 3
+    assert sum(h["sqsd/dropped"] for h in run.state.log_history if "sqsd/dropped" in h) == 3  # 1 per step
+    assert len(list((tmp_path / "sqsd").glob("drift.jsonl"))) == 1  # the other logs are complete
+    assert torch.is_tensor(next(iter(cb.drift.state_tensors().values())))
