@@ -186,6 +186,10 @@ class SQSDCallback(TrainerCallback):
             if r["sqsd"] is not None:
                 self._window.values.append(r["sqsd"])
         self._write("scores", step_rows)
+        if step_rows and all(r["sqsd"] is None for r in step_rows):
+            self._warn_once("unscored", f"No example of optimizer step {state.global_step - 1} has a scored token "
+                            f"(every label is -100): nothing was trained or scored. Check the loss mask (e.g. "
+                            f"completion_only_loss / assistant_only_loss and the chat template).")
         if not self.sets:
             return
         self._top = riskiest(self._top + step_rows, self.top_k)

@@ -65,13 +65,17 @@ def write_report(run: str | Path, out_dir: str | Path | None = None, top_k: int 
               "| rank | index | SQSD | danger | safety | step | dropped | text |", "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(riskiest(scores, top_k), 1):
         text = texts.get(r["index"], "").replace("|", "\\|").replace("\n", " ")[:160]
-        safety = "" if r.get("safety") is None else f"{r['safety']:+.4f}"
-        lines.append(f"| {i} | {r['index']} | {r['sqsd']:+.4f} | {r['danger']:+.4f} | {safety} | {r['step']} | "
-                     f"{'yes' if r.get('dropped') else ''} | {text} |")
+        lines.append(f"| {i} | {r['index']} | {_signed(r['sqsd'])} | {_signed(r.get('danger'))} | "
+                     f"{_signed(r.get('safety'))} | {r['step']} | {'yes' if r.get('dropped') else ''} | {text} |")
     dropped = [r for r in scores if r.get("dropped")]
     lines += ["", f"## Dropped examples: {len(dropped)}", ""]
-    lines += [f"- step {r['step']}, index {r['index']}, SQSD {r['sqsd']:+.4f}" for r in dropped[:200]]
+    lines += [f"- step {r['step']}, index {r['index']}, SQSD {_signed(r['sqsd'])}" for r in dropped[:200]]
     lines += ["", *extra_sections]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _signed(value: float | None) -> str:
+    """A score for the tables; empty where the run has no set of that kind."""
+    return "" if value is None else f"{value:+.4f}"

@@ -81,3 +81,20 @@ def test_failing_score_log_warns_once_and_training_and_drops_go_on(tmp_path, mon
     assert sum(h["sqsd/dropped"] for h in run.state.log_history if "sqsd/dropped" in h) == 3  # 1 per step
     assert len(list((tmp_path / "sqsd").glob("drift.jsonl"))) == 1  # the other logs are complete
     assert torch.is_tensor(next(iter(cb.drift.state_tensors().values())))
+
+
+def test_all_labels_masked_warns(tmp_path):
+    samples = [dict(s, labels=[-100] * len(s["labels"])) for s in random_samples(4, seed=1)]
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    with pytest.warns(UserWarning, match="No example of optimizer step 0 has a scored token"):
+        trainer(model, samples, tmp_path, [SQSDCallback(danger, safety)], steps=1).train()
+
+
+def test_report_of_a_run_with_safety_sets_only(tmp_path):
+    from sqsd_callback.report import write_report
+    model = tiny_lora("llama")
+    _, safety = three_sets(model)
+    trainer(model, random_samples(4, seed=1), tmp_path, [SQSDCallback(safety=safety)], steps=2).train()
+    report = write_report(tmp_path).read_text()
+    assert "| 1 |" in report and "riskiest" in report
