@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from . import plots
 from .config import SQSDConfig
@@ -35,6 +36,7 @@ from .sinks import JsonlWriter, WandbSink, read_jsonl, start_run_dir, truncate_j
 from .state import STATE_FILE, load_state, save_state, split
 
 _TEXT_CHARS = 600
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -411,7 +413,7 @@ class SQSDCallback(TrainerCallback):
             if self.save_last_safe and self._safe_params is not None:
                 path = self._save_safe()
                 reason += f", its adapter saved to {path}"
-            print(reason)
+            logger.warning(reason)
             if self.main:
                 (self.out / "stop.json").write_text(json.dumps({
                     "step": state.global_step, "drift": self._last_drift["drift"], "threshold": self.stop.threshold,

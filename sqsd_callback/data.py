@@ -306,8 +306,20 @@ def _read_rows(path_or_name: str, split: str) -> list[dict]:
         if path.suffix in (".jsonl", ".json"):
             text = path.read_text(encoding="utf-8")
             if path.suffix == ".json" and text.lstrip().startswith("["):
-                return json.loads(text)
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: "
+                                     f"{err.msg}") from err
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg}, column "
+                                         f"{err.colno}): {line[:80]!r}") from err
+            return rows
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
     import datasets
 

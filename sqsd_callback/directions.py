@@ -100,12 +100,15 @@ class DirectionSet:
                     f"{f} not found: a PEFT adapter directory needs adapter_config.json and "
                     f"adapter_model.safetensors (save it with `model.save_pretrained(dir)`)."
                 )
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file} is not valid JSON ({err}); re-save the adapter.") from err
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{path} is a {config['peft_type']} adapter; direction sets need a LoRA adapter.")
         if config.get("use_dora"):
             raise ValueError(f"{path} is a DoRA adapter; its update is not B@A. Use a plain LoRA adapter.")
-        tensors = load_file(str(weights_file))
+        tensors = _load_safetensors(weights_file)
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             for part in ("lora_A", "lora_B"):
@@ -122,7 +125,7 @@ class DirectionSet:
             raise FileNotFoundError(f"{path} not found: expected a safetensors file of per-module directions.")
         modules: dict[str, Direction] = {}
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(str(path)).items():
+        for key, value in _load_safetensors(path).items():
             stem, _, suffix = key.rpartition(".")
             if suffix == "weight" and value.dim() == 2:
                 modules[stem] = Direction(dense=value.float())
@@ -290,3 +293,12 @@ class DirectionBank:
                     col += width
             self._stacks[key] = (VB, VAt)
         return self._stacks[key]
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a torn or foreign file is an error naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad headers and short files
+        raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it may be "
+                         f"truncated (an interrupted download or save): download or save it again.") from err

@@ -98,3 +98,22 @@ def test_report_of_a_run_with_safety_sets_only(tmp_path):
     trainer(model, random_samples(4, seed=1), tmp_path, [SQSDCallback(safety=safety)], steps=2).train()
     report = write_report(tmp_path).read_text()
     assert "| 1 |" in report and "riskiest" in report
+
+
+def test_torn_direction_file_is_named(tmp_path):
+    from sqsd_callback import DirectionSet
+    model = tiny_lora("llama")
+    danger, _ = three_sets(model)
+    path = tmp_path / "d.safetensors"
+    danger[0].save(path)
+    path.write_bytes(path.read_bytes()[:100])  # an interrupted download
+    with pytest.raises(ValueError, match=rf"{path} is not a readable safetensors file.*truncated"):
+        DirectionSet.from_safetensors(path, kind="danger")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    from sqsd_callback.data import load_records
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": \n')
+    with pytest.raises(ValueError, match=rf"{path}, line 3: not a JSON object"):
+        load_records(path)
