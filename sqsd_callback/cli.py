@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 
@@ -88,18 +89,21 @@ def _score(opts) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="sqsd", description="SQSD safety-degradation scores for fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"sqsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add = partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    p = sub.add_parser("demo", help="the whole story on the embedded default model, offline on a CPU")
+    p = add("demo", help="the whole story on the embedded default model, offline on a CPU")
     p.add_argument("--cache", default="sqsd_demo", help="folder for every stage's output; finished stages are "
-                   "taken from it on the next run (default: ./sqsd_demo)")
+                   "taken from it on the next run")
     p.add_argument("--model", default=None, help="a local model or hub name instead of the embedded SmolLM2")
     p.add_argument("--fresh", action="store_true", help="delete the cache folder first and run every stage")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("directions", help="train danger and safety LoRA adapters (and optionally an aligned θ_0)")
+    p = add("directions", help="train danger and safety LoRA adapters (and optionally an aligned θ_0)")
     p.add_argument("--out", required=True, help="folder for danger/, safety/, aligned/ and directions.json")
     p.add_argument("--model", default=None, help="local path, .gguf file or hub name (default: embedded SmolLM2)")
     p.add_argument("--harmful", default=None, help="harmful prompts (JSONL/CSV/datasets; default: HarmBench and "
@@ -121,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_directions)
 
-    p = sub.add_parser("score", help="offline SQSD of a dataset: scores, ranking, windows by rank and a plot")
+    p = add("score", help="offline SQSD of a dataset: scores, ranking, windows by rank and a plot")
     p.add_argument("data", help="JSONL / JSON / CSV file, a saved `datasets` folder or a hub dataset")
     p.add_argument("--out", required=True, help="folder for scores.jsonl, ranking.csv, windows.csv, scores.png")
     p.add_argument("--model", default=None, help="the base model θ_0 (default: embedded SmolLM2)")
@@ -145,21 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512)
     p.set_defaults(func=_score)
 
-    p = sub.add_parser("report", help="plots and a Markdown summary from a run's sqsd/ folder")
+    p = add("report", help="plots and a Markdown summary from a run's sqsd/ folder")
     p.add_argument("run_dir", help="the run's output_dir (or its sqsd/ folder)")
-    p.add_argument("--out", default=None, help="where to write (default: <run>/sqsd/report)")
+    p.add_argument("--out", default=None, help="where to write (None: <run>/sqsd/report)")
     p.add_argument("--top-k", type=int, default=20, help="how many riskiest examples to list")
     p.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a usage error (argparse), 1 an error while running (named on stderr)."""
     opts = build_parser().parse_args(argv)
     try:
         opts.func(opts)
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
         print(f"sqsd {opts.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

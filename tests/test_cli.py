@@ -105,7 +105,7 @@ def test_score_at_current_parameters_with_named_adapters(tmp_path, model_dir, di
 
 
 def _error(capsys, argv) -> str:
-    assert main(argv) == 2
+    assert main(argv) == 1
     return capsys.readouterr().err
 
 
@@ -171,3 +171,19 @@ def test_demo_stages_on_a_tiny_model_then_all_cached(tmp_path, model_dir):
     assert again["timings"] == {k: f"cached ({t} s when it ran)" for k, t in summary["timings"].items()}
     assert again["refusal"] == summary["refusal"]
     assert run_demo(tmp_path, str(model_dir), sizes)["timings"] == again["timings"]  # kept across cached runs
+
+
+def test_help_and_version_are_instant_and_exit_codes_tell_usage_from_runtime_errors(tmp_path):
+    import subprocess
+    import sys
+
+    from sqsd_callback import __version__
+    code = ("import sys; from sqsd_callback.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the help imports none of the heavy libraries
+    version = subprocess.run([sys.executable, "-m", "sqsd_callback.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"sqsd {__version__}"
+    usage = subprocess.run([sys.executable, "-m", "sqsd_callback.cli", "score"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "required" in usage.stderr
+    assert main(["report", str(tmp_path / "nothing")]) == 1
