@@ -89,11 +89,22 @@ class DirectionSet:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    def from_pretrained(cls, ref: str | Path, kind: str, name: str | None = None, subfolder: str | None = None,
+                        revision: str | None = None, token=None, cache_dir: str | Path | None = None) -> DirectionSet:
+        """A PEFT LoRA adapter in a local folder or a Hub repository (``"org/name"``, with ``subfolder`` and
+        ``revision``; through huggingface_hub's cache, offline mode and the user's token); V = lora_B @ lora_A."""
+        from .finetune import adapter_dir
+        path = adapter_dir(ref, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
+        return cls.from_peft_adapter(path, kind, name or path.name)
+
+    @classmethod
     def from_peft_adapter(cls, path: str | Path, kind: str, name: str | None = None) -> DirectionSet:
-        """A PEFT LoRA adapter directory; V = lora_B @ lora_A per module (the adapter's scaling is irrelevant:
-        every metric divides by ‖V‖)."""
+        """A local PEFT adapter directory (adapter_model.safetensors, or PEFT's legacy adapter_model.bin);
+        V = lora_B @ lora_A per module (the adapter's scaling is irrelevant: every metric divides by ‖V‖)."""
         path = Path(path)
-        config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+        config_file = path / "adapter_config.json"
+        weights_file = next((path / w for w in ("adapter_model.safetensors", "adapter_model.bin")
+                             if (path / w).is_file()), path / "adapter_model.safetensors")
         for f in (config_file, weights_file):
             if not f.is_file():
                 raise FileNotFoundError(
@@ -108,7 +119,8 @@ class DirectionSet:
             raise ValueError(f"{path} is a {config['peft_type']} adapter; direction sets need a LoRA adapter.")
         if config.get("use_dora"):
             raise ValueError(f"{path} is a DoRA adapter; its update is not B@A. Use a plain LoRA adapter.")
-        tensors = _load_safetensors(weights_file)
+        tensors = _load_safetensors(weights_file) if weights_file.suffix == ".safetensors" else \
+            torch.load(weights_file, map_location="cpu", weights_only=True)
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             for part in ("lora_A", "lora_B"):

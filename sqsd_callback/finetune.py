@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # the second: PEFT's legacy format
 
 def lora_config(rank: int = 8, alpha: float | None = None, targets: str | list[str] = "all-linear",
                 dropout: float = 0.0) -> LoraConfig:
@@ -53,21 +53,33 @@ def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, l
             "learning_rate": args.learning_rate, "losses": losses, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def adapter_dir(name_or_path: str | Path) -> Path:
-    """A PEFT adapter's local directory: the path itself, or a hub repository downloaded to the local cache."""
-    path = Path(name_or_path)
-    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1
-    if not looks_local:
-        from huggingface_hub import snapshot_download
-        try:
-            path = Path(snapshot_download(str(name_or_path)))
-        except Exception as err:  # hub errors vary (offline, missing repo, auth); name what was tried
-            raise FileNotFoundError(f"adapter {name_or_path!r} is neither a local directory nor a downloadable hub "
-                                    f"repository: {err}") from err
-    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path} is not a PEFT adapter: {', '.join(missing)} missing (save one with "
-                                f"`model.save_pretrained(dir)` on a PEFT model)")
+def adapter_dir(ref: str | Path, subfolder: str | None = None, revision: str | None = None, token=None,
+                cache_dir: str | Path | None = None) -> Path:
+    """A PEFT adapter's local folder: a local path, or a Hub repository ``org/name`` (also written
+    ``org/name@revision:sub/folder``) fetched through huggingface_hub (its cache and offline mode, the user's token),
+    then ``subfolder``. The folder must hold adapter_config.json and adapter_model.safetensors (or legacy .bin)."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if not path.exists() and not text.startswith((".", "/", "~")):
+        repo, _, sub = text.partition(":")
+        repo, _, rev = repo.partition("@")
+        if repo.count("/") == 1:
+            subfolder, revision = subfolder or sub or None, revision or rev or None
+            from huggingface_hub import snapshot_download
+            patterns = [f"{subfolder}/adapter_*", f"{subfolder}/*.json"] if subfolder else ["adapter_*", "*.json"]
+            try:
+                path = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, token=token,
+                                              cache_dir=cache_dir))
+            except Exception as err:  # hub errors vary (offline, missing repo, auth); name what was tried
+                raise FileNotFoundError(f"adapter {text!r} is neither a local folder nor a Hub repository that could "
+                                        f"be fetched (revision {revision or 'main'}): {err}. Offline, the repository "
+                                        f"must be in the Hugging Face cache already.") from err
+    if subfolder:
+        path = path / subfolder
+    if not (path / ADAPTER_CONFIG).is_file() or not any((path / w).is_file() for w in ADAPTER_WEIGHTS):
+        raise FileNotFoundError(f"{path} is not a PEFT adapter: it needs {ADAPTER_CONFIG} and "
+                                f"{' or '.join(ADAPTER_WEIGHTS)} (save one with `model.save_pretrained(dir)` on a PEFT "
+                                f"model{'; check the subfolder' if subfolder else ''}).")
     return path
 
 
