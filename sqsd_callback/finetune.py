@@ -76,10 +76,13 @@ def adapter_dir(ref: str | Path, subfolder: str | None = None, revision: str | N
                                         f"must be in the Hugging Face cache already.") from err
     if subfolder:
         path = path / subfolder
-    if not (path / ADAPTER_CONFIG).is_file() or not any((path / w).is_file() for w in ADAPTER_WEIGHTS):
-        raise FileNotFoundError(f"{path} is not a PEFT adapter: it needs {ADAPTER_CONFIG} and "
-                                f"{' or '.join(ADAPTER_WEIGHTS)} (save one with `model.save_pretrained(dir)` on a PEFT "
-                                f"model{'; check the subfolder' if subfolder else ''}).")
+    missing = [ADAPTER_CONFIG] if not (path / ADAPTER_CONFIG).is_file() else []
+    if not any((path / w).is_file() for w in ADAPTER_WEIGHTS):
+        missing.append(ADAPTER_WEIGHTS[0])
+    if missing:
+        raise FileNotFoundError(f"{path} is not a PEFT adapter: {', '.join(missing)} missing (PEFT's legacy "
+                                f"{ADAPTER_WEIGHTS[1]} is read too; save one with `model.save_pretrained(dir)` on a "
+                                f"PEFT model{'; check the subfolder' if subfolder else ''}).")
     return path
 
 
