@@ -57,7 +57,7 @@ def main() -> None:
         records, online = load_records(opts.pool), None
         out = Path(opts.out or "runs/windows")
     held_out = opts.held_out or directions / "held_out.jsonl"
-    prompts = [r["prompt"] for r in load_records(held_out, response_field=None)][:opts.n_eval]
+    prompts = [r["prompt"] for r in load_records(held_out, prompts_only=True)][:opts.n_eval]
     model, tokenizer = load_model(opts.model)
     model = theta_0(model, directions)
     danger, safety = direction_sets(directions)

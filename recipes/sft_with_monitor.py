@@ -26,8 +26,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="hub name or local path (default: the embedded SmolLM2)")
     p.add_argument("--data", required=True, help="prompt/response records: JSONL, CSV, datasets folder or hub")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--response-field", default="response")
+    p.add_argument("--prompt-field", default=None, help="the prompt's field (None: found from the format: "
+                   "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
+    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
     p.add_argument("--danger", action="append", default=[], metavar="[NAME=]ADAPTER")
     p.add_argument("--safety", action="append", default=[], metavar="[NAME=]ADAPTER")
     p.add_argument("--out", required=True)

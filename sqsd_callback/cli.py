@@ -29,7 +29,7 @@ def _directions(opts) -> None:
     from .adapters import build_directions, compliant_records, refusal_records, shuffled
 
     prompts = ([p["prompt"] for p in data.harmful_prompts()] if opts.harmful is None else
-               [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, None)])
+               [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, prompts_only=True)])
     train, held_out = data.split_prompts(prompts, opts.held_out, opts.seed)
     align_pool, direction_pool = data.split_prompts(train, 0.5, opts.seed) if opts.align else ([], train)
     if len(direction_pool) < 2:
@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "benign retention) for a base model too weakly aligned to refuse")
     p.add_argument("--n", type=int, default=64, help="training examples per adapter")
     p.add_argument("--held-out", type=float, default=0.2, help="share of harmful prompts never trained on")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--response-field", default="response")
+    p.add_argument("--prompt-field", default=None, help="the prompt's field (None: found from the format: "
+                   "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
+    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -143,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("cosine", "projection", "global_cosine"), default="cosine")
     p.add_argument("--windows", type=int, default=5, help="equal windows by rank (the paper's subsets)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--response-field", default="response")
+    p.add_argument("--prompt-field", default=None, help="the prompt's field (None: found from the format: "
+                   "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
+    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
     p.add_argument("--split", default="train")
     p.add_argument("--max-length", type=int, default=512)
     p.set_defaults(func=_score)

@@ -339,21 +339,79 @@ def _read_rows(path_or_name: str, split: str) -> list[dict]:
                                 f"hub dataset (split {split!r}): {err}") from err
 
 
-def load_records(path_or_name: str | Path, prompt_field: str = "prompt",
-                 response_field: str | None = "response", split: str = "train") -> list[dict]:
-    """A user's dataset as [{"prompt", "response"}] (JSONL, CSV, datasets on disk or hub); None: prompts only."""
+FORMATS = {  # name: the fields that identify it
+    "prompt/response": ("prompt", "response"),
+    "prompt/completion (TRL)": ("prompt", "completion"),
+    "messages (chat)": ("messages",),
+    "Alpaca (instruction/input/output)": ("instruction", "output"),
+    "Dolly (instruction/context/response)": ("instruction", "response"),
+}
+
+
+def _text(value, field: str, where: str) -> str:
+    """A field's text: a string, or a conversation (list of role/content messages) flattened."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        return "\n\n".join(str(m["content"]) for m in value)
+    raise ValueError(f"{where}: field {field!r} is {type(value).__name__}, not text or a list of messages")
+
+
+def _from_messages(messages, where: str) -> tuple[str, str]:
+    """(prompt, response) of a conversation: its last assistant turn, and every turn before it (system and user
+    contents joined by blank lines)."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} dicts")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError(f"{where}: the conversation has no assistant turn to score")
+    return _text(messages[:last], "messages", where), _text(messages[last]["content"], "messages", where)
+
+
+def detect_format(row: dict) -> str:
+    """Which of FORMATS a row is in (the first whose fields it has)."""
+    for name, fields in FORMATS.items():
+        if all(f in row for f in fields):
+            return name
+    raise ValueError(f"cannot tell the dataset's format from its fields {sorted(row)}: expected one of "
+                     + "; ".join(f"{n} ({', '.join(f)})" for n, f in FORMATS.items())
+                     + ", or name the fields with --prompt-field/--response-field")
+
+
+def load_records(path_or_name: str | Path, prompt_field: str | None = None, response_field: str | None = None,
+                 split: str = "train", prompts_only: bool = False) -> list[dict]:
+    """A user's dataset as [{"prompt", "response", "columns"}] (JSONL, CSV, datasets on disk or hub), in any of
+    FORMATS (found from the first row) or with named fields. Alpaca and Dolly rows join the instruction and its
+    input/context with a newline, as LLaMA-Factory's alpaca template does. ``columns`` keeps the row's other plain
+    values (ids, categories), so results join back to the data."""
     rows = _read_rows(str(path_or_name), split)
     if not rows:
         raise ValueError(f"dataset {path_or_name} is empty")
-    fields = [prompt_field] + ([response_field] if response_field is not None else [])
+    fmt = None if prompt_field is not None else detect_format(rows[0]) if not prompts_only else None
+    prompt_field = prompt_field or "prompt"
+    out = []
     for i, row in enumerate(rows):
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise ValueError(f"dataset {path_or_name}: row {i} has no field {missing[0]!r}; "
-                             f"its fields are {sorted(row)}")
-        bad = [f for f in fields if not isinstance(row[f], str)]
-        if bad:
-            raise ValueError(f"dataset {path_or_name}: row {i} field {bad[0]!r} is "
-                             f"{type(row[bad[0]]).__name__}, not text")
-    return [{"prompt": row[prompt_field], **({"response": row[response_field]} if response_field else {})}
-            for row in rows]
+        where = f"dataset {path_or_name}: row {i}"
+        if fmt is None:
+            fields = [prompt_field] + ([] if prompts_only else [response_field or "response"])
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise ValueError(f"{where} has no field {missing[0]!r}; its fields are {sorted(row)}")
+            prompt = _text(row[prompt_field], prompt_field, where)
+            response = None if prompts_only else _text(row[fields[1]], fields[1], where)
+        elif fmt.startswith("messages"):
+            prompt, response = _from_messages(row["messages"], where)
+            fields = ["messages"]
+        elif fmt.startswith(("Alpaca", "Dolly")):
+            extra = "input" if fmt.startswith("Alpaca") else "context"
+            answer = "output" if fmt.startswith("Alpaca") else "response"
+            prompt = "\n".join(t for t in (_text(row["instruction"], "instruction", where),
+                                            _text(row.get(extra) or "", extra, where)) if t)
+            response, fields = _text(row[answer], answer, where), ["instruction", extra, answer]
+        else:
+            fields = list(FORMATS[fmt])
+            prompt, response = (_text(row[f], f, where) for f in fields)
+        columns = {k: v for k, v in row.items() if k not in fields and isinstance(v, (str, int, float, bool))}
+        out.append({"prompt": prompt, **({} if prompts_only else {"response": response}), "columns": columns})
+    return out

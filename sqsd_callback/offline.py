@@ -124,14 +124,18 @@ def write_scores(rows: Sequence[dict], records: Sequence[dict], out: str | Path,
     paths = {name: out / name for name in ("scores.jsonl", "ranking.csv", "windows.json", "windows.csv",
                                            "scores.png", "score.json")}
 
-    def text(r: dict) -> str:
-        return records[r["index"]]["prompt"][:_TEXT_CHARS]
+    def text(r: dict) -> dict:
+        """The example's prompt and the data's own columns (ids, categories; prefixed ``data_`` on a clash)."""
+        record = records[r["index"]]
+        columns = {(f"data_{k}" if k in r or k == "prompt" else k): v for k, v in record.get("columns", {}).items()}
+        return {"prompt": record["prompt"][:_TEXT_CHARS], **columns}
 
     with open(paths["scores.jsonl"], "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({**r, "prompt": text(r)}) + "\n" for r in rows)
+        f.writelines(json.dumps({**r, **text(r)}) + "\n" for r in rows)
     set_keys = [k_ for k_ in rows[0] if "/" in k_]
-    _write_csv(paths["ranking.csv"], [{**r, "prompt": text(r)} for r in ranking],
-               ["rank", "window", "index", "sqsd", "danger", "safety", *set_keys, "prompt"])
+    data_keys = list(dict.fromkeys(k_ for r in rows[:1] for k_ in text(r) if k_ != "prompt"))
+    _write_csv(paths["ranking.csv"], [{**r, **text(r)} for r in ranking],
+               ["rank", "window", "index", "sqsd", "danger", "safety", *set_keys, *data_keys, "prompt"])
     paths["windows.json"].write_text(json.dumps(windows, indent=1))
     _write_csv(paths["windows.csv"], windows, ["window", "first_rank", "last_rank", "size", "sqsd_max", "sqsd_min",
                                                "sqsd_mean"])

@@ -123,7 +123,10 @@ def test_dataset_without_the_named_field(tmp_path, capsys, model_dir, directions
     data = _jsonl(tmp_path / "d.jsonl", [{"question": "hi", "answer": "hello"}])
     err = _error(capsys, ["score", data, "--model", str(model_dir), "--directions", str(directions),
                           "--out", str(tmp_path / "o")])
-    assert "row 0 has no field 'prompt'" in err and "['answer', 'question']" in err
+    assert "cannot tell the dataset's format from its fields ['answer', 'question']" in err
+    err = _error(capsys, ["score", data, "--model", str(model_dir), "--directions", str(directions),
+                          "--out", str(tmp_path / "o"), "--prompt-field", "question", "--response-field", "reply"])
+    assert "row 0 has no field 'reply'" in err and "['answer', 'question']" in err
 
 
 def test_empty_dataset(tmp_path, capsys, model_dir, directions):
@@ -187,3 +190,38 @@ def test_help_and_version_are_instant_and_exit_codes_tell_usage_from_runtime_err
     usage = subprocess.run([sys.executable, "-m", "sqsd_callback.cli", "score"], capture_output=True, text=True)
     assert usage.returncode == 2 and "required" in usage.stderr
     assert main(["report", str(tmp_path / "nothing")]) == 1
+
+
+@pytest.mark.parametrize("row,prompt,response", [
+    ({"prompt": "p", "response": "r", "id": 7}, "p", "r"),
+    ({"prompt": "p", "completion": "r", "id": 7}, "p", "r"),
+    ({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "r"}], "id": 7},
+     "p", "r"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
+                   {"role": "assistant", "content": "r"}], "id": 7}, "s\n\np", "r"),
+    ({"instruction": "do", "input": "this", "output": "r", "id": 7}, "do\nthis", "r"),
+    ({"instruction": "do", "input": "", "output": "r", "id": 7}, "do", "r"),
+    ({"instruction": "do", "context": "ctx", "response": "r", "category": "qa", "id": 7}, "do\nctx", "r"),
+])
+def test_dataset_formats_are_recognised_and_keep_their_columns(tmp_path, row, prompt, response):
+    from sqsd_callback.data import load_records
+    (record,) = load_records(_jsonl(tmp_path / "d.jsonl", [row]))
+    assert (record["prompt"], record["response"]) == (prompt, response)
+    assert record["columns"]["id"] == 7 and record["columns"].get("category", "qa") == "qa"
+
+
+def test_unknown_format_names_the_formats(tmp_path):
+    from sqsd_callback.data import load_records
+    with pytest.raises(ValueError, match=r"cannot tell the dataset's format from its fields \['q'\].*Dolly"):
+        load_records(_jsonl(tmp_path / "d.jsonl", [{"q": "x"}]))
+
+
+def test_score_dolly_rows_carry_their_own_columns(tmp_path, model_dir, directions):
+    dolly = [{"instruction": r["prompt"], "context": "", "response": r["response"], "category": "math",
+              "id": f"row-{i}"} for i, r in enumerate(BENIGN[:4])]
+    out = tmp_path / "scores"
+    assert main(["score", _jsonl(tmp_path / "dolly.jsonl", dolly), "--model", str(model_dir), "--directions",
+                 str(directions), "--out", str(out), "--windows", "2"]) == 0
+    rows = read_jsonl(out / "scores.jsonl")
+    assert [r["id"] for r in rows] == [f"row-{i}" for i in range(4)] and {r["category"] for r in rows} == {"math"}
+    assert "category" in (out / "ranking.csv").read_text().splitlines()[0]

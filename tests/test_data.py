@@ -208,20 +208,26 @@ def test_load_records_jsonl_json_csv(tmp_path):
         writer.writeheader()
         writer.writerows(ROWS)
     for name in ("d.jsonl", "d.json", "d.csv"):
-        assert load_records(tmp_path / name) == EXPECTED
+        records = load_records(tmp_path / name)
+        assert _texts(records) == EXPECTED
+        assert [str(r["columns"]["extra"]) for r in records] == ["1", "2"]  # the data's own columns are kept
     renamed = [{"question": r["prompt"], "answer": r["response"]} for r in ROWS]
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in renamed))
-    assert load_records(tmp_path / "q.jsonl", "question", "answer") == EXPECTED
-    assert load_records(tmp_path / "q.jsonl", "question", None) == [{"prompt": "p1"}, {"prompt": "p2"}]
+    assert _texts(load_records(tmp_path / "q.jsonl", "question", "answer")) == EXPECTED
+    assert [r["prompt"] for r in load_records(tmp_path / "q.jsonl", "question", prompts_only=True)] == ["p1", "p2"]
+
+
+def _texts(records):
+    return [{"prompt": r["prompt"], "response": r["response"]} for r in records]
 
 
 def test_load_records_datasets_on_disk(tmp_path):
     import datasets
 
     datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "ds")
-    assert load_records(tmp_path / "ds") == EXPECTED
+    assert _texts(load_records(tmp_path / "ds")) == EXPECTED
     datasets.DatasetDict({"test": datasets.Dataset.from_list(ROWS)}).save_to_disk(tmp_path / "dd")
-    assert load_records(tmp_path / "dd", split="test") == EXPECTED
+    assert _texts(load_records(tmp_path / "dd", split="test")) == EXPECTED
     with pytest.raises(ValueError, match=r"has splits \['test'\], not 'train'"):
         load_records(tmp_path / "dd")
 
@@ -232,9 +238,9 @@ def test_load_records_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="is empty"):
         load_records(tmp_path / "empty.jsonl")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "x", "output": "y"}))
-    with pytest.raises(ValueError, match=r"no field 'prompt'; its fields are \['instruction', 'output'\]"):
-        load_records(tmp_path / "d.jsonl")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "x", "output": "y"}))
+    with pytest.raises(ValueError, match=r"no field 'prompt'; its fields are \['output', 'question'\]"):
+        load_records(tmp_path / "d.jsonl", prompt_field="prompt")
     (tmp_path / "n.jsonl").write_text(json.dumps({"prompt": "x", "response": None}))
     with pytest.raises(ValueError, match="field 'response' is NoneType, not text"):
         load_records(tmp_path / "n.jsonl")
