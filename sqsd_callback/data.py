@@ -152,6 +152,10 @@ def chat_prompt(tokenizer, prompt: str, prefill: str = "") -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
 
 
+class PromptTooLong(ValueError):
+    """A chat-formatted prompt that leaves no room for response tokens within max_length."""
+
+
 def tokenize_chat(tokenizer, prompt: str, response: str, max_length: int = 512) -> dict:
     """Token ids of one chat exchange with labels on the response tokens only (-100 elsewhere)."""
     head = chat_prompt(tokenizer, prompt)
@@ -163,8 +167,8 @@ def tokenize_chat(tokenizer, prompt: str, response: str, max_length: int = 512) 
     prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_length:
-        raise ValueError(f"the chat-formatted prompt is {len(prompt_ids)} tokens; max_length={max_length} "
-                         "leaves no response tokens")
+        raise PromptTooLong(f"the chat-formatted prompt is {len(prompt_ids)} tokens; max_length={max_length} "
+                            "leaves no response tokens")
     response_ids = response_ids[: max_length - len(prompt_ids)]
     input_ids = prompt_ids + response_ids
     return {
@@ -174,12 +178,18 @@ def tokenize_chat(tokenizer, prompt: str, response: str, max_length: int = 512) 
     }
 
 
-def tokenize_chats(tokenizer, records: Iterable[dict], max_length: int = 512) -> list[dict]:
-    """tokenize_chat over {"prompt", "response"} records; each sample also gets its position as "index"."""
+def tokenize_chats(tokenizer, records: Iterable[dict], max_length: int = 512, skip_long: bool = False) -> list[dict]:
+    """tokenize_chat over {"prompt", "response"} records; each sample also gets its position as "index". With
+    ``skip_long`` a record whose prompt alone fills ``max_length`` is left out (the caller counts the gaps) instead
+    of ending the run; responses are always cut to fit."""
     samples = []
     for index, record in enumerate(records):
         try:
             sample = tokenize_chat(tokenizer, record["prompt"], record["response"], max_length)
+        except PromptTooLong as err:
+            if skip_long:
+                continue
+            raise PromptTooLong(f"record {index}: {err}") from err
         except ValueError as err:
             raise ValueError(f"record {index}: {err}") from err
         samples.append({**sample, "index": index})

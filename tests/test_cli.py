@@ -225,3 +225,16 @@ def test_score_dolly_rows_carry_their_own_columns(tmp_path, model_dir, direction
     rows = read_jsonl(out / "scores.jsonl")
     assert [r["id"] for r in rows] == [f"row-{i}" for i in range(4)] and {r["category"] for r in rows} == {"math"}
     assert "category" in (out / "ranking.csv").read_text().splitlines()[0]
+
+
+def test_model_is_required_and_long_prompts_are_skipped_and_counted(tmp_path, capsys, model_dir, directions):
+    data = _jsonl(tmp_path / "d.jsonl", BENIGN[:3] + [{"prompt": "word " * 400, "response": "r"}])
+    with pytest.raises(SystemExit) as exit_:  # no silent default model: argparse refuses (exit 2)
+        main(["score", data, "--directions", str(directions), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "--model" in capsys.readouterr().err
+    out = tmp_path / "scores"
+    assert main(["score", data, "--model", str(model_dir), "--directions", str(directions), "--out", str(out),
+                 "--windows", "1", "--max-length", "64"]) == 0
+    assert "1 of 4 examples skipped" in capsys.readouterr().err
+    assert [r["index"] for r in read_jsonl(out / "scores.jsonl")] == [0, 1, 2]
+    assert json.loads((out / "score.json").read_text())["skipped_too_long"] == 1
