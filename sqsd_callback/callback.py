@@ -20,7 +20,6 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from . import plots
 from .config import SQSDConfig
 from .directions import DirectionBank, DirectionSet
 from .distributed import Processes, after_queued_callbacks, full_parameters, grads_reduced_now
@@ -30,8 +29,7 @@ from .engines.base import Batch, Segments, Stats, scored_tokens
 from .identity import ExampleIndex
 from .modules import find_targets
 from .policies import Anchor, DriftStop, DropPolicy
-from .report import riskiest
-from .scoring import project, rows
+from .scoring import project, riskiest, rows
 from .sinks import JsonlWriter, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
 from .state import STATE_FILE, load_state, save_state, split
 
@@ -217,6 +215,7 @@ class SQSDCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(scalars)
         if self.dashboard is not None and self.sets:
+            from . import plots  # matplotlib, only for the wandb heatmap
             kinds = dict(zip(self.bank.keys, (s.kind for s in self.sets)))
             self.dashboard.log(state.global_step, values, self._top, self._texts, self._describe(args),
                                heatmap=lambda: plots.layer_heatmap(read_jsonl(self.out / "drift.jsonl"), kinds))

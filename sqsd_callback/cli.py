@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         opts.func(opts)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
+    except ModuleNotFoundError as e:
+        print(f"sqsd {opts.command}: error: {e}; the sqsd command needs the app extras: "
+              f"pip install 'sqsd-callback[app]'", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
         print(f"sqsd {opts.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -17,7 +17,8 @@ from . import data
 from .adapters import build_directions, compliant_records, direction_sets, refusal_records, shuffled, theta_0
 from .finetune import load_adapter, lora_config, train_lora
 from .refusal import refusal_rate
-from .report import riskiest, write_report
+from .report import write_report
+from .scoring import riskiest
 from .sinks import read_jsonl
 
 

@@ -156,7 +156,8 @@ class DirectionSet:
         cls, aligned, base, kind: str, name: str = "weight_diff", rank: int | None = None
     ) -> DirectionSet:
         """V = W_aligned − W_base per Linear weight (models or state dicts); ``rank=k`` keeps a truncated SVD
-        and records the fraction of ‖V‖² kept in ``energy_kept``."""
+        and records the fraction of ‖V‖² kept in ``energy_kept``. Pass GPT-2-style models (Conv1D layers) as
+        models: a state dict does not say which weights are stored in×out."""
         a_sd, b_sd = _linear_weights(aligned), _linear_weights(base)
         modules, energy = {}, {}
         for key, wa in a_sd.items():
@@ -249,10 +250,13 @@ def _low_rank(factors: dict[str, dict[str, torch.Tensor]], source) -> dict[str, 
 
 
 def _linear_weights(model_or_state) -> dict[str, torch.Tensor]:
-    """Linear weights by canonical module name, from an nn.Module or a state dict (2-D ``.weight`` entries)."""
+    """Linear weights by canonical module name, out×in, from an nn.Module or a state dict (2-D ``.weight`` entries,
+    taken as nn.Linear's out×in layout). In a model, GPT-2-style ``Conv1D`` layers (weights stored in×out, PEFT's
+    ``fan_in_fan_out``) are turned to out×in here, once, so that their directions line up with LoRA's B·A."""
     if isinstance(model_or_state, torch.nn.Module):
-        return {canonical_name(n): m.weight.detach() for n, m in model_or_state.named_modules()
-                if isinstance(m, torch.nn.Linear)}
+        from transformers.pytorch_utils import Conv1D
+        return {canonical_name(n): m.weight.detach().T if isinstance(m, Conv1D) else m.weight.detach()
+                for n, m in model_or_state.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     return {canonical_name(k[: -len(".weight")]): v for k, v in model_or_state.items()
             if k.endswith(".weight") and getattr(v, "dim", lambda: 0)() == 2}
 

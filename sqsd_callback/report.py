@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from . import plots
+from .scoring import riskiest
 from .sinks import read_jsonl
 
 
@@ -17,15 +18,6 @@ def find_run(path: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(f"No scores.jsonl in {path} or {path / 'sqsd'}: point `sqsd report` at a run's "
                             f"output_dir (or its sqsd/ folder) written by SQSDCallback.")
-
-
-def riskiest(score_rows: list[dict], k: int) -> list[dict]:
-    """The k examples with the highest SQSD, each at its latest score."""
-    latest = {}
-    for r in score_rows:
-        if r.get("sqsd") is not None:
-            latest[r["index"]] = r
-    return sorted(latest.values(), key=lambda r: r["sqsd"], reverse=True)[:k]
 
 
 def write_report(run: str | Path, out_dir: str | Path | None = None, top_k: int = 20,

@@ -66,6 +66,15 @@ def rows(proj: torch.Tensor, bank: DirectionBank, n_scored: torch.Tensor, index:
     return out
 
 
+def riskiest(score_rows: list[dict], k: int) -> list[dict]:
+    """The k examples with the highest SQSD, each at its latest score."""
+    latest = {}
+    for r in score_rows:
+        if r.get("sqsd") is not None:
+            latest[r["index"]] = r
+    return sorted(latest.values(), key=lambda r: r["sqsd"], reverse=True)[:k]
+
+
 def score_samples(
     model,
     samples,

@@ -1,5 +1,6 @@
 """DirectionSet loading, saving and validation, with the messages users see for bad input."""
 
+import copy
 import json
 import math
 
@@ -118,3 +119,37 @@ def test_kind_name_and_model_checks():
     frozen = tiny_base("llama").requires_grad_(False)
     with pytest.raises(ValueError, match="no active LoRA Linear layer and no trainable Linear layer.*get_peft_model"):
         score_samples(frozen, [{"input_ids": [1, 2], "labels": [1, 2]}], [d1], [], progress=False)
+
+
+def test_weight_diff_of_gpt2_conv1d_layers_is_oriented_like_lora():
+    """GPT-2 stores Conv1D weights in×out (PEFT's fan_in_fan_out). A LoRA adapter merged into a copy of the model
+    makes W_aligned − W_base exactly its delta, so each direction must be s·B@A itself (cosine 1), square c_proj
+    included, and the engines must score it alike."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sqsd_callback.testing import random_samples, rel_err
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                           fan_in_fan_out=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    deltas = {m: t.scaling * t.B.detach() @ t.A.detach() for m, t in lora_targets(lora).items()}
+    aligned = copy.deepcopy(lora).merge_and_unload()
+    ds = DirectionSet.from_weight_diff(aligned, base, kind="safety", name="merged")
+    assert {m for m in deltas if m.endswith("attn.c_proj")} == {"transformer.h.0.attn.c_proj",
+                                                                "transformer.h.1.attn.c_proj"}
+    for m, delta in deltas.items():
+        V = ds.modules[m].materialize()
+        cos = float((V * delta).sum() / (V.norm() * delta.norm()))
+        assert cos == pytest.approx(1.0, abs=1e-5), m
+    covered = DirectionSet({m: ds.modules[m] for m in deltas}, "safety", "merged")  # the rest did not change
+    samples = random_samples(4, seed=2)
+    got = score_samples(lora, samples, [], [covered], progress=False)
+    want = score_samples(lora, samples, [], [covered], engine="loop", progress=False)
+    assert rel_err([r["safety"] for r in got], [r["safety"] for r in want]) < 1e-5

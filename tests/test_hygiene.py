@@ -25,3 +25,10 @@ def test_figures_are_not_kept_by_pyplot():
         plots.layer_heatmap(rows, {"danger/d": "danger", "safety/s": "safety"}).savefig(__import__("io").BytesIO())
         plots.drift_curve(rows)
     assert Gcf.get_num_fig_managers() == before
+
+
+def test_the_callback_imports_without_the_app_libraries():
+    code = ("import sys; from sqsd_callback import SQSDCallback, SQSDConfig, DirectionSet, score_samples; "
+            "print(sorted(m for m in ('matplotlib', 'trl', 'datasets', 'wandb', 'gguf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
