@@ -32,7 +32,8 @@ class RunningStats:
 
 @dataclass
 class DropPolicy:
-    """Drop an example when its SQSD is above ``above``, among the riskiest ``top_fraction`` of its micro-batch,
+    """Drop an example when its SQSD is above ``above``, among the riskiest ``top_fraction`` of its micro-batch
+    (whole examples: the fraction's remainder carries to the next micro-batch, so the run drops that share),
     or more than ``zscore_above`` standard deviations above the run's running mean (once ``min_history``
     examples are seen); with ``exclude_dropped`` a dropped example is dropped again whenever it comes back."""
 
@@ -43,6 +44,7 @@ class DropPolicy:
     exclude_dropped: bool = False
     stats: RunningStats = field(default_factory=RunningStats)
     dropped: set = field(default_factory=set)
+    owed: float = 0.0  # top_fraction's share of examples not yet dropped (a micro-batch drops whole examples)
 
     @property
     def active(self) -> bool:
@@ -60,9 +62,12 @@ class DropPolicy:
             if (self.zscore_above is not None and self.stats.count >= self.min_history and self.stats.std > 0
                     and (s - self.stats.mean) / self.stats.std > self.zscore_above):
                 drop[i] = True
-        if self.top_fraction is not None:
+        if self.top_fraction is not None:  # the fraction's remainder carries over: 10% of 8 drops 1 in 5 batches
             scored = sorted((s, i) for i, s in enumerate(scores) if s is not None)
-            for _, i in scored[len(scored) - int(self.top_fraction * len(scored)):]:
+            self.owed += self.top_fraction * len(scored)
+            k = min(len(scored), int(self.owed + 1e-9))
+            self.owed -= k
+            for _, i in scored[len(scored) - k:]:
                 drop[i] = True
         for s in scores:
             if s is not None:
@@ -71,11 +76,12 @@ class DropPolicy:
         return drop
 
     def state_dict(self) -> dict:
-        return {"stats": vars(self.stats).copy(), "dropped": sorted(self.dropped)}
+        return {"stats": vars(self.stats).copy(), "dropped": sorted(self.dropped), "owed": self.owed}
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = RunningStats(**state["stats"])
         self.dropped = set(state["dropped"])
+        self.owed = state.get("owed", 0.0)
 
 
 @dataclass

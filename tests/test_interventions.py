@@ -77,6 +77,9 @@ def test_top_fraction_and_zscore_policies_and_exclusion():
     z = DropPolicy(zscore_above=1.0, min_history=4)
     assert z.decide(rows) == [False] * 5  # fewer than 4 examples seen before
     assert z.decide([{"index": 9, "sqsd": 2.0}, {"index": 10, "sqsd": 0.4}]) == [True, False]
+    small = DropPolicy(top_fraction=0.1)  # 10% of micro-batches of 8: the remainder carries over
+    decided = [small.decide([{"index": 8 * b + i, "sqsd": float(i)} for i in range(8)]) for b in range(10)]
+    assert sum(map(sum, decided)) == 8 and all(d[7] for d in decided if any(d))  # 8 of 80, each its batch's riskiest
     ex = DropPolicy(above=0.8, exclude_dropped=True)
     ex.decide(rows)
     assert ex.decide([{"index": 4, "sqsd": 0.0}]) == [True]  # dropped before: dropped for good
