@@ -329,6 +329,7 @@ def plot(summary: Sequence[dict], path: Path) -> None:
     ax.barh(range(len(rows)), means, xerr=err, color=["#4a7" if r["p"] == 0 else "#c54" for r in rows])
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel("harmfulness (share of held-out harmful prompts answered), mean and min–max over seeds")
+    ax.set_xlabel("harmfulness (share of held-out harmful prompts answered)")
+    ax.set_title("mean over seeds; whiskers: min–max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
