@@ -86,7 +86,7 @@ def _score(opts) -> None:
         passes = paper_passes(danger, safety, opts.checkpoint, opts.alpha)
     else:
         passes = [ScoringPass(opts.checkpoint, [s for _, s in danger + safety])]
-    rows = score_offline(model, samples, passes, opts.metric, opts.batch_size)
+    rows = score_offline(model, samples, passes, opts.metric, opts.batch_size, opts.max_tokens)
     about = {"data": str(opts.data), "model": opts.model or EMBEDDED, "skipped_too_long": skipped,
              "max_length": opts.max_length, "metric": opts.metric, "at": opts.at, "alpha": opts.alpha,
              "passes": [p.describe() for p in passes]}
@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="α of the paper's safety initialisation")
     p.add_argument("--metric", choices=("cosine", "projection", "global_cosine"), default="cosine")
     p.add_argument("--windows", type=int, default=5, help="equal windows by rank (the paper's subsets)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per batch, at most")
+    p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch, at most (bounds "
+                   "activation memory on long examples; one longer example goes alone)")
     p.add_argument("--prompt-field", default=None, help="the prompt's field (None: found from the format: "
                    "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
     p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")

@@ -47,7 +47,7 @@ def paper_passes(danger: Sequence[tuple[str | Path, DirectionSet]], safety: Sequ
 
 
 def score_offline(model, samples: Sequence[dict], passes: Sequence[ScoringPass], metric: str = "cosine",
-                  batch_size: int = 8) -> list[dict]:
+                  batch_size: int = 8, max_tokens: int | None = None) -> list[dict]:
     """One row per sample: every set's projection at its pass's parameters, the per-kind means and SQSD (None for a
     sample without scored tokens); ``model`` (the base, θ_0) is left as found."""
     keys = [f"{s.kind}/{s.name}" for p in passes for s in p.sets]
@@ -60,7 +60,7 @@ def score_offline(model, samples: Sequence[dict], passes: Sequence[ScoringPass],
         try:
             rows = score_samples(scored, samples, danger=[s for s in p.sets if s.kind == "danger"],
                                  safety=[s for s in p.sets if s.kind == "safety"], metric=metric, engine="hooks",
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, max_tokens=max_tokens)
         finally:
             if scored is not model:
                 scored.unload()

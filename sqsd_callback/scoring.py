@@ -84,11 +84,14 @@ def score_samples(
     engine: str = "hooks",
     batch_size: int = 8,
     progress: bool = True,
+    max_tokens: int | None = None,
 ) -> list[dict]:
     """SQSD of every sample at the model's current parameters, one row per sample in input order.
 
     ``samples``: dicts with ``input_ids`` and ``labels`` (−100 = not scored), optional ``attention_mask`` and
-    ``index`` (defaults to the sample's position); batches group samples of similar length. Each example is
+    ``index`` (defaults to the sample's position); batches group samples of similar length, at most
+    ``batch_size`` of them and, with ``max_tokens``, at most that many padded tokens (long examples go in smaller
+    batches, so activation memory stays bounded; a longer example goes alone). Each example is
     scored as the paper does, by its own mean-loss gradient at batch size 1, without dropout; the model's
     parameters, ``.grad`` and train/eval mode are left as found.
     """
@@ -107,11 +110,9 @@ def score_samples(
     device = next(iter(targets.values())).params[0].device
     bank = DirectionBank([*danger, *safety], {m: t.shape for m, t in targets.items()}).to(device)
     scorer = make_engine(engine, targets, bank, model=model)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].get("input_ids", ())))  # little padding
     out: list[dict] = [{} for _ in samples]
-    starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc=f"sqsd score ({engine})", disable=not progress or len(starts) < 2):
-        positions = order[start:start + batch_size]
+    batches = length_batches([len(s.get("input_ids", ())) for s in samples], batch_size, max_tokens)
+    for positions in tqdm(batches, desc=f"sqsd score ({engine})", disable=not progress or len(batches) < 2):
         chunk = [samples[i] for i in positions]
         batch = collate(chunk)
         batch.index = [s.get("index", i) for i, s in zip(positions, chunk)]
@@ -119,3 +120,20 @@ def score_samples(
         for i, row in zip(positions, rows(project(stats, bank, metric), bank, batch.n_scored, batch.index)):
             out[i] = row
     return out
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Positions grouped by length (little padding): at most ``batch_size`` per batch and, with ``max_tokens``, at
+    most that many padded tokens (batch size × its longest example); an example longer than ``max_tokens`` alone."""
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"batch_size and max_tokens must be positive, got {batch_size} and {max_tokens}")
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        last = batches[-1] if batches else None
+        fits = last is not None and len(last) < batch_size and (
+            max_tokens is None or (len(last) + 1) * lengths[i] <= max_tokens)  # i is the longest so far
+        if fits:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches

@@ -228,3 +228,23 @@ def test_training_pass_with_lora_dropout_scores_the_gradients_it_made():
     assert torch.allclose(stats.sq, ref.sq, rtol=1e-5, atol=0)
     no_masks = make_engine("loop", targets, bank).compute(model, batch)
     assert not torch.allclose(stats.dots, no_masks.dots, rtol=1e-2)  # the masks mattered
+
+
+def test_length_batches_respect_count_and_token_budget():
+    from sqsd_callback.scoring import length_batches
+    lengths = [5, 100, 6, 7, 50, 300]
+    assert length_batches(lengths, 3) == [[0, 2, 3], [4, 1, 5]]  # by length, 3 at most
+    # budget 120 padded tokens: 5,6,7 (3×7 = 21); with 50 it would be 4×50 = 200 > 120, so 50 starts a batch;
+    # 50 with 100 would be 2×100 = 200, so 100 starts one; 300 is over the budget and goes alone
+    assert length_batches(lengths, 8, max_tokens=120) == [[0, 2, 3], [4], [1], [5]]
+    with pytest.raises(ValueError, match="must be positive"):
+        length_batches(lengths, 0)
+
+
+def test_token_budget_changes_batches_not_scores():
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    samples = random_samples(8, seed=5, min_len=6, max_len=30)
+    whole = score_samples(model, samples, danger, safety, progress=False)
+    budget = score_samples(model, samples, danger, safety, progress=False, max_tokens=40)
+    assert rel_err([r["sqsd"] for r in budget], [r["sqsd"] for r in whole]) < 1e-5
