@@ -25,7 +25,7 @@ from .directions import DirectionBank, DirectionSet
 from .distributed import Processes, after_queued_callbacks, full_parameters, grads_reduced_now
 from .drift import Drift, summarize
 from .engines import make_engine
-from .engines.base import Batch, Segments, Stats, scored_tokens
+from .engines.base import IGNORE_INDEX, Batch, Segments, Stats, scored_tokens, targets_scored
 from .identity import ExampleIndex
 from .modules import find_targets
 from .policies import Anchor, DriftStop, DropPolicy
@@ -273,7 +273,8 @@ class SQSDCallback(TrainerCallback):
         labels = mb.batch.labels
         log_probs, loss = getattr(outputs, "log_probs", None), getattr(outputs, "loss", None)
         if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and log_probs.shape[0] == labels.shape[0]:
-            scored = (labels[:, 1:] if log_probs.shape[1] == labels.shape[1] - 1 else labels) != -100
+            shifted = log_probs.shape[1] == labels.shape[1] - 1
+            scored = targets_scored(labels) if shifted else labels != IGNORE_INDEX
             anchor_tensor = log_probs
 
             def read_weights(g):  # the loss sums −log_probs over every position: read only scored ones

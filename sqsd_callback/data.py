@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .engines.base import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 # SmolLM2-Instruct's ChatML template (the GGUF carries it); the fallback for tokenizers without one.
 CHATML_TEMPLATE = (

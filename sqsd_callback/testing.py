@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from .directions import Direction, DirectionSet
+from .engines.base import IGNORE_INDEX
 from .modules import find_targets
 
 VOCAB = 96
@@ -97,7 +98,8 @@ def random_samples(n: int = 8, seed: int = 0, min_len: int = 6, max_len: int = 1
     for _ in range(n):
         L = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         ids = torch.randint(1, VOCAB, (L,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:], "attention_mask": [1] * L})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt_len + ids[prompt_len:],
+                    "attention_mask": [1] * L})
     return out
 
 
@@ -108,7 +110,7 @@ def pad_collator(side: str = "right"):
         out = {"input_ids": [], "labels": [], "attention_mask": []}
         for f in features:
             pad = T - len(f["input_ids"])
-            for key, value in (("input_ids", 0), ("labels", -100), ("attention_mask", 0)):
+            for key, value in (("input_ids", 0), ("labels", IGNORE_INDEX), ("attention_mask", 0)):
                 row = list(f[key])
                 out[key].append([value] * pad + row if side == "left" else row + [value] * pad)
         if "index" in features[0]:
@@ -124,7 +126,7 @@ def pack_collator():
         ids, labels, pos = [], [], []
         for f in features:
             ids += list(f["input_ids"])
-            labels += [-100] + list(f["labels"])[1:]
+            labels += [IGNORE_INDEX] + list(f["labels"])[1:]
             pos += list(range(len(f["input_ids"])))
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
     return collate

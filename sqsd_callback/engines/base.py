@@ -11,6 +11,15 @@ from torch import nn
 from ..directions import DirectionBank
 from ..modules import Target
 
+IGNORE_INDEX = -100
+"""The label of a position that is not scored (the causal-LM loss's ignore_index)."""
+
+
+def targets_scored(labels: torch.Tensor) -> torch.Tensor:
+    """(rows × length−1) bool: whether position t's next-token target, ``labels[:, t+1]``, is scored. Every scored
+    count and mask in the package derives from this one."""
+    return labels[:, 1:] != IGNORE_INDEX
+
 
 @dataclass
 class Segments:
@@ -62,9 +71,7 @@ class Batch:
     @property
     def n_scored(self) -> torch.Tensor:
         """Scored (next-token) positions per example, counted as the causal-LM loss counts them."""
-        scored = torch.zeros_like(self.labels)
-        scored[:, 1:] = self.labels[:, 1:] != -100
-        return self.sum_per_example(scored)
+        return self.sum_per_example(nn.functional.pad(targets_scored(self.labels).long(), (1, 0)))
 
     def sum_per_example(self, per_token: torch.Tensor) -> torch.Tensor:
         """Sum a (rows × length) per-token quantity over each example's tokens."""
@@ -89,7 +96,7 @@ class Batch:
         pad = nn.utils.rnn.pad_sequence
         ids, labels = self._per_example(self.input_ids), self._per_example(self.labels)
         mask = [torch.ones_like(i) for i in ids]
-        return Batch(pad(ids, batch_first=True), pad(labels, batch_first=True, padding_value=-100),
+        return Batch(pad(ids, batch_first=True), pad(labels, batch_first=True, padding_value=IGNORE_INDEX),
                      pad(mask, batch_first=True), self.index)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -105,8 +112,8 @@ class Batch:
 
 
 def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Per row, how many next-token targets are not −100."""
-    return (labels[:, 1:] != -100).sum(-1)
+    """Per row, how many next-token targets are scored."""
+    return targets_scored(labels).sum(-1)
 
 
 @dataclass
@@ -124,7 +131,7 @@ def example_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
     tok = nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-    mask = (target != -100).float()
+    mask = targets_scored(labels).float()
     return (tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
@@ -132,8 +139,7 @@ def summed_example_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Σ_i of example i's mean next-token cross-entropy, from one forward of the batch (its gradient is the sum of
     the examples' batch-size-1 gradients). The output layer runs only at the scored positions: it is most of a
     small model's compute, and prompt and padding positions need none of it."""
-    scored = torch.zeros_like(batch.labels, dtype=torch.bool)
-    scored[:, :-1] = batch.labels[:, 1:] != -100
+    scored = nn.functional.pad(targets_scored(batch.labels), (0, 1))  # at the positions whose logits are scored
     rows, cols = scored.nonzero(as_tuple=True)
     gathered = []
 
@@ -199,7 +205,7 @@ def collate(samples: list[dict], pad_id: int = 0) -> Batch:
                              f"differ in length.")
     T = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), -100, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(samples), T), dtype=torch.long)
     for i, s in enumerate(samples):
         n = len(s["input_ids"])

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..directions import DirectionBank
 from ..modules import Target
-from .base import Batch, Stats, dense_stats, scoring_mode
+from .base import Batch, Stats, dense_stats, scoring_mode, targets_scored
 
 
 class LoopEngine:
@@ -26,7 +26,7 @@ class LoopEngine:
             for ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels):
                 keep = mask.bool()
                 ids, labels = ids[keep][None], labels[keep][None]
-                if (labels[:, 1:] != -100).any():
+                if targets_scored(labels).any():
                     loss = model(input_ids=ids, labels=labels).loss
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     per_example.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
