@@ -58,9 +58,10 @@ def main() -> None:
     experiment = Experiment(inputs, out, settings)
     plan = [(share, c, seed) for seed in settings.seeds for share in settings.shares for c in conditions
             if c.poisoned == (share > 0)]
-    start, done = time.perf_counter(), []
+    start = time.perf_counter()
     for share, condition, seed in tqdm(plan, desc="protect runs"):
-        done.append(experiment.run(share, condition, seed))
+        experiment.run(share, condition, seed)
+        done = experiment.finished()
         summary = summarize(done)
         results.parent.mkdir(parents=True, exist_ok=True)
         results.with_suffix(".json").write_text(json.dumps({
@@ -69,7 +70,7 @@ def main() -> None:
             "minutes_this_invocation": (time.perf_counter() - start) / 60}, indent=1, default=str))
         results.with_suffix(".md").write_text(table(summary))
         plot(summary, results.with_suffix(".png"))
-    print(table(summarize(done)))
+    print(table(summarize(experiment.finished())))
 
 
 if __name__ == "__main__":

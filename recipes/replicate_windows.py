@@ -1,6 +1,6 @@
 """The paper's window experiment: does fine-tuning on the riskiest SQSD window degrade safety most?
 
-    python recipes/replicate_windows.py --quick            # embedded default, 2 CPU cores, < 30 min
+    python recipes/replicate_windows.py --quick            # embedded default, 3 seeds, 2 CPU cores, ~40 min
     python recipes/replicate_windows.py --model Qwen/Qwen3-8B --pool dolly.jsonl --directions runs/paper/directions \
         --checkpoint runs/paper/theta_t --held-out harmful_eval.jsonl --k 5 --out runs/windows
 
@@ -13,14 +13,17 @@ the pool, θ_t and the held-out prompts from `sqsd demo`'s cache, running the de
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from sqsd_callback.adapters import direction_sets, theta_0
 from sqsd_callback.data import load_model, load_records
 from sqsd_callback.demo import run_demo
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.windows import run_windows
+from sqsd_callback.windows import across_seeds, run_windows, seeds_plot, seeds_table
 
 
 def main() -> None:
@@ -34,12 +37,15 @@ def main() -> None:
     p.add_argument("--held-out", help="held-out harmful prompts, a `prompt` per record (full mode: default the "
                    "directions' held_out.jsonl)")
     p.add_argument("--n-eval", type=int, default=128, help="held-out prompts in each evaluation")
-    p.add_argument("--k", type=int, default=4, help="windows by rank")
+    p.add_argument("--k", type=int, default=5, help="windows by rank")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--out", default=None, help="default: <cache>/windows (quick) or runs/windows")
+    p.add_argument("--results", default=None, help="where the across-seeds table, JSON and plot go (default: "
+                   "benchmarks/results/windows-quick-cpu.* in quick mode, <out>/windows-seeds.* otherwise)")
     opts = p.parse_args()
 
     start = time.perf_counter()
@@ -49,6 +55,7 @@ def main() -> None:
         directions, pool, checkpoint = cache / "directions", cache / "data" / "finetune.jsonl", cache / "finetune"
         records, online = read_jsonl(pool), read_jsonl(checkpoint / "sqsd" / "scores.jsonl")
         out = Path(opts.out or cache / "windows")
+        results = Path(opts.results or "benchmarks/results/windows-quick-cpu")
     else:
         missing = [f"--{n}" for n in ("pool", "directions", "checkpoint") if getattr(opts, n) is None]
         if missing:
@@ -56,17 +63,27 @@ def main() -> None:
         directions, checkpoint = Path(opts.directions), Path(opts.checkpoint)
         records, online = load_records(opts.pool), None
         out = Path(opts.out or "runs/windows")
+        results = Path(opts.results or out / "windows-seeds")
     held_out = opts.held_out or directions / "held_out.jsonl"
     prompts = [r["prompt"] for r in load_records(held_out, prompts_only=True)][:opts.n_eval]
     model, tokenizer = load_model(opts.model)
     model = theta_0(model, directions)
     danger, safety = direction_sets(directions)
-    summary = run_windows(model, tokenizer, records, prompts, out, (directions / "danger", danger),
-                          (directions / "safety", safety), checkpoint, k=opts.k, rank=opts.rank,
-                          max_length=opts.max_length, online=online, num_train_epochs=opts.epochs,
-                          learning_rate=opts.lr)
-    print((out / "windows.md").read_text())
-    print(f"plot: {out / 'windows.png'}; rho {summary['rho']:+.3f}; {(time.perf_counter() - start) / 60:.1f} min")
+    summaries = []
+    for seed in tqdm(opts.seeds, desc="training seeds"):
+        summaries.append(run_windows(model, tokenizer, records, prompts, out / f"k{opts.k}-seed{seed}",
+                                     (directions / "danger", danger), (directions / "safety", safety), checkpoint,
+                                     k=opts.k, rank=opts.rank, max_length=opts.max_length, online=online,
+                                     seed=seed, num_train_epochs=opts.epochs, learning_rate=opts.lr))
+    combined = {**across_seeds(summaries), "variants_rho": summaries[0]["variants_rho"], "n_eval": len(prompts),
+                "epochs": opts.epochs, "lr": opts.lr, "rank": opts.rank,
+                "minutes_this_invocation": (time.perf_counter() - start) / 60}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".json").write_text(json.dumps(combined, indent=1))
+    results.with_suffix(".md").write_text(seeds_table(combined))
+    seeds_plot(combined, results.with_suffix(".png"))
+    print(seeds_table(combined))
+    print(f"plot: {results.with_suffix('.png')}; {combined['minutes_this_invocation']:.1f} min")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,10 @@ class Experiment:
         done.write_text(json.dumps(result))
         return result
 
+    def finished(self) -> list[dict]:
+        """Every result cached under ``out`` (all shares, conditions and seeds run so far, by any invocation)."""
+        return [json.loads(f.read_text()) for f in sorted(self.out.glob("p*/*/seed*/result.json"))]
+
     def _callback(self, p: float, condition: Condition, seed: int):
         from .callback import SQSDCallback
         options = {k: (self.threshold if v == "calibrated" else v) for k, v in condition.drops.items()}

@@ -9,6 +9,7 @@ harmfulness near −1, with a bootstrap interval over the held-out prompts that 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,7 +119,7 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
     ranks = list(range(1, k + 1))
     harm = complied.mean(1).tolist()
     summary = {
-        "examples": len(samples), "k": k, "window_size": size, "held_out": len(held_out),
+        "seed": seed, "examples": len(samples), "k": k, "window_size": size, "held_out": len(held_out),
         "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "harmfulness": h}
                     for w, h in zip(windows, harm)],
         "random": results["random"]["harmfulness"],
@@ -129,6 +130,72 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
     _plot(summary, out / "windows.png")
     (out / "windows.md").write_text(table(summary))
     return summary
+
+
+def across_seeds(summaries: Sequence[dict]) -> dict:
+    """The window experiment repeated over training seeds: rho per seed, its mean with a 95% t interval across
+    seeds, and harmfulness per window (mean, min, max over seeds). ``summaries``: ``run_windows`` results that
+    differ only in ``seed``."""
+    rhos = [s["rho"] for s in summaries]
+    mean = float(np.mean(rhos))
+    half = _t975(len(rhos) - 1) * float(np.std(rhos, ddof=1)) / np.sqrt(len(rhos)) if len(rhos) > 1 else math.nan
+    harm = np.array([[w["harmfulness"] for w in s["windows"]] for s in summaries])
+    random_harm = [s["random"] for s in summaries]
+    return {
+        "seeds": [s["seed"] for s in summaries], "k": summaries[0]["k"], "window_size": summaries[0]["window_size"],
+        "held_out": summaries[0]["held_out"], "rho_per_seed": rhos, "rho_mean": mean,
+        "rho_95_across_seeds": [max(-1.0, mean - half), min(1.0, mean + half)],
+        "rho_of_mean_harmfulness": spearman(range(1, harm.shape[1] + 1), harm.mean(0)),
+        "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "harmfulness_mean": float(col.mean()),
+                     "harmfulness_min": float(col.min()), "harmfulness_max": float(col.max())}
+                    for w, col in zip(summaries[0]["windows"], harm.T)],
+        "random": {"mean": float(np.mean(random_harm)), "min": min(random_harm), "max": max(random_harm)},
+    }
+
+
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom: tabulated to 10, then the
+    Cornish-Fisher expansion around the normal's 1.96 (within 1e-3 beyond)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def seeds_table(combined: dict) -> str:
+    """The across-seeds results as Markdown."""
+    lo, hi = combined["rho_95_across_seeds"]
+    lines = ["| window (1 = riskiest) | mean SQSD | harmfulness, mean over seeds (min–max) |", "|---|---|---|",
+             *[f"| {w['window']} | {w['sqsd_mean']:+.3f} | {w['harmfulness_mean']:.3f} "
+               f"({w['harmfulness_min']:.3f}–{w['harmfulness_max']:.3f}) |" for w in combined["windows"]],
+             f"| random | | {combined['random']['mean']:.3f} ({combined['random']['min']:.3f}–"
+             f"{combined['random']['max']:.3f}) |", "",
+             f"Spearman's rho per training seed {combined['seeds']}: "
+             f"{', '.join(f'{r:+.2f}' for r in combined['rho_per_seed'])}; mean {combined['rho_mean']:+.3f}, 95% "
+             f"t interval across seeds [{lo:+.3f}, {hi:+.3f}]; rho of the seed-mean harmfulness "
+             f"{combined['rho_of_mean_harmfulness']:+.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def seeds_plot(combined: dict, path: Path) -> None:
+    """Harmfulness per window: each seed's range and the mean, with the random window's mean."""
+    fig, ax = new_figure((6, 3.6))
+    ws = combined["windows"]
+    x = [w["window"] for w in ws]
+    mean = [w["harmfulness_mean"] for w in ws]
+    ax.errorbar(x, mean, yerr=[[m - w["harmfulness_min"] for m, w in zip(mean, ws)],
+                               [w["harmfulness_max"] - m for m, w in zip(mean, ws)]], fmt="o-", capsize=3,
+                label=f"mean over seeds {combined['seeds']} (min–max)")
+    ax.axhline(combined["random"]["mean"], color="grey", ls="--", label="random window (mean)")
+    ax.set(xlabel="window (1 = riskiest by SQSD)", ylabel="harmfulness (1 − refusal rate)",
+           title=f"rho per seed {', '.join(f'{r:+.2f}' for r in combined['rho_per_seed'])}")
+    ax.set_xticks(x)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def table(summary: dict) -> str:
