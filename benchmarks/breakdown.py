@@ -23,7 +23,8 @@ import torch
 from overhead import SHAPES, build, machine
 
 from sqsd_callback import drift
-from sqsd_callback.engines import hooks
+from sqsd_callback.layers.linear import LinearHooks
+from sqsd_callback.layers.lora import LoraHooks
 
 VARIANTS = ("none", "taps", "math", "full")
 
@@ -31,8 +32,8 @@ VARIANTS = ("none", "taps", "math", "full")
 @contextmanager
 def switched_off(variant: str):
     """Replace the engine's per-example math (``taps``) and the drift (``taps``, ``math``) with no-ops."""
-    saved = [(hooks._LoraGroup, "backward"), (hooks._LinearGroup, "backward"), (hooks._LoraGroup, "finish"),
-             (hooks._LinearGroup, "finish"), (drift.Drift, "measure")]
+    saved = [(LoraHooks, "backward"), (LinearHooks, "backward"), (LoraHooks, "finish"),
+             (LinearHooks, "finish"), (drift.Drift, "measure")]
     originals = [getattr(owner, name) for owner, name in saved]
     if variant == "taps":
         for owner, name in saved[:4]:

@@ -24,10 +24,10 @@ from .config import SQSDConfig
 from .directions import DirectionBank, DirectionSet
 from .distributed import Processes, after_queued_callbacks, full_parameters, grads_reduced_now
 from .drift import Drift, summarize
-from .engines import make_engine
+from .engines import ENGINES, make_engine
 from .engines.base import IGNORE_INDEX, Batch, Segments, Stats, scored_tokens, targets_scored
 from .identity import ExampleIndex
-from .modules import find_targets
+from .layers import find_targets
 from .policies import Anchor, DriftStop, DropPolicy
 from .scoring import project, riskiest, rows
 from .sinks import JsonlWriter, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
@@ -163,14 +163,14 @@ class SQSDCallback(TrainerCallback):
         self._top, self._texts = [], {}
         if self.main:
             (self.out / "run.json").write_text(json.dumps(self._describe(args), indent=2))
-        if self.sets and self.engine_name == "hooks":
+        if self.sets:
             self.engine.attach()
         self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
                          model.register_forward_hook(self._on_outputs, with_kwargs=True)]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         for mb in self._pending:
-            if mb.stats is None and self.sets and self.engine_name != "hooks":  # oracle engines: extra passes
+            if mb.stats is None and self.sets:  # oracle engines: extra passes at the step's parameters
                 mb.stats = self.engine.compute(self.model, mb.batch)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -233,7 +233,7 @@ class SQSDCallback(TrainerCallback):
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self.sets and self.engine_name == "hooks":
+        if self.sets:
             self.engine.detach()
         for f in self.files.values():
             f.close()
@@ -260,8 +260,8 @@ class SQSDCallback(TrainerCallback):
                              "(SQSDCallback then finds each packed example by its tokens).")
         self._pending.append(_MicroBatch(batch, own_index=own_index))
         self._num_items = kwargs.get("num_items_in_batch")
-        if self.sets and self.engine_name == "hooks":
-            self.engine.start(batch.n_examples, ids.device, segments)
+        if self.sets:
+            self.engine.start(batch)
         return args, kwargs
 
     def _on_outputs(self, module, args, kwargs, outputs):
@@ -307,7 +307,7 @@ class SQSDCallback(TrainerCallback):
         """The micro-batch's gradients are all accumulated and not yet clipped: score it and remove dropped
         examples; on the step's last micro-batch renormalise and add the anchor's gradient. Under DDP, edits of
         gradients that DDP reduces in this pass wait until it has written the averages (then reduced themselves)."""
-        if self.sets and self.engine_name == "hooks":
+        if self.sets:
             mb.stats = self.engine.finish()
         if self.drop.active:  # decided now: the decisions edit this micro-batch's gradients
             mb.rows = self._rows(mb)
@@ -398,7 +398,7 @@ class SQSDCallback(TrainerCallback):
             raise ValueError(f"Drops and the anchor edit the step's gradients, which {what} reduces and shards in "
                              f"its own buffers; under {what} they are not supported. Monitoring (scores, drift, "
                              f"stop_drift_above) works; for drops or the anchor train with DDP or one process.")
-        if procs.engine in ("fsdp", "deepspeed") and self.engine_name != "hooks":
+        if procs.engine in ("fsdp", "deepspeed") and not ENGINES[self.engine_name].from_step:
             raise ValueError(f"engine={self.engine_name!r} runs extra passes outside the training step, which "
                              f"FSDP2 and DeepSpeed do not shard for it; use engine='hooks' (the default).")
 
@@ -471,7 +471,7 @@ class SQSDCallback(TrainerCallback):
     def _scale(self, mb: _MicroBatch) -> torch.Tensor | None:
         """Per-row factor turning the hook gradient (loss weight w per token) into the example's mean-loss
         gradient: 1 / (w · n_scored). Only the ``projection`` metric depends on it."""
-        if self.engine_name != "hooks":
+        if not self.engine.from_step:  # the oracles' stats are per example already
             return None
         if mb.weight is None:
             if self.metric == "projection":

@@ -252,10 +252,13 @@ def _low_rank(factors: dict[str, dict[str, torch.Tensor]], source) -> dict[str, 
 def _linear_weights(model_or_state) -> dict[str, torch.Tensor]:
     """Linear weights by canonical module name, out×in, from an nn.Module or a state dict (2-D ``.weight`` entries,
     taken as nn.Linear's out×in layout). In a model, GPT-2-style ``Conv1D`` layers (weights stored in×out, PEFT's
-    ``fan_in_fan_out``) are turned to out×in here, once, so that their directions line up with LoRA's B·A."""
+    ``fan_in_fan_out``) are turned to out×in by their layer kind (``weight_oi``), so that their directions line up
+    with LoRA's B·A."""
     if isinstance(model_or_state, torch.nn.Module):
         from transformers.pytorch_utils import Conv1D
-        return {canonical_name(n): m.weight.detach().T if isinstance(m, Conv1D) else m.weight.detach()
+
+        from .layers import Conv1DTarget, LinearTarget
+        return {canonical_name(n): (Conv1DTarget if isinstance(m, Conv1D) else LinearTarget)(n, m).weight_oi.detach()
                 for n, m in model_or_state.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     return {canonical_name(k[: -len(".weight")]): v for k, v in model_or_state.items()
             if k.endswith(".weight") and getattr(v, "dim", lambda: 0)() == 2}

@@ -1,8 +1,8 @@
 """Cumulative drift of the run: θ_t − θ_0 against each direction set, per module and in total.
 
-LoRA modules are measured in low-rank form (never an out×in matrix), a group of layers at a time; full
-fine-tuning against a copy of W_0, a module at a time (one out×in difference in memory). The per-module dots
-and norms reach the host in one transfer and become cosines and projections.
+Each layer kind measures a group of its layers (``sqsd_callback.layers``): LoRA in low-rank form (never an out×in
+matrix), full fine-tuning against a copy of W_0, a module at a time (one out×in difference in memory). The
+per-module dots and norms reach the host in one transfer and become cosines and projections.
 """
 
 from __future__ import annotations
@@ -13,39 +13,8 @@ import math
 import torch
 
 from .directions import DirectionBank
-from .groups import Group, group_modules
-from .modules import LinearTarget, LoraTarget, Target
-
-
-def _lora_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """θ_t − θ_0 = P Q with P = [sB_t, −sB_0] (L×out×2r), Q = [A_t; A_0] (just sB_t, A_t where every θ_0 delta is
-    zero): <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ), <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>."""
-    scale = group.scaling(group.targets[0].B.device)
-    P = torch.stack([t.B.detach() for t in group.targets]).float() * scale[:, None, None]
-    Q = torch.stack([t.A.detach() for t in group.targets]).float()
-    if any(s is not None for s in start):
-        P = torch.cat([P, -torch.stack([torch.zeros_like(p) if s is None else s[0] for s, p in zip(start, P)])], 2)
-        Q = torch.cat([Q, torch.stack([torch.zeros_like(q) if s is None else s[1] for s, q in zip(start, Q)])], 1)
-    Pt = P.transpose(1, 2)
-    dots = [group.block_sums(((Pt @ group.VB) * (Q @ group.VAt)).sum(1))] if group.low else []
-    dots += [torch.stack([(q * (p.T @ d[k].dense)).sum() for p, q, d in zip(P, Q, group.dirs)])[:, None]
-             for k in group.dense]
-    return torch.cat(dots, 1), ((Pt @ P) * (Q @ Q.transpose(1, 2))).sum((1, 2))
-
-
-def _linear_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """D = W_t − W_0 per module: <D, B_V A_V> = Σ B_V ⊙ (D A_Vᵀ), <D, V>, ‖D‖²."""
-    dots, sq = [], []
-    for i, (t, w0) in enumerate(zip(group.targets, start)):
-        D = t.module.weight.detach().float() - w0.float()
-        row = [group.block_sums(((D @ group.VAt[i]) * group.VB[i]).sum(0))] if group.low else []
-        row += [(D * group.dirs[i][k].dense).sum()[None] for k in group.dense]
-        dots.append(torch.cat(row))
-        sq.append(D.pow(2).sum())
-    return torch.stack(dots), torch.stack(sq)
-
-
-MEASURES = {LoraTarget: _lora_drift, LinearTarget: _linear_drift}
+from .groups import group_modules
+from .layers import Target, kind_of
 
 
 class Drift:
@@ -88,7 +57,7 @@ class Drift:
         sq = torch.zeros(len(self.bank.modules), device=device)
         with self.gather():
             for group in self.groups:
-                group.put(*MEASURES[type(group.targets[0])](group, [self.start[m] for m in group.names]), dots, sq)
+                group.put(*kind_of(group.targets[0]).drift(group, [self.start[m] for m in group.names]), dots, sq)
         both = torch.cat([dots, sq[:, None]], 1).double().cpu()  # one transfer (and wait) per step
         dots, sq = both[:, :-1], both[:, -1]
         present = self.bank.present

@@ -3,10 +3,15 @@ hooks engine and the drift do their per-module algebra as a few batched operatio
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .directions import Direction, DirectionBank
-from .modules import LoraTarget, Target
+
+if TYPE_CHECKING:
+    from .engines.base import Stats
+    from .layers import Target
 
 
 def _layout(d: Direction | None):
@@ -58,12 +63,38 @@ class Group:
         into_sq[..., self.slots] = sq
 
 
+class HookGroup(Group):
+    """A group as the hooks engine scores it: what one pass has gathered, and what it keeps for exact drops. Each
+    layer kind's subclass (registered with the kind) adds ``hooks()`` (the model hooks that tap the backward pass),
+    ``finish(record)`` (the group's dots and norms into the pass's record) and ``summed(target, kept, idx)`` (the
+    summed gradients of examples ``idx``, in the parameters' layout)."""
+
+    def __init__(self, engine, names: list[str], targets: dict[str, Target], bank: DirectionBank) -> None:
+        super().__init__(names, targets, bank)
+        self.engine = engine
+        self.kept: list = [None] * len(names)
+
+    def reset(self) -> None:
+        """A new pass: nothing kept, no per-example products yet."""
+        self.kept = [None] * len(self.targets)
+
+    def write(self, record: Stats, dots: torch.Tensor, sq: torch.Tensor) -> None:
+        """Put the group's dots (L×n×sets) and squared norms (L×n) in the record."""
+        self.put(dots.transpose(0, 1), sq.T, record.dots, record.sq)
+
+    def removed(self, idx: torch.Tensor):
+        """Each kept module's parameters with the summed gradients of examples ``idx``; releases what was kept."""
+        for target, kept in zip(self.targets, self.kept):
+            if kept is not None:
+                yield from zip(target.params, self.summed(target, kept, idx))
+        self.kept = [None] * len(self.targets)
+
+
 def group_modules(names, targets: dict[str, Target], bank: DirectionBank, make=Group) -> list:
     """Partition ``names`` into groups of one kind, each built by ``make(names, targets, bank)``."""
     kinds: dict[tuple, list[str]] = {}
     for m in names:
         t, dirs = targets[m], bank.per_module.get(m)
-        rank = t.A.shape[0] if isinstance(t, LoraTarget) else None
-        kind = (type(t), t.shape, rank, None if dirs is None else tuple(_layout(d) for d in dirs))
+        kind = (type(t), t.shape, getattr(t, "rank", None), None if dirs is None else tuple(_layout(d) for d in dirs))
         kinds.setdefault(kind, []).append(m)
     return [make(ms, targets, bank) for ms in kinds.values()]

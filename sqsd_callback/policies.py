@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .directions import DirectionSet
-from .modules import LoraTarget, Target
+from .layers import LoraTarget, Target
 
 
 @dataclass

@@ -100,7 +100,7 @@ def score_samples(
     from .directions import DirectionBank
     from .engines import make_engine
     from .engines.base import collate
-    from .modules import find_targets
+    from .layers import find_targets
 
     check_metric(metric)
     samples = list(samples)

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from .directions import Direction, DirectionSet
 from .engines.base import IGNORE_INDEX
-from .modules import find_targets
+from .layers import find_targets
 
 VOCAB = 96
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -19,8 +19,16 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 
 
 def tiny_base(arch: str = "llama", seed: int = 0, attn: str = "eager"):
-    """A 2-layer causal LM with random weights and ``attn`` attention."""
+    """A 2-layer causal LM with random weights and ``attn`` attention: ``llama``, ``qwen2`` or ``gpt2`` (GPT-2's
+    Conv1D layers store their weights in×out; its dropout is off, as the others', so a training step is the
+    oracles' deterministic pass)."""
     torch.manual_seed(seed)
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                          pad_token_id=0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+                                          attn_implementation=attn, resid_pdrop=0.0,
+                                          embd_pdrop=0.0, attn_pdrop=0.0))
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, attn_implementation=attn)
     if arch == "llama":

@@ -19,25 +19,26 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sqsd_callback import score_samples
 from sqsd_callback.distributed import full_parameters
-from sqsd_callback.modules import lora_targets
+from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import pad_collator, rel_err
 
 SCORE_KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
 
 
-def trainer(model, samples, out, callbacks=(), batch=2, accum=1, steps=3, optim=None, lr=0.05,
-            optimizers=(None, None), **kw) -> Trainer:
-    """A CPU Trainer on ``samples``; ``optim=None`` keeps TrainingArguments' default optimizer (fused AdamW)."""
-    kw.setdefault("save_strategy", "no")
-    kw.setdefault("max_grad_norm", 0.05)
+def trainer(model, samples, out, callbacks=(), batch=2, accum=1, steps=3, optim=None, lr=0.05, collator=None,
+            optimizers=(None, None), processing_class=None, **kw) -> Trainer:
+    """The tests' one Trainer: on CPU over ``samples`` (right-padded unless ``collator``), logging every step, no
+    reporting or checkpoints, clipping at 0.05, seed 5; ``optim=None`` keeps TrainingArguments' default optimizer
+    (fused AdamW) and its linear schedule. Any TrainingArguments field in ``kw`` overrides these."""
+    defaults = dict(logging_steps=1, report_to=[], save_strategy="no", max_grad_norm=0.05, seed=5, disable_tqdm=True)
     if optim is not None:
         kw["optim"] = optim
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-                             max_steps=steps, learning_rate=lr, logging_steps=1, report_to=[], use_cpu=True,
-                             seed=5, disable_tqdm=True, **kw)
-    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=pad_collator(),
-                   callbacks=list(callbacks), optimizers=optimizers)
+                             max_steps=steps, learning_rate=lr, use_cpu=True, **{**defaults, **kw})
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
+                   data_collator=collator or pad_collator(), callbacks=list(callbacks), optimizers=optimizers,
+                   processing_class=processing_class)
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -104,6 +105,18 @@ def assert_every_step_matches_loop(model, samples, out, thetas: ThetaEachStep, d
         assert worst[s] <= tol, f"step {s}: {errs}"
     print(f"agreement {os.environ.get('PYTEST_CURRENT_TEST', '')}: {max(worst.values()):.2e}")  # for the README
     return worst
+
+
+def dense_drift_cosines(delta: dict[str, torch.Tensor], sets) -> dict[str, float]:
+    """cos(θ_t − θ_0, V) of each set over the modules it covers, from each module's out×in change ``delta[m]``
+    formed densely; keyed as drift.jsonl's ``cosine/<kind>/<name>``."""
+    out = {}
+    for s in sets:
+        num = sum(float((delta[m] * v.materialize()).sum()) for m, v in s.modules.items())
+        wn = sum(float(delta[m].pow(2).sum()) for m in s.modules) ** 0.5
+        vn = sum(float(v.materialize().pow(2).sum()) for v in s.modules.values()) ** 0.5
+        out[f"cosine/{s.kind}/{s.name}"] = num / (wn * vn)
+    return out
 
 
 def dense_asft(model, dirs: dict[str, torch.Tensor], lam: float) -> torch.Tensor:

@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
 
 from sqsd_callback import SQSDCallback, score_samples
-from sqsd_callback.modules import lora_targets
+from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import (
     VOCAB,
@@ -21,17 +20,14 @@ from sqsd_callback.testing import (
     word_tokenizer,
 )
 
-KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+from helpers import SCORE_KEYS, trainer
 
 
 def _train(model, samples, cb, tmp_path, side="right", steps=2, **kw):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=steps, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, lr_scheduler_type="constant", seed=3, **kw)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
-                      data_collator=pad_collator(side), callbacks=[cb])
-    trainer.train()
-    return trainer
+    run = trainer(model, samples, tmp_path, [cb], accum=2, steps=steps, lr=1e-2, collator=pad_collator(side),
+                  **{"lr_scheduler_type": "constant", "seed": 3, "max_grad_norm": 1.0, **kw})
+    run.train()
+    return run
 
 
 @pytest.mark.parametrize("arch,side,metric,engine", [
@@ -51,7 +47,7 @@ def test_first_step_scores_equal_score_samples(tmp_path, arch, side, metric, eng
     assert [r["step"] for r in rows] == [0] * 4 + [1] * 4
     assert sorted(r["index"] for r in rows) == list(range(8))  # shuffled, but every position recovered
     first = [r for r in rows if r["step"] == 0]
-    for k in KEYS:
+    for k in SCORE_KEYS:
         assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
     later = [r for r in rows if r["step"] == 1]  # scored at θ_1, not θ_0
     assert rel_err([r["sqsd"] for r in later], [expected[r["index"]]["sqsd"] for r in later]) > 1e-3
@@ -204,7 +200,7 @@ def test_sft_trainer_projection_scores_equal_score_samples(tmp_path):
     assert all(-100 in s["labels"] for s in samples)  # completion-only loss
     expected = score_samples(before, samples, danger, safety, metric="projection", progress=False)
     first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
-    for k in KEYS:
+    for k in SCORE_KEYS:
         assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
 
 

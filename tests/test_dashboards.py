@@ -7,26 +7,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
 from wandb_files import offline_run
 
 from sqsd_callback import SQSDCallback
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pad_collator, random_samples, three_sets, tiny_lora, word_tokenizer
+from sqsd_callback.testing import random_samples, three_sets, tiny_lora, word_tokenizer
+
+from helpers import trainer
 
 
 def _run(tmp_path, report_to, steps=4, **cb_kw):
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps,
-                             learning_rate=1e-2, logging_steps=2, report_to=report_to, save_strategy="no",
-                             use_cpu=True, disable_tqdm=True)
-    cb = SQSDCallback(danger, safety, **cb_kw)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(random_samples(8, seed=6)),
-                      data_collator=pad_collator(), processing_class=word_tokenizer(), callbacks=[cb])
-    trainer.train()
-    return trainer
+    run = trainer(model, random_samples(8, seed=6), tmp_path, [SQSDCallback(danger, safety, **cb_kw)], steps=steps,
+                  lr=1e-2, logging_steps=2, report_to=report_to, max_grad_norm=1.0, seed=42,
+                  processing_class=word_tokenizer())
+    run.train()
+    return run
 
 
 def _assert_files_complete(tmp_path, steps=4):

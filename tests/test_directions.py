@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from sqsd_callback import DirectionSet, score_samples
 from sqsd_callback.directions import Direction, DirectionBank
-from sqsd_callback.modules import lora_targets
+from sqsd_callback.layers import lora_targets
 from sqsd_callback.testing import random_set, tiny_base, tiny_lora
 
 
@@ -117,7 +117,7 @@ def test_kind_name_and_model_checks():
     with pytest.raises(ValueError, match="repeated: \\['danger/same'\\]"):
         DirectionBank([d1, d2], _shapes(model))
     frozen = tiny_base("llama").requires_grad_(False)
-    with pytest.raises(ValueError, match="no active LoRA Linear layer and no trainable Linear layer.*get_peft_model"):
+    with pytest.raises(ValueError, match="no trainable layer of a kind SQSD scores.*get_peft_model"):
         score_samples(frozen, [{"input_ids": [1, 2], "labels": [1, 2]}], [d1], [], progress=False)
 
 

@@ -9,13 +9,13 @@ from sqsd_callback import score_samples
 from sqsd_callback.directions import DirectionBank
 from sqsd_callback.engines import make_engine
 from sqsd_callback.engines.base import collate
-from sqsd_callback.modules import lora_targets
+from sqsd_callback.layers import lora_targets
 from sqsd_callback.testing import random_samples, random_set, rel_err, three_sets, tiny_lora
 
-KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+from helpers import SCORE_KEYS
 
 
-def _agree(model, danger, safety, samples, metric, keys=KEYS, batch_size=8):
+def _agree(model, danger, safety, samples, metric, keys=SCORE_KEYS, batch_size=8):
     ref = score_samples(model, samples, danger, safety, metric=metric, engine="loop", progress=False)
     for engine in ("hooks", "vmap"):
         got = score_samples(model, samples, danger, safety, metric=metric, engine=engine,
@@ -89,7 +89,7 @@ def test_unscored_example_gets_null_scores_and_others_are_unaffected():
     samples = random_samples(4, seed=9)
     samples[2]["labels"] = [-100] * len(samples[2]["labels"])
     rows = score_samples(model, samples, danger, safety, progress=False)
-    assert all(rows[2][k] is None for k in KEYS)
+    assert all(rows[2][k] is None for k in SCORE_KEYS)
     alone = score_samples(model, [samples[0]], danger, safety, progress=False)[0]
     assert rows[0]["sqsd"] == pytest.approx(alone["sqsd"], rel=1e-5)
 
@@ -109,7 +109,7 @@ def test_output_layer_sees_only_scored_positions_and_a_batch_with_none_scores_nu
     assert rel_err([r["sqsd"] for r in rows if r["sqsd"] is not None],
                    [r["sqsd"] for r in loop if r["sqsd"] is not None]) < 1e-5
     none = score_samples(model, [samples[1]], danger, safety, progress=False)[0]
-    assert all(none[k] is None for k in KEYS)
+    assert all(none[k] is None for k in SCORE_KEYS)
 
 
 def test_engines_agree_under_sdpa_attention():
@@ -162,7 +162,7 @@ def test_rows_come_back_in_input_order_whatever_the_length_grouping():
     alone = [score_samples(model, [s], danger, safety, progress=False)[0] for s in samples]
     got = score_samples(model, samples, danger, safety, batch_size=4, progress=False)
     assert [r["index"] for r in got] == list(range(9))
-    for k in KEYS:
+    for k in SCORE_KEYS:
         assert rel_err([r[k] for r in got], [r[k] for r in alone]) < 1e-5, k
 
 
@@ -173,7 +173,7 @@ def test_modules_grouped_by_layout_score_like_the_loop(kind):
     squared norm still equal the batch-size-1 loop's (tolerance 1e-5 of the largest)."""
     from sqsd_callback import DirectionSet
     from sqsd_callback.directions import Direction
-    from sqsd_callback.modules import find_targets
+    from sqsd_callback.layers import find_targets
     from sqsd_callback.testing import tiny_full_ft
 
     model = tiny_lora("llama", targets=["q_proj", "k_proj", "v_proj", "up_proj"]) if kind == "lora" else \
@@ -213,7 +213,7 @@ def test_training_pass_with_lora_dropout_scores_the_gradients_it_made():
     batch = collate(random_samples(5, seed=14))
     model.train()
     engine.attach()
-    engine.start(5, "cpu")
+    engine.start(batch)
     example_mean_losses(model(**batch.model_inputs()).logits, batch.labels).sum().backward()
     stats = engine.finish()
     per_example = {}

@@ -6,16 +6,15 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
 
 from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.directions import DirectionSet
-from sqsd_callback.modules import LinearTarget, find_targets
+from sqsd_callback.layers import LinearTarget, find_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pad_collator, random_samples, random_set, rel_err, tiny_base, tiny_full_ft
+from sqsd_callback.testing import random_samples, random_set, rel_err, tiny_base, tiny_full_ft
 
-KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+from helpers import SCORE_KEYS, dense_drift_cosines, trainer
+
 MODULES = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
 
 
@@ -45,16 +44,13 @@ def test_full_ft_engines_agree(arch, metric, length):
     for engine in ("hooks", "vmap"):
         got = score_samples(model, samples, danger, safety, metric=metric, engine=engine, batch_size=3,
                             progress=False)
-        for k in KEYS:
+        for k in SCORE_KEYS:
             assert rel_err([r[k] for r in got], [r[k] for r in ref]) < 1e-5, (engine, k)
 
 
 def _trainer(model, samples, out, cb, steps=2, **kw):
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=steps, learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True, seed=2, **kw)
-    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=pad_collator(),
-                   callbacks=[cb] if cb else [])
+    return trainer(model, samples, out, [cb] if cb else [], accum=2, steps=steps, lr=1e-3,
+                   **{"lr_scheduler_type": "constant", "seed": 2, "max_grad_norm": 1.0, **kw})
 
 
 def test_full_ft_callback_first_step_and_drift(tmp_path):
@@ -65,17 +61,12 @@ def test_full_ft_callback_first_step_and_drift(tmp_path):
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     _trainer(model, samples, tmp_path, SQSDCallback(danger, safety), gradient_checkpointing=True).train()
     first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
-    for k in KEYS:
+    for k in SCORE_KEYS:
         assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
     drift = read_jsonl(tmp_path / "sqsd" / "drift.jsonl")[-1]
-    for s in danger + safety:
-        num = wn = vn = 0.0
-        for m, d in s.modules.items():
-            D = model.get_submodule(m).weight.detach() - start[f"{m}.weight"]
-            num += float((D * d.materialize()).sum())
-            wn += float(D.pow(2).sum())
-            vn += float(d.materialize().pow(2).sum())
-        assert drift[f"cosine/{s.kind}/{s.name}"] == pytest.approx(num / (wn * vn) ** 0.5, rel=1e-4)
+    delta = {m: model.get_submodule(m).weight.detach() - start[f"{m}.weight"] for m in find_targets(model)}
+    for key, want in dense_drift_cosines(delta, danger + safety).items():
+        assert drift[key] == pytest.approx(want, rel=1e-4)
 
 
 def test_full_ft_drop_gives_the_step_without_the_dropped_examples(tmp_path):
@@ -93,11 +84,8 @@ def test_full_ft_drop_gives_the_step_without_the_dropped_examples(tmp_path):
     dropped = {r["index"] for r in rows if r["dropped"]}
     assert len(dropped) == 2
     kept = [s for i, s in enumerate(samples) if i not in dropped]
-    args = dict(gradient_accumulation_steps=1, max_grad_norm=0.05, adam_epsilon=1e-6)
-    Trainer(model=reference, args=TrainingArguments(
-        output_dir=str(tmp_path / "ref"), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-3,
-        report_to=[], save_strategy="no", use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True, **args),
-        train_dataset=Dataset.from_list(kept), data_collator=pad_collator()).train()
+    trainer(reference, kept, tmp_path / "ref", steps=1, lr=1e-3, lr_scheduler_type="constant", adam_epsilon=1e-6,
+            seed=42).train()
     diffs = [(p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())]
     assert max(diffs) < 1e-6
 

@@ -5,28 +5,20 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from sqsd_callback import DirectionSet, SQSDCallback, score_samples
-from sqsd_callback.modules import lora_targets
+from sqsd_callback.layers import lora_targets
 from sqsd_callback.policies import Anchor
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pad_collator, random_samples, random_set, three_sets, tiny_base, tiny_lora
+from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_base, tiny_lora
 
-from helpers import dense_asft
+from helpers import dense_asft, trainer
 
 
 def _trainer(model, samples, tmp_path, callbacks=(), batch=2, accum=1, steps=1, optim="sgd", **kw):
-    kw.setdefault("save_strategy", "no")
-    kw.setdefault("max_grad_norm", 0.05)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
-                             gradient_accumulation_steps=accum, max_steps=steps, learning_rate=0.05,
-                             logging_steps=1, report_to=[], use_cpu=True, optim=optim,
-                             lr_scheduler_type="constant", seed=5, disable_tqdm=True, **kw)
-    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
-                   data_collator=pad_collator("right"), callbacks=list(callbacks))
+    return trainer(model, samples, tmp_path, callbacks, batch, accum, steps, optim, lr_scheduler_type="constant", **kw)
 
 
 def _lora_state(model):

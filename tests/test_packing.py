@@ -2,15 +2,13 @@
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
 
 from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.engines.base import Segments
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import pack_collator, random_samples, rel_err, three_sets, tiny_base, tiny_lora
 
-KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
+from helpers import SCORE_KEYS, trainer
 
 
 def test_segments_split_rows_at_position_resets():
@@ -38,13 +36,10 @@ def test_packed_rows_score_like_the_unpacked_examples(tmp_path, metric, kind, en
     for s in samples:  # the packed collator does not score an example's first token: nor does its reference
         s["labels"][0] = -100
     expected = score_samples(model, samples, danger, safety, metric=metric, progress=False)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             max_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True, gradient_checkpointing=True)
-    Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=pack_collator(),
-            callbacks=[SQSDCallback(danger, safety, metric=metric, engine=engine)]).train()
+    trainer(model, samples, tmp_path, [SQSDCallback(danger, safety, metric=metric, engine=engine)], batch=4, accum=2,
+            steps=1, lr=1e-3, collator=pack_collator(), gradient_checkpointing=True, max_grad_norm=1.0, seed=42).train()
     rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
     assert sorted(r["index"] for r in rows) == list(range(8))
-    for k in KEYS:
+    for k in SCORE_KEYS:
         assert rel_err([r[k] for r in rows], [expected[r["index"]][k] for r in rows]) < 1e-5, k
 

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from sqsd_callback import SQSDCallback, score_samples
-from sqsd_callback.modules import lora_targets
+from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, rel_err, three_sets, tiny_base, tiny_qlora
 

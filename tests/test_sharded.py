@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 from sqsd_callback import SQSDCallback
 from sqsd_callback.distributed import Processes
-from sqsd_callback.modules import lora_targets
+from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import three_sets, tiny_lora
 
 from deepspeed_worker import SAMPLES, STAGES, STEPS
-from helpers import ThetaEachStep, assert_every_step_matches_loop, at, launch, trainable, trainer
+from helpers import ThetaEachStep, assert_every_step_matches_loop, at, dense_drift_cosines, launch, trainable, trainer
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +35,10 @@ def fsdp2_run(tmp_path_factory):
     return out
 
 
-def dense_drift_cosines(model, theta0, theta, sets) -> dict[str, float]:
-    """cos(θ − θ_0, V) over each set's modules, with every merged delta s·B A formed densely."""
-    def deltas(th):
-        with torch.no_grad():
-            return {m: t.scaling * t.B @ t.A for m, t in lora_targets(at(model, th)).items()}
-    d0, d = deltas(theta0), deltas(theta)
-    out = {}
-    for s in sets:
-        D = {m: d[m] - d0[m] for m in s.modules}
-        num = sum(float((D[m] * v.materialize()).sum()) for m, v in s.modules.items())
-        wn = sum(float(D[m].pow(2).sum()) for m in s.modules) ** 0.5
-        vn = sum(float(v.materialize().pow(2).sum()) for v in s.modules.values()) ** 0.5
-        out[f"cosine/{s.kind}/{s.name}"] = num / (wn * vn)
-    return out
+def lora_deltas(model, theta) -> dict[str, torch.Tensor]:
+    """Every merged delta s·B A at parameters ``theta``, formed densely."""
+    with torch.no_grad():
+        return {m: t.scaling * t.B @ t.A for m, t in lora_targets(at(model, theta)).items()}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -76,7 +66,8 @@ def assert_sharded_run_matches(out: Path) -> None:
     drift = read_jsonl(out / "sqsd" / "drift.jsonl")
     assert [d["step"] for d in drift] == list(range(1, STEPS + 1))
     for d in drift:
-        want = dense_drift_cosines(model, thetas.theta[0], thetas.theta[d["step"]], danger + safety)
+        d0, dt = lora_deltas(model, thetas.theta[0]), lora_deltas(model, thetas.theta[d["step"]])
+        want = dense_drift_cosines({m: dt[m] - d0[m] for m in dt}, danger + safety)
         assert {k: d[k] for k in want} == pytest.approx(want, rel=1e-4, abs=1e-7), d["step"]
 
     stop = json.loads((out / "sqsd" / "stop.json").read_text())

@@ -1,6 +1,7 @@
 """Three interchangeable engines computing per-example dots and norms: ``hooks`` (fast, inside the training
 step), ``vmap`` (torch.func per-example gradients) and ``loop`` (batch size 1, the paper's way)."""
 
+from .base import Engine
 from .hooks import HooksEngine
 from .loop import LoopEngine
 from .vmap import VmapEngine
@@ -14,10 +15,10 @@ def check_engine(name: str) -> str:
     return name
 
 
-def make_engine(name: str, targets, bank, keep_grads: bool = False, model=None):
+def make_engine(name: str, targets, bank, keep_grads: bool = False, model=None) -> Engine:
     """The engine called ``name`` for these targets and directions (``keep_grads``: hooks only, for drops); with
     ``model``, an engine that cannot run it says so now (``check``), before any pass."""
     cls = ENGINES[check_engine(name)]
-    if model is not None and hasattr(cls, "check"):
+    if model is not None:
         cls.check(model)
     return cls(targets, bank, keep_grads=True) if keep_grads else cls(targets, bank)

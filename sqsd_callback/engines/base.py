@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..directions import DirectionBank
-from ..modules import Target
+from ..layers import Target
 
 IGNORE_INDEX = -100
 """The label of a position that is not scored (the causal-LM loss's ignore_index)."""
@@ -172,6 +172,48 @@ def dense_stats(grads: dict[str, tuple[torch.Tensor, ...]], targets: dict[str, T
         dots.append(torch.einsum("noi,koi->nk", dW, V))
         sqs.append(dW.pow(2).sum((1, 2)))
     return Stats(torch.stack(dots, 1).float(), torch.stack(sqs, 1).float())
+
+
+class Engine:
+    """What the callback and offline scoring ask of an engine: per-example ``Stats`` for a batch of examples.
+
+    An engine that scores inside the training step (``from_step``: ``hooks``) is attached to the model for the run,
+    opens a record at each training micro-batch's forward (``start``) and closes it when that micro-batch's
+    backward has finished (``finish``); its stats are in the units of the step's own loss weights. The oracle
+    engines score with extra passes at the current parameters (``compute``), where the callback calls it before
+    the optimizer step; for them ``attach``, ``start`` and ``finish`` do nothing."""
+
+    name: str = ""
+    from_step: bool = False
+
+    def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
+        self.targets, self.bank = targets, bank
+
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        """Refuse, before any pass, a model this engine cannot run (nothing to refuse by default)."""
+
+    def attach(self) -> None:
+        """Set the model hooks a run needs (none for the oracles)."""
+
+    def detach(self) -> None:
+        """Remove them."""
+
+    def start(self, batch: Batch) -> None:
+        """A training micro-batch's forward begins."""
+
+    def finish(self) -> Stats | None:
+        """Its backward has finished: its stats, or None where they come from ``compute``."""
+        return None
+
+    def compute(self, model: nn.Module, batch: Batch) -> Stats:
+        """Stats of ``batch`` from passes of the engine's own at the current parameters (each example's loss its
+        own mean: the batch-size-1 reference)."""
+        raise NotImplementedError
+
+    def removed(self, idx: torch.Tensor):
+        """Parameters with the summed gradients of examples ``idx`` of the last training pass (exact drops)."""
+        raise NotImplementedError(f"engine={self.name!r} keeps no per-example gradients; drops need 'hooks'.")
 
 
 @contextlib.contextmanager

@@ -6,16 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..directions import DirectionBank
-from ..modules import Target
-from .base import Batch, Stats, dense_stats, scoring_mode, targets_scored
+from .base import Batch, Engine, Stats, dense_stats, scoring_mode, targets_scored
 
 
-class LoopEngine:
+class LoopEngine(Engine):
     name = "loop"
-
-    def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
-        self.targets, self.bank = targets, bank
 
     def compute(self, model: nn.Module, batch: Batch) -> Stats:
         modules = self.bank.modules

@@ -8,9 +8,7 @@ import contextlib
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..directions import DirectionBank
-from ..modules import Target
-from .base import Batch, Stats, dense_stats, example_mean_losses, scoring_mode
+from .base import Batch, Engine, Stats, dense_stats, example_mean_losses, scoring_mode
 
 
 @contextlib.contextmanager
@@ -29,11 +27,8 @@ def _without_input_grad_hooks(model: nn.Module):
             hooks[k] = h
 
 
-class VmapEngine:
+class VmapEngine(Engine):
     name = "vmap"
-
-    def __init__(self, targets: dict[str, Target], bank: DirectionBank) -> None:
-        self.targets, self.bank = targets, bank
 
     @staticmethod
     def check(model: nn.Module) -> None:

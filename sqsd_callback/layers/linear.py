@@ -1,0 +1,121 @@
+"""A plain Linear layer trained in full: the example's update is ΔW_i = −G_i = −Σ_t δ_t x_tᵀ (out×in).
+
+One tap per layer, on its output:
+    <ΔW_i, V> = −Σ_t (δ_tᵀ B_V)(A_V x_t)   (every low-rank set in one product; dense V: −Σ_t δ_tᵀ V x_t)
+    ‖ΔW_i‖²  = Σ_{t,s} (x_t·x_s)(δ_t·δ_s)   (ghost norm, when 2T² ≤ in·out; else ‖G_i‖² from G_i)
+Layers that read the same input tensor (q, k, v; gate, up) share its Gram matrix x xᵀ. The math is in the out×in
+orientation; ``LinearTarget.oriented`` is the one place a kind stored in×out (GPT-2's Conv1D) differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..directions import canonical_name
+from ..groups import Group, HookGroup
+from .registry import LayerKind, register
+
+
+@dataclass
+class LinearTarget:
+    """A plain layer trained in full; its weight is stored out×in (nn.Linear), or in×out where ``transposed``."""
+
+    name: str
+    module: nn.Module
+    transposed = False
+
+    def oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """Between the weight's own layout and out×in (the same transpose both ways), for one matrix or a stack."""
+        return w.transpose(-2, -1) if self.transposed else w
+
+    @property
+    def weight_oi(self) -> torch.Tensor:
+        return self.oriented(self.module.weight)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight_oi.shape)
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.module.weight,)
+
+    def update(self, g: torch.Tensor) -> torch.Tensor:
+        """Per-example update from per-example weight gradients (n × the weight's layout): −g as n×out×in, fp64."""
+        return -self.oriented(g).double()
+
+    def snapshot(self) -> torch.Tensor:
+        """A copy of W as out×in (in its own dtype and device: full-FT drift costs one copy of the covered
+        weights)."""
+        return self.weight_oi.detach().clone()
+
+
+def linear_targets(model: nn.Module) -> dict[str, LinearTarget]:
+    """The model's trainable nn.Linear layers (exactly that class: LoRA and quantized layers are other kinds)."""
+    return {canonical_name(n): LinearTarget(canonical_name(n), m) for n, m in model.named_modules()
+            if type(m) is nn.Linear and m.weight.requires_grad}
+
+
+class LinearHooks(HookGroup):
+    """Fully trained layers of one shape. Per pass each module fills ``low[l]`` (n×Q: Σ_t of
+    (δ_tᵀB_V)⊙(A_V x_t)), ``dense_dots[l]`` (n×dense sets) and ``sq[l]`` (n)."""
+
+    def hooks(self) -> list:
+        return [t.module.register_forward_hook(self.engine.tap(partial(self.backward, i)))
+                for i, t in enumerate(self.targets)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.buf = None
+
+    def backward(self, i: int, x_in: torch.Tensor, delta_in: torch.Tensor) -> None:
+        x, delta = self.engine.split(x_in), self.engine.split(delta_in)
+        if self.engine.keep_grads:
+            self.kept[i] = (x, delta)
+        if not self.scored:
+            return
+        if self.buf is None:
+            L, n = len(self.targets), x.shape[0]
+            self.buf = x.new_zeros(L, n, self.Q + len(self.dense) + 1)
+        row, Q = self.buf[i], self.Q
+        if self.low:
+            row[:, :Q] = ((delta @ self.VB[i]) * (x @ self.VAt[i])).sum(1)
+        for j, k in enumerate(self.dense):
+            row[:, Q + j] = (delta * (x @ self.dirs[i][k].dense.T)).sum((1, 2))
+        T, (out, inp) = x.shape[1], self.targets[i].shape
+        if 2 * T * T <= inp * out:
+            row[:, -1] = (self.engine.gram(x_in, x) * (delta @ delta.transpose(1, 2))).sum((1, 2))
+        else:
+            row[:, -1] = torch.bmm(delta.transpose(1, 2), x).pow(2).sum((1, 2))
+
+    def finish(self, record) -> None:
+        if not self.scored or self.buf is None:
+            return
+        Q = self.Q
+        low = [self.block_sums(self.buf[..., :Q])] if self.low else []
+        dots = torch.cat(low + [self.buf[..., Q:-1]], -1)
+        self.write(record, -dots, self.buf[..., -1])
+
+    @staticmethod
+    def summed(target: LinearTarget, kept: tuple, idx: torch.Tensor) -> list[torch.Tensor]:
+        x, delta = (t.index_select(0, idx) for t in kept)
+        return [target.oriented(torch.einsum("nto,nti->oi", delta, x))]
+
+
+def linear_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """D = W_t − W_0 per module (out×in): <D, B_V A_V> = Σ B_V ⊙ (D A_Vᵀ), <D, V>, ‖D‖²."""
+    dots, sq = [], []
+    for i, (t, w0) in enumerate(zip(group.targets, start)):
+        D = t.weight_oi.detach().float() - w0.float()
+        row = [group.block_sums(((D @ group.VAt[i]) * group.VB[i]).sum(0))] if group.low else []
+        row += [(D * group.dirs[i][k].dense).sum()[None] for k in group.dense]
+        dots.append(torch.cat(row))
+        sq.append(D.pow(2).sum())
+    return torch.stack(dots), torch.stack(sq)
+
+
+LINEAR = register(LayerKind("Linear", LinearTarget, linear_targets, LinearHooks, linear_drift))

@@ -1,0 +1,264 @@
+"""LoRA on a Linear layer (PEFT's ``lora.Linear`` and QLoRA's bitsandbytes 4-/8-bit layers): the merged delta is
+``s · lora_B.weight @ lora_A.weight`` (out×in, whatever the base layer's storage: PEFT orients ``fan_in_fan_out``
+bases itself).
+
+Per example, with gB_i (out×r) and gA_i (r×in) its factor gradients summed over its tokens and
+ΔW_i = −s(gB_i A + B gA_i):
+    <ΔW_i, V> = −s(<gB_i, V Aᵀ> + <gA_i, Bᵀ V>)
+    ‖ΔW_i‖²  = s²(<gB_iᵀgB_i, AAᵀ> + <gA_i gA_iᵀ, BᵀB> + 2<Bᵀ gB_i, gA_i Aᵀ>)
+One tap on ``lora_B`` (saving lora_A's input too; lora_A's output gradient is δB B) forms gB_i, gA_i; the rest runs
+once per group when the pass ends, through low-rank V = B_V A_V's factors: <gB_i, V Aᵀ> = <gB_iᵀ B_V, (A_V Aᵀ)ᵀ>
+and <gA_i, Bᵀ V> = <gA_i A_Vᵀ, Bᵀ B_V>, products of width r and rank(V).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from ..directions import canonical_name
+from ..distributed import is_sharded
+from ..groups import Group, HookGroup
+from .registry import LayerKind, register
+
+
+@dataclass
+class LoraTarget:
+    """One LoRA-adapted Linear: its merged delta is ``scaling · lora_B.weight @ lora_A.weight`` (out×in)."""
+
+    name: str
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.lora_B.out_features, self.lora_A.in_features)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.weight.shape[0]
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.lora_A.weight
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.lora_B.weight
+
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return (self.A, self.B)
+
+    def update(self, gA: torch.Tensor, gB: torch.Tensor) -> torch.Tensor:
+        """Per-example first-order change of the merged delta, −s(gB A + B gA), dense (n×out×in), fp64."""
+        A, B = self.A.detach().double(), self.B.detach().double()
+        return -self.scaling * (gB.double() @ A + B @ gA.double())
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The merged delta now, as factors ``(s·B, A)`` (fp32 copies); None while B = 0 (PEFT's initialisation:
+        the delta is zero, and a copy would cost as much memory as the adapter)."""
+        if not self.B.detach().any():
+            return None
+        return (self.scaling * self.B.detach().float(), self.A.detach().float().clone())
+
+
+def lora_linear_types() -> tuple[type, ...]:
+    """PEFT's LoRA layer classes whose update is ``scaling · lora_B @ lora_A`` over Linear factors: LoRA on a Linear,
+    and QLoRA's bitsandbytes 4-bit and 8-bit base layers (present where bitsandbytes is installed)."""
+    from peft.tuners.lora import bnb
+    from peft.tuners.lora import layer as lora_layer
+    return (lora_layer.Linear, *(getattr(bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, n)))
+
+
+def _adapters(module: nn.Module) -> list[str]:
+    """The active adapters a PEFT LoRA layer actually holds (in any of its factor containers)."""
+    held = [k for attr in ("lora_A", "lora_embedding_A") for k in getattr(module, attr, {})]
+    return [a for a in module.active_adapters if a in held]
+
+
+def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarget]:
+    """Every active vanilla-LoRA Linear in ``model`` (QLoRA's 4-/8-bit layers included), keyed by the base model's
+    module name; a LoRA layer of any other kind (embedding, convolution, a type this package does not know) is an
+    error naming its type, since its update cannot be scored as one."""
+    from peft.tuners.lora.layer import LoraLayer
+    known = lora_linear_types()
+    targets: dict[str, LoraTarget] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        active = _adapters(module)
+        if not active:
+            continue
+        if not isinstance(module, known):
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            raise ValueError(f"{name} is a LoRA layer of type {kind}, which SQSD cannot score: it scores LoRA on "
+                             f"Linear layers ({', '.join(t.__qualname__ for t in known)}). Leave this module out "
+                             f"of the LoraConfig's target_modules.")
+        if len(active) > 1:
+            raise ValueError(f"{name} has several active LoRA adapters {active}; score one adapter at a time "
+                             f"(model.set_adapter(name)).")
+        adapter = active[0]
+        if adapter in getattr(module, "lora_variant", {}):
+            variant = type(module.lora_variant[adapter]).__name__
+            raise ValueError(f"{name}: adapter {adapter!r} is a LoRA variant ({variant}, e.g. DoRA) whose update "
+                             f"is not scaling·B@A; use plain LoRA.")
+        if getattr(module, "merged", False):
+            raise ValueError(f"{name}: the LoRA adapter is merged into the base weight; unmerge it "
+                             f"(model.unmerge_adapter()) so its factors can be scored.")
+        targets[canonical_name(name)] = LoraTarget(
+            canonical_name(name), module.lora_A[adapter], module.lora_B[adapter], float(module.scaling[adapter])
+        )
+    if not targets and required:
+        raise ValueError(
+            "The model has no active LoRA Linear layer: wrap it with peft.get_peft_model(model, LoraConfig(...)) "
+            "before training or scoring."
+        )
+    return targets
+
+
+class _LoraConstants(NamedTuple):
+    """A LoRA group's per-step constants, stacked over its L modules (fp32)."""
+
+    B: torch.Tensor          # L×out×r
+    At: torch.Tensor         # L×in×r
+    AAt: torch.Tensor        # L×r×r
+    BtB: torch.Tensor        # L×r×r
+    G: torch.Tensor | None   # A_V Aᵀ, L×Q×r (low-rank sets)
+    H: torch.Tensor | None   # Bᵀ B_V, L×r×Q
+    dense_right: torch.Tensor | None  # [V_k Aᵀ …], L×out×(r·dense sets)
+    dense_left: torch.Tensor | None   # [V_kᵀ B …], L×in×(r·dense sets)
+
+
+class LoraHooks(HookGroup):
+    """LoRA modules of one shape and rank. Per pass each module's tap leaves its factor gradients gB_iᵀ (n×r×out)
+    and gA_i (n×r×in); at the pass end, for all modules at once, their products with the directions' stacked
+    factors and with B, Aᵀ (n×r×Q, n×r×r) and their grams give the dots and norms. What the taps leave grows as
+    backward frees the activations."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.reset()
+
+    def hooks(self) -> list:
+        """Per module, a hook noting lora_A's input and a tap on lora_B that saves it with lora_B's input. Where
+        FSDP2 or ZeRO-3 shard the factors, each factor is also copied when its layer runs (then whole)."""
+        handles = []
+        sharded = any(is_sharded(p) for t in self.targets for p in t.params)
+        for i, t in enumerate(self.targets):
+            handles.append(t.lora_A.register_forward_hook(partial(self.note_input, i)))
+            handles.append(t.lora_B.register_forward_hook(self.engine.tap(partial(self.backward, i),
+                                                                          partial(self.noted_input, i))))
+            if sharded:
+                handles += [f.register_forward_pre_hook(partial(self.note_factor, i, j))
+                            for j, f in enumerate((t.lora_A, t.lora_B))]
+        return handles
+
+    def note_factor(self, i: int, j: int, module, args) -> None:
+        """Copy factor j (A, B) of module i while its layer runs: the engine has gathered it whole."""
+        if self.engine.record is not None and torch.is_grad_enabled():
+            self.factors.setdefault(i, [None, None])[j] = module.weight.detach().clone()
+
+    def note_input(self, i: int, module, args, out) -> None:
+        if self.engine.recording(out):
+            self.inputs[i] = args[0]
+
+    def noted_input(self, i: int) -> tuple:
+        return (self.inputs.pop(i, None),)  # None where lora_A is frozen (its input needs no gradient)
+
+    def reset(self) -> None:
+        super().reset()
+        self.grads: list = [None] * len(self.targets)
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.factors: dict[int, list] = {}  # module -> [A, B] copied in the forward (sharded factors only)
+        self.const: _LoraConstants | None = None
+
+    def constants(self) -> _LoraConstants:
+        """The factors' products with themselves and the directions, stacked over the modules, fp32; made at the
+        pass's first tap from the parameters that pass used, and never carried to the next pass: optimizers update
+        parameters in place without bumping their version counters (fused AdamW, 8-bit optimizers, DeepSpeed's
+        write-back), so nothing but the pass itself says they are current. All r×r or r×Q, except B and Aᵀ
+        themselves and the dense sets' V Aᵀ, Vᵀ B."""
+        if self.const is not None:
+            return self.const
+        with torch.no_grad(), record_function("sqsd::constants"):
+            live = [self.factors[i] if self.factors else (t.A.detach(), t.B.detach())
+                    for i, t in enumerate(self.targets)]
+            A = torch.stack([a for a, _ in live]).float()   # L×r×in
+            B = torch.stack([b for _, b in live]).float()   # L×out×r
+            At, Bt = A.transpose(1, 2), B.transpose(1, 2)
+            low = (self.VAt.transpose(1, 2) @ At, Bt @ self.VB) if self.low else (None, None)
+            dense = (torch.cat([torch.stack([d[k].dense @ a for d, a in zip(self.dirs, At)]) for k in self.dense], 2),
+                     torch.cat([torch.stack([d[k].dense.T @ b for d, b in zip(self.dirs, B)]) for k in self.dense],
+                               2)) if self.dense else (None, None)
+            self.const = _LoraConstants(B, At, A @ At, Bt @ B, *low, *dense)
+        return self.const
+
+    def backward(self, i: int, x: torch.Tensor, h: torch.Tensor, dB: torch.Tensor) -> None:
+        """lora_A's input x (…×in), lora_B's input h (…×r) and output gradient δB (…×out); lora_A's output
+        gradient is δB B."""
+        split = self.engine.split
+        dB = split(dB)
+        B = self.constants().B[i] if self.scored else self.targets[i].B.detach().float()
+        gBt = torch.bmm(split(h).transpose(1, 2), dB)             # gB_iᵀ: n×r×out
+        if x is None:
+            gA = gBt.new_zeros(gBt.shape[0], B.shape[1], self.targets[i].shape[1])
+        else:
+            gA = torch.bmm((dB @ B).transpose(1, 2), split(x))     # n×r×in
+        if self.engine.keep_grads:
+            self.kept[i] = [gA, gBt.transpose(1, 2)]
+        if self.scored:
+            self.grads[i] = (gBt, gA)
+
+    def finish(self, record) -> None:
+        if not self.scored or all(g is None for g in self.grads):
+            return
+        some = next(g for g in self.grads if g is not None)
+        gBt, gA = (torch.stack([torch.zeros_like(some[j]) if g is None else g[j] for g in self.grads])
+                   for j in (0, 1))  # zeros: a module no gradient reached
+        self.grads = [None] * len(self.targets)
+        (L, n, r), c = gBt.shape[:3], self.const
+        gb, ga = gBt.flatten(1, 2), gA.flatten(1, 2)
+        parts = []
+        if self.low:  # <gB, V Aᵀ> = Σ (gBᵀ B_V) ⊙ (A_V Aᵀ)ᵀ, <gA, Bᵀ V> = Σ (gA A_Vᵀ) ⊙ (Bᵀ B_V)
+            right, left = (gb @ self.VB).view(L, n, r, -1), (ga @ self.VAt).view(L, n, r, -1)
+            parts.append(self.block_sums((right * c.G.transpose(1, 2)[:, None] + left * c.H[:, None]).sum(2)))
+        if self.dense:  # block k's trace
+            both = (gb @ c.dense_right + ga @ c.dense_left).view(L, n, r, -1, r)
+            parts.append(both.diagonal(dim1=2, dim2=4).sum(-1))
+        s = self.scaling(gBt.device)[:, None]
+        gBtB, gAAt = (gb @ c.B).view(L, n, r, r), (ga @ c.At).view(L, n, r, r)
+        sq = s * s * (((gBt @ gBt.transpose(-2, -1)) * c.AAt[:, None]).sum((-2, -1))
+                      + ((gA @ gA.transpose(-2, -1)) * c.BtB[:, None]).sum((-2, -1))
+                      + 2 * (gBtB * gAAt.transpose(-2, -1)).sum((-2, -1)))
+        self.write(record, -s[..., None] * torch.cat(parts, -1), sq)
+
+    @staticmethod
+    def summed(target: LoraTarget, kept: list, idx: torch.Tensor) -> list[torch.Tensor]:
+        return [g.index_select(0, idx).sum(0) for g in kept]
+
+
+def lora_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ_t − θ_0 = P Q with P = [sB_t, −sB_0] (L×out×2r), Q = [A_t; A_0] (just sB_t, A_t where every θ_0 delta is
+    zero): <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ), <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>."""
+    scale = group.scaling(group.targets[0].B.device)
+    P = torch.stack([t.B.detach() for t in group.targets]).float() * scale[:, None, None]
+    Q = torch.stack([t.A.detach() for t in group.targets]).float()
+    if any(s is not None for s in start):
+        P = torch.cat([P, -torch.stack([torch.zeros_like(p) if s is None else s[0] for s, p in zip(start, P)])], 2)
+        Q = torch.cat([Q, torch.stack([torch.zeros_like(q) if s is None else s[1] for s, q in zip(start, Q)])], 1)
+    Pt = P.transpose(1, 2)
+    dots = [group.block_sums(((Pt @ group.VB) * (Q @ group.VAt)).sum(1))] if group.low else []
+    dots += [torch.stack([(q * (p.T @ d[k].dense)).sum() for p, q, d in zip(P, Q, group.dirs)])[:, None]
+             for k in group.dense]
+    return torch.cat(dots, 1), ((Pt @ P) * (Q @ Q.transpose(1, 2))).sum((1, 2))
+
+
+LORA = register(LayerKind("LoRA Linear", LoraTarget, partial(lora_targets, required=False), LoraHooks, lora_drift,
+                          adapter=True))

@@ -1,0 +1,63 @@
+"""The layer registry: every kind of trained layer the package scores, each registered once with everything the
+package does per kind. Adding a kind is one module in this package (its target, hooks group and drift measure,
+registered with ``register``) plus its test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One kind of trained layer.
+
+    target: the class of its targets: parameters, shape (out×in), the oracles' per-example update from parameter
+        gradients (``update``), the snapshot drift starts from, and the orientation of its weight.
+    find: the model's layers of this kind that train, ``{canonical module name: target}``.
+    hooks: the hooks engine's group class: the per-example math on the step's own backward pass, and the gradient
+        edit for exact drops (``summed``: the summed gradients of some examples, in the parameters' layout).
+    drift: ``drift(group, start) -> (dots L×sets, squared norms L)`` of θ_t − θ_0 for a group of these layers.
+    adapter: an adapter kind (LoRA): where a model has layers of an adapter kind, only those are scored.
+    """
+
+    name: str
+    target: type
+    find: Callable[[nn.Module], dict]
+    hooks: type
+    drift: Callable
+    adapter: bool = False
+
+
+KINDS: dict[type, LayerKind] = {}
+"""Every registered kind, by its target class."""
+
+
+def register(kind: LayerKind) -> LayerKind:
+    """Add a layer kind to the registry (its target class must be new)."""
+    if kind.target in KINDS:
+        raise ValueError(f"{kind.target.__qualname__} is already registered as layer kind {KINDS[kind.target].name!r}.")
+    KINDS[kind.target] = kind
+    return kind
+
+
+def kind_of(target) -> LayerKind:
+    """The registered kind of a target."""
+    return KINDS[type(target)]
+
+
+def find_targets(model: nn.Module) -> dict:
+    """The layers a run trains and the engines score: the model's active adapter layers (LoRA) where it has any,
+    else its trainable layers of the full fine-tuning kinds (Linear, GPT-2's Conv1D)."""
+    for adapter in (True, False):
+        found = {}
+        for kind in KINDS.values():
+            if kind.adapter == adapter:
+                found.update(kind.find(model))
+        if found:
+            return found
+    raise ValueError("The model has no active LoRA layer and no trainable layer of a kind SQSD scores "
+                     f"({', '.join(k.name for k in KINDS.values())}): wrap it with "
+                     "peft.get_peft_model(model, LoraConfig(...)) or unfreeze the weights to fine-tune.")
