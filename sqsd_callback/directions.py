@@ -321,3 +321,22 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # safetensors raises its own error types for bad headers and short files
         raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it may be "
                          f"truncated (an interrupted download or save): download or save it again.") from err
+
+
+def check_sets(danger: list[DirectionSet], safety: list[DirectionSet], anchor: DirectionSet | None = None) -> None:
+    """Refuse, before any step, direction sets that cannot be scored as passed: a non-DirectionSet, a set passed
+    as the other kind, non-finite values, and one set passed as danger and as safety (it cancels itself: SQSD = 0
+    for every example)."""
+    for s in [*danger, *safety, *([anchor] if anchor is not None else [])]:
+        if not isinstance(s, DirectionSet):
+            raise TypeError(f"danger/safety/anchor must be DirectionSet objects, got {type(s).__name__}.")
+    for s, kind in [*((s, "danger") for s in danger), *((s, "safety") for s in safety)]:
+        if s.kind != kind:
+            raise ValueError(f"Direction set {s.name!r} is a {s.kind} set but was passed as {kind}.")
+        s.check_values()
+    for d in danger:
+        for s in safety:
+            if d.modules.keys() == s.modules.keys() and all(d.modules[m].same_as(s.modules[m]) for m in d.modules):
+                raise ValueError(f"Danger set {d.name!r} and safety set {s.name!r} hold the same directions "
+                                 f"(SQSD would be 0 for every example): check the adapter paths "
+                                 f"({d.source!r}, {s.source!r}).")

@@ -104,3 +104,19 @@ def full_parameters(model: torch.nn.Module, params: list[torch.Tensor]):
             m.unshard()
             stack.callback(m.reshard)
         yield
+
+
+def refuse_unsupported(procs: Processes, edits_gradients: bool, engine: str, engine_from_step: bool) -> None:
+    """Refuse, before the first step, what the run's multi-process engine cannot do exactly."""
+    if procs.engine == "fsdp" and procs.fsdp_version != 2:
+        raise ValueError("SQSDCallback does not support FSDP1 (FullyShardedDataParallel's flat parameters hide "
+                         "the LoRA factors from the scoring taps). Use FSDP2: fsdp_version: 2 in the accelerate "
+                         "config, or TrainingArguments(fsdp_config={'fsdp_version': 2}).")
+    if procs.engine in ("fsdp", "deepspeed") and edits_gradients:
+        what = "FSDP2" if procs.engine == "fsdp" else f"DeepSpeed ZeRO-{procs.zero_stage}"
+        raise ValueError(f"Drops and the anchor edit the step's gradients, which {what} reduces and shards in "
+                         f"its own buffers; under {what} they are not supported. Monitoring (scores, drift, "
+                         f"stop_drift_above) works; for drops or the anchor train with DDP or one process.")
+    if procs.engine in ("fsdp", "deepspeed") and not engine_from_step:
+        raise ValueError(f"engine={engine!r} runs extra passes outside the training step, which "
+                         f"FSDP2 and DeepSpeed do not shard for it; use engine='hooks' (the default).")

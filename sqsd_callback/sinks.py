@@ -1,10 +1,12 @@
-"""Where results go: JSON-lines files appended and flushed as they are produced (they survive a killed run)."""
+"""Where results go, one small class per backend behind one interface (``Sink``): the run's JSON-lines files (appended
+and flushed as they are produced: they survive a killed run), TensorBoard and wandb."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -79,16 +81,89 @@ def start_run_dir(path: str | Path) -> None:
             p.rename(dest / p.name)
 
 
-class WandbSink:
-    """What scalars cannot show, to the wandb run the Trainer's WandbCallback opened: a histogram of the
-    logging window's per-example SQSD, a table of the riskiest examples so far and the per-module drift
-    heatmap (every ``every`` logging steps), and the monitor's configuration. Optional by design: without
-    wandb, with no active run, or when a wandb call fails, it warns once and stops; training goes on."""
+class Sink:
+    """One place the monitor's results go, driven by the callback's events (one small class per backend, as
+    transformers' reporting integrations are). Only the main process has sinks."""
+
+    def step(self, step: int, rows: list[dict], drift: dict | None, texts: list[dict]) -> None:
+        """After optimizer step ``step``: the step's score rows (every process's), the drift row (None without
+        direction sets) and the texts of examples seen for the first time."""
+
+    def log(self, step: int, scalars: dict[str, float], values: list[float], top: list[dict]) -> None:
+        """At a Trainer logging step: the ``sqsd/*`` scalars, the logging window's SQSD values and the riskiest
+        examples so far."""
+
+    def close(self) -> None:
+        """The run has ended."""
+
+
+class RunFiles(Sink):
+    """``scores.jsonl``, ``drift.jsonl`` and ``examples.jsonl`` in the run's folder: appended and flushed every
+    step (they survive a killed run); a failed write warns once per file and training goes on."""
+
+    NAMES = ("scores", "drift", "examples")
+
+    def __init__(self, out: Path) -> None:
+        self.files = {name: JsonlWriter(Path(out) / f"{name}.jsonl") for name in self.NAMES}
+
+    def step(self, step, rows, drift, texts) -> None:
+        self.files["examples"].write(texts)
+        self.files["scores"].write(rows)
+        if drift is not None:
+            self.files["drift"].write([drift])
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _trainer_keys(scalars: dict[str, float]) -> dict[str, float]:
+    """The names the Trainer's own reporters give training scalars (``train/sqsd/drift``)."""
+    return {f"train/{k}": v for k, v in scalars.items()}
+
+
+class TensorBoardSink(Sink):
+    """The ``sqsd/*`` scalars as ``train/sqsd/*`` at each logging step, in their own event file: in
+    ``TENSORBOARD_LOGGING_DIR`` where set (beside the Trainer's), else in ``<run folder>/tensorboard``. Without
+    tensorboard, or when a write fails, it warns once and stops; training goes on."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = os.path.expanduser(os.getenv("TENSORBOARD_LOGGING_DIR") or str(Path(out) / "tensorboard"))
+        self.writer, self.failed = None, False
+
+    def log(self, step, scalars, values, top) -> None:
+        if self.failed:
+            return
+        try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir=self.dir, filename_suffix=".sqsd")
+            for k, v in _trainer_keys(scalars).items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        except Exception as e:  # a dashboard must never stop training
+            self.failed = True
+            warnings.warn(f"TensorBoard logging failed ({type(e).__name__}: {e}); sqsd keeps writing its files "
+                          f"and the Trainer's logs.", stacklevel=2)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbSink(Sink):
+    """To the wandb run the Trainer's WandbCallback opened: the ``sqsd/*`` scalars (as ``train/sqsd/*`` against
+    ``train/global_step``, the Trainer's names), a histogram of the logging window's per-example SQSD, a table of
+    the riskiest examples so far and the per-module drift heatmap (every ``every`` logging steps), and the
+    monitor's configuration. Optional by design: without wandb, with no active run, or when a wandb call fails,
+    it warns once and stops; training goes on."""
 
     COLUMNS = ["index", "sqsd", "danger", "safety", "step", "dropped", "text"]
 
-    def __init__(self, every: int = 10) -> None:
-        self.every, self.calls, self.configured, self.failed = every, 0, False, False
+    def __init__(self, config: dict, every: int = 10, heatmap=None) -> None:
+        """``heatmap``: a zero-argument function returning a Figure (made only when due)."""
+        self.config, self.every, self.heatmap = config, every, heatmap
+        self.calls, self.configured, self.failed, self.texts = 0, False, False, {}
         try:
             import wandb
         except ImportError:
@@ -98,24 +173,25 @@ class WandbSink:
     def _run(self):
         return None if self.wandb is None or self.failed else self.wandb.run
 
-    def log(self, step: int, values: list[float], top: list[dict], texts: dict, config: dict,
-            heatmap=None) -> None:
-        """One logging step; ``heatmap`` is a zero-argument function returning a Figure (made only when due)."""
+    def step(self, step, rows, drift, texts) -> None:
+        self.texts.update({t["index"]: t["text"][:200] for t in texts})
+
+    def log(self, step, scalars, values, top) -> None:
         run = self._run()
         if run is None:
             return
         try:
             if not self.configured:
-                run.config.update({"sqsd": config}, allow_val_change=True)
+                run.config.update({"sqsd": self.config}, allow_val_change=True)
                 self.configured = True
-            payload = {"train/global_step": step}
+            payload = {"train/global_step": step, **_trainer_keys(scalars)}
             if values:
                 payload["sqsd/sqsd_hist"] = self.wandb.Histogram(values)
             if self.calls % self.every == 0:
                 payload["sqsd/riskiest"] = self.wandb.Table(columns=self.COLUMNS, data=[
                     [r["index"], r["sqsd"], r["danger"], r["safety"], r["step"], bool(r.get("dropped")),
-                     texts.get(r["index"], "")[:200]] for r in top])
-                fig = heatmap() if heatmap is not None else None
+                     self.texts.get(r["index"], "")] for r in top])
+                fig = self.heatmap() if self.heatmap is not None else None
                 if fig is not None:
                     payload["sqsd/layer_drift"] = self.wandb.Image(_png(fig))
             self.calls += 1

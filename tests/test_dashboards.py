@@ -68,14 +68,19 @@ def test_tensorboard_gets_the_scalars_with_wandb_hidden(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as if not installed
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    _run(tmp_path, ["tensorboard"])
+    run = _run(tmp_path, ["tensorboard"])
+    order = [type(c).__name__ for c in run.callback_handler.callbacks]  # not moved: the reporter runs before it
+    assert order.index("TensorBoardCallback") < order.index("SQSDCallback")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    (events,) = [p for p in (tmp_path / "tb").rglob("events.out.tfevents.*")]
-    acc = EventAccumulator(str(events))
-    acc.Reload()
+    scalars = {}
+    for events in (tmp_path / "tb").rglob("events.out.tfevents.*"):  # the Trainer's file and sqsd's own
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     drift = {d["step"]: d["drift"] for d in read_jsonl(tmp_path / "sqsd" / "drift.jsonl")}
-    logged = {e.step: e.value for e in acc.Scalars("train/sqsd/drift")}
-    assert logged == pytest.approx({2: drift[2], 4: drift[4]}, rel=1e-6)
+    assert scalars["train/sqsd/drift"] == pytest.approx({2: drift[2], 4: drift[4]}, rel=1e-6)
+    assert set(scalars["train/loss"]) == {2, 4}  # the Trainer's own scalars, in the same folder
     _assert_files_complete(tmp_path)
 
 

@@ -1,0 +1,124 @@
+"""The training step as the monitor sees it: model hooks note each training micro-batch (its rows, its scored
+tokens; an ``index`` input is taken out before the model sees it), open the engine's record, read each row's loss
+weight off the backward pass (through the model's own loss, ``sum / num_items_in_batch`` or a mean, or TRL's
+per-token ``log_probs``) and call ``after_backward(micro_batch)`` once that micro-batch's backward has finished,
+before the Trainer clips gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .engines.base import IGNORE_INDEX, Batch, Engine, Segments, Stats, scored_tokens, targets_scored
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch: its rows, ``weight[b]`` (the loss weight each scored token of row b got, read off the
+    backward pass; it scales hook gradients to batch-size-1 size), its stats and scored rows once known."""
+
+    batch: Batch
+    own_index: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    stats: Stats | None = None
+    rows: list[dict] | None = None
+    kept_tokens: int = 0
+
+    def scale(self) -> torch.Tensor | None:
+        """Per-row factor turning a hook gradient (loss weight w per token) into the example's mean-loss gradient:
+        1 / (w · n_scored); None where the weights could not be read."""
+        if self.weight is None:
+            return None
+        w = self.weight * self.batch.n_scored.to(self.weight.device).float()
+        return torch.where(w != 0, 1.0 / torch.where(w != 0, w, torch.ones_like(w)), torch.zeros_like(w))
+
+
+class Recorder:
+    """Notes the training micro-batches of the current optimizer step (``pending``)."""
+
+    def __init__(self, engine: Engine | None, after_backward: Callable[[MicroBatch], None]) -> None:
+        self.engine, self.after_backward = engine, after_backward
+        self.pending: list[MicroBatch] = []
+        self._handles: list = []
+        self._num_items = None
+
+    def attach(self, model: nn.Module) -> None:
+        if self.engine is not None:
+            self.engine.attach()
+        self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
+                         model.register_forward_hook(self._on_outputs, with_kwargs=True)]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.engine is not None:
+            self.engine.detach()
+
+    def take(self) -> list[MicroBatch]:
+        """The step's micro-batches, and a fresh list for the next step."""
+        step, self.pending = self.pending, []
+        return step
+
+    def _on_forward(self, module, args, kwargs):
+        if not module.training or not torch.is_grad_enabled():
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        labels = kwargs.get("labels")
+        if ids is None or labels is None:
+            raise ValueError("SQSDCallback needs input_ids and labels in each training batch (the examples' "
+                             "scored tokens are the labels that are not -100).")
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.detach()
+        position_ids = kwargs.get("position_ids")
+        segments = None if position_ids is None else Segments.from_position_ids(position_ids, mask)
+        batch = Batch(ids.detach(), labels.detach(), mask, segments=segments)
+        own_index = kwargs.pop("index", None)  # the dataset's own index column, where it reaches the batch
+        if own_index is not None and segments is not None:
+            raise ValueError("An `index` column cannot name the examples of packed rows; drop it from the batch "
+                             "(SQSDCallback then finds each packed example by its tokens).")
+        self.pending.append(MicroBatch(batch, own_index=own_index))
+        self._num_items = kwargs.get("num_items_in_batch")
+        if self.engine is not None:
+            self.engine.start(batch)
+        return args, kwargs
+
+    def _on_outputs(self, module, args, kwargs, outputs):
+        if not self.pending or not module.training or not torch.is_grad_enabled():
+            return
+        mb = self.pending[-1]
+        labels = mb.batch.labels
+        log_probs, loss = getattr(outputs, "log_probs", None), getattr(outputs, "loss", None)
+        if isinstance(log_probs, torch.Tensor) and log_probs.requires_grad and log_probs.shape[0] == labels.shape[0]:
+            shifted = log_probs.shape[1] == labels.shape[1] - 1
+            scored = targets_scored(labels) if shifted else labels != IGNORE_INDEX
+            tensor = log_probs
+
+            def read_weights(g):  # the loss sums −log_probs over every position: read only scored ones
+                tok = torch.zeros(labels.shape, device=g.device)
+                tok[:, labels.shape[1] - g.shape[1]:] = -g.detach().float() * scored.to(g.device)
+                mb.weight = mb.batch.sum_per_example(tok) / mb.batch.n_scored.to(g.device).clamp(min=1)
+                self._queue(mb)
+        elif isinstance(loss, torch.Tensor) and loss.requires_grad:
+            denom = self._num_items if self._num_items is not None else scored_tokens(labels).sum()
+            tensor = loss
+
+            def read_weights(g):
+                w = g.detach().float() / torch.as_tensor(denom, device=g.device).float()
+                mb.weight = w.expand(mb.batch.n_examples)
+                self._queue(mb)
+        else:
+            tensor = next((t for t in (getattr(outputs, "logits", None), loss, log_probs)
+                           if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            if tensor is None:
+                return
+
+            def read_weights(g):
+                self._queue(mb)
+        tensor.register_hook(read_weights)
+
+    def _queue(self, mb: MicroBatch) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: self.after_backward(mb))
