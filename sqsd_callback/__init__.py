@@ -9,14 +9,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["DirectionSet", "SQSDCallback", "SQSDConfig", "score_samples"]
+__all__ = ["DirectionSet", "SQSDCallback", "SQSDConfig", "dataset_examples", "score_samples"]
 _WHERE = {"DirectionSet": ".directions", "SQSDCallback": ".callback", "SQSDConfig": ".config",
-          "score_samples": ".scoring"}
+          "dataset_examples": ".identity", "score_samples": ".scoring"}
 
 if TYPE_CHECKING:
     from .callback import SQSDCallback
     from .config import SQSDConfig
     from .directions import DirectionSet
+    from .identity import dataset_examples
     from .scoring import score_samples
 
 

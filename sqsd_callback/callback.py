@@ -110,6 +110,11 @@ class SQSDCallback(TrainerCallback):
             if cfg.save_last_safe else None
         self.main = state.is_world_process_zero
         self.index = ExampleIndex(getattr(train_dataloader, "dataset", None))
+        if self.index.packed:
+            logger.warning("sqsd: the training dataset is packed, so `index` numbers examples in packed order, not "
+                           "the rows of the dataset you passed (packing reorders them and keeps no row id); "
+                           "sqsd_callback.dataset_examples(trainer.train_dataset)[index] gives an example's tokens, "
+                           "and examples.jsonl its text.")
         self.out = Path(cfg.output_dir or Path(args.output_dir) / "sqsd")
         self._seen, self._new_texts, self._top = set(), [], []
         if state.global_step > 0:
@@ -163,7 +168,7 @@ class SQSDCallback(TrainerCallback):
         send them to this run's sinks (the reporting backends before it in the Trainer's list do not see them)."""
         if logs is None or "loss" not in logs:
             return
-        scalars = {f"sqsd/{k}": v for k, v in self._last_drift.items()}
+        scalars = {f"sqsd/{k}": v for k, v in self._last_drift.items() if v is not None}
         values = list(self._window.values)
         if self.sets:
             scalars.update(self._window.pop())

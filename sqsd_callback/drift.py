@@ -15,6 +15,7 @@ import torch
 from .directions import DirectionBank
 from .groups import group_modules
 from .layers import Target, kind_of
+from .scoring import combine
 
 
 class Drift:
@@ -78,13 +79,8 @@ class Drift:
         }
 
 
-def summarize(measured: dict, bank: DirectionBank) -> dict[str, float]:
-    """The run-level scalars: drift toward danger and safety (mean cosine over sets of each kind) and
-    ``drift = danger − safety``, the run-level analogue of SQSD."""
-    out = {}
-    for kind in ("danger", "safety"):
-        vals = [c for c, s in zip(measured["cosine"], bank.sets) if s.kind == kind]
-        out[f"drift_{kind}"] = sum(vals) / len(vals) if vals else 0.0
-    out["drift"] = out["drift_danger"] - out["drift_safety"]
-    return out
-
+def summarize(measured: dict, bank: DirectionBank) -> dict[str, float | None]:
+    """The run-level scalars: drift toward danger and safety (mean cosine over sets of each kind; None without a
+    set of that kind) and ``drift = danger − safety``, the run-level analogue of SQSD (``scoring.combine``)."""
+    both = combine(measured["cosine"], [s.kind for s in bank.sets])
+    return {"drift_danger": both["danger"], "drift_safety": both["safety"], "drift": both["sqsd"]}

@@ -28,6 +28,7 @@ class ExampleIndex:
     def __init__(self, dataset) -> None:
         self.positions: dict[bytes, int] = {}
         self.duplicates = 0
+        self.packed = _is_packed(dataset)
         for pos, ids in enumerate(_examples(dataset)):
             key = token_hash(ids)
             if key in self.positions:
@@ -53,11 +54,23 @@ class ExampleIndex:
         return out
 
 
+def dataset_examples(dataset) -> list[list[int]]:
+    """The token ids of every example as SQSDCallback numbers them (``index`` in scores.jsonl is a position in this
+    list): the training dataset's rows, or, for a dataset packed by TRL (``SFTConfig(packing=True)``), each packed
+    row split by its ``seq_lengths``, in packed order. Packing reorders the examples and keeps no column that
+    names the original row, so ``tokenizer.decode(dataset_examples(trainer.train_dataset)[index])`` (or
+    examples.jsonl's ``text``) is the way back to it."""
+    return [list(ids) for ids in _examples(dataset)]
+
+
+def _is_packed(dataset) -> bool:
+    return hasattr(dataset, "column_names") and "seq_lengths" in dataset.column_names
+
+
 def _examples(dataset):
-    """Each example's token ids; a dataset packed by TRL (``seq_lengths`` per row) is split into its examples,
-    numbered in packed order (the original positions are gone by then)."""
+    """Each example's token ids; a dataset packed by TRL is split into its examples, in packed order."""
     rows = _input_ids_column(dataset)
-    if not hasattr(dataset, "column_names") or "seq_lengths" not in dataset.column_names:
+    if not _is_packed(dataset):
         yield from rows
         return
     for ids, lengths in zip(rows, dataset["seq_lengths"]):

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from .directions import DirectionSet
 from .finetune import load_adapter
 from .plots import new_figure
-from .scoring import score_samples
+from .scoring import combine, score_samples
 
 _TEXT_CHARS = 200
 
@@ -70,10 +70,7 @@ def score_offline(model, samples: Sequence[dict], passes: Sequence[ScoringPass],
     for sample, value in zip(samples, values):
         row = {"index": sample.get("index"), "danger": None, "safety": None, "sqsd": None}
         if all(v is not None for v in value.values()):
-            for kind in ("danger", "safety"):
-                vals = [v for k, v in value.items() if kinds[k] == kind]
-                row[kind] = sum(vals) / len(vals) if vals else None
-            row["sqsd"] = (row["danger"] or 0.0) - (row["safety"] or 0.0)
+            row.update(combine(list(value.values()), [kinds[k] for k in value]))
         out.append({**row, **value})
     return out
 

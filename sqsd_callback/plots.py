@@ -21,6 +21,8 @@ def drift_curve(drift_rows: list[dict]) -> Figure:
     fig, ax = new_figure((7, 3.6))
     steps = [r["step"] for r in drift_rows]
     for key, style in (("drift", "-"), ("drift_danger", "--"), ("drift_safety", ":")):
+        if any(r.get(key) is None for r in drift_rows):  # no set of that kind
+            continue
         ax.plot(steps, [r[key] for r in drift_rows], style, label=key.replace("_", " "))
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="optimizer step", ylabel="cosine of θ_t − θ_0 with directions", title="Cumulative drift")

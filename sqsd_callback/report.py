@@ -49,7 +49,8 @@ def write_report(run: str | Path, out_dir: str | Path | None = None, top_k: int 
     if drift:
         last = drift[-1]
         lines += [f"- final drift (step {last['step']}): {last['drift']:+.4f} "
-                  f"(danger {last['drift_danger']:+.4f}, safety {last['drift_safety']:+.4f})", "",
+                  f"(danger {_signed(last['drift_danger']) or 'no set'}, "
+                  f"safety {_signed(last['drift_safety']) or 'no set'})", "",
                   "![drift](drift.png)", ""]
         if "layers.png" in figures:
             lines += ["![per-module drift](layers.png)", ""]

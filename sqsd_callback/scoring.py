@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .directions import DirectionBank
@@ -44,6 +46,18 @@ def project(stats: Stats, bank: DirectionBank, metric: str, scale: torch.Tensor 
     raise ValueError(check_metric(metric))
 
 
+def combine(values: Sequence[float], kinds: Sequence[str]) -> dict[str, float | None]:
+    """The paper's combination of per-set values: ``danger`` and ``safety``, the mean over the sets of each kind
+    (None where there is no set of that kind), and ``sqsd`` = danger − safety (a missing kind counts as 0). The one
+    place the kinds are combined: example scores, offline rows and the run's drift all use it."""
+    out: dict[str, float | None] = {}
+    for kind in ("danger", "safety"):
+        vals = [v for v, k in zip(values, kinds) if k == kind]
+        out[kind] = sum(vals) / len(vals) if vals else None
+    out["sqsd"] = (out["danger"] or 0.0) - (out["safety"] or 0.0)
+    return out
+
+
 def rows(proj: torch.Tensor, bank: DirectionBank, n_scored: torch.Tensor, index: list) -> list[dict]:
     """One dict per example: ``danger``/``safety`` (means over sets of that kind, None where the kind has no
     set), ``sqsd`` and every set's own value; all None for an example with no scored tokens."""
@@ -55,12 +69,7 @@ def rows(proj: torch.Tensor, bank: DirectionBank, n_scored: torch.Tensor, index:
             row.update({"danger": None, "safety": None, "sqsd": None, **{k: None for k in bank.keys}})
             out.append(row)
             continue
-        means = {}
-        for kind in ("danger", "safety"):
-            vals = [v for v, k in zip(p, kinds) if k == kind]
-            means[kind] = sum(vals) / len(vals) if vals else None
-        row.update(means)
-        row["sqsd"] = (means["danger"] or 0.0) - (means["safety"] or 0.0)
+        row.update(combine(p, kinds))
         row.update(dict(zip(bank.keys, p)))
         out.append(row)
     return out

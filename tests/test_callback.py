@@ -217,3 +217,23 @@ def test_report_from_a_run(tmp_path):
     top = max((r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl")), key=lambda r: r["sqsd"])
     first_row = md.split("| rank |")[1].splitlines()[2]
     assert first_row.startswith(f"| 1 | {top['index']} | {top['sqsd']:+.4f}") and texts[top["index"]][:20] in first_row
+
+
+def test_sft_packing_index_names_an_example_of_dataset_examples(tmp_path, caplog):
+    """Under packing=True the index is a position in dataset_examples(trainer.train_dataset) (packed order), said
+    once at train start: each row's example decodes to the text examples.jsonl holds for that index."""
+    from sqsd_callback import dataset_examples
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    with caplog.at_level("WARNING"):
+        trainer = _sft(tmp_path, SQSDCallback(danger, safety), model, bf16=False, packing=True, max_length=24,
+                       padding_free=True)
+    assert any("packed order" in r.getMessage() for r in caplog.records)
+    examples = dataset_examples(trainer.train_dataset)
+    assert len(examples) == 8 and len(trainer.train_dataset) < 8  # eight examples in fewer packed rows
+    texts = {r["index"]: r["text"] for r in read_jsonl(tmp_path / "sqsd" / "examples.jsonl")}
+    rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
+    assert rows and all(r["index"] is not None for r in rows)
+    tok = word_tokenizer()
+    for r in rows:
+        assert tok.decode(examples[r["index"]], skip_special_tokens=True)[:600] == texts[r["index"]]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sqsd_callback import SQSDCallback, sinks
+from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.state import STATE_FILE, load_state
 from sqsd_callback.testing import random_samples, three_sets, tiny_lora
 
@@ -117,3 +118,21 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": \n')
     with pytest.raises(ValueError, match=rf"{path}, line 3: not a JSON object"):
         load_records(path)
+
+
+def test_a_missing_kind_is_none_in_scores_drift_and_logs_alike(tmp_path):
+    """One combination of kinds (scoring.combine): with safety sets only, danger is None (null) in every score row
+    and drift row, sqsd = −safety and drift = −drift_safety, and no sqsd/drift_danger reaches the logs."""
+    from sqsd_callback.report import write_report
+    from sqsd_callback.testing import random_set
+
+    model = tiny_lora("llama")
+    run = trainer(model, random_samples(8, seed=2), tmp_path, [SQSDCallback(safety=[random_set(model, "safety", "s")])],
+                  steps=2)
+    run.train()
+    rows, drift = read_jsonl(tmp_path / "sqsd" / "scores.jsonl"), read_jsonl(tmp_path / "sqsd" / "drift.jsonl")
+    assert rows and all(r["danger"] is None and r["sqsd"] == -r["safety"] for r in rows)
+    assert drift and all(d["drift_danger"] is None and d["drift"] == -d["drift_safety"] for d in drift)
+    logged = [h for h in run.state.log_history if "loss" in h]
+    assert logged and all("sqsd/drift_danger" not in h and "sqsd/drift_safety" in h for h in logged)
+    assert "danger no set" in write_report(tmp_path / "sqsd").read_text()
