@@ -136,3 +136,35 @@ def test_a_missing_kind_is_none_in_scores_drift_and_logs_alike(tmp_path):
     logged = [h for h in run.state.log_history if "loss" in h]
     assert logged and all("sqsd/drift_danger" not in h and "sqsd/drift_safety" in h for h in logged)
     assert "danger no set" in write_report(tmp_path / "sqsd").read_text()
+
+
+def _fused_lora_forward(layer, share):
+    """Replace a PEFT LoRA layer's forward by one that computes the same output without calling lora_A/lora_B as
+    modules (as fused kernels such as unsloth's do)."""
+    def forward(x, *args, **kwargs):
+        out = layer.base_layer(x)
+        if share:
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            out = out + layer.scaling["default"] * (x @ a.T) @ b.T
+        return out
+    layer.forward = forward
+
+
+@pytest.mark.parametrize("fused", ["all", "some"])
+def test_fused_lora_kernels_are_refused_or_named_not_scored_as_zero(tmp_path, fused):
+    """A model whose LoRA layers bypass their modules (fused kernels) gives the hooks nothing: refused at the first
+    micro-batch when no layer ran as a module; a warning naming the layers when only some did."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers if fused == "all" else layers[:2]:
+        _fused_lora_forward(layer, share=True)
+    run = trainer(model, random_samples(8, seed=2), tmp_path, [SQSDCallback(danger, safety)], steps=1)
+    if fused == "all":
+        with pytest.raises(RuntimeError, match="fused"):
+            run.train()
+    else:
+        with pytest.warns(UserWarning, match="2 of 6 trained layers did not run as modules"):
+            run.train()

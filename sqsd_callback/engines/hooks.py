@@ -13,6 +13,8 @@ the tap, the record of a pass, packed-batch splitting and shared Gram matrices.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.profiler import record_function
@@ -59,11 +61,15 @@ class HooksEngine(Engine):
         self.record: Stats | None = None
         self.segments = None
         self._grams: list = []
+        self.tap_names: list[str] = []     # every tapped layer, by target name
+        self.tapped: set[str] = set()       # those whose forward ran in the current pass
+        self._warned_untapped = False
 
     # -------------------------------------------------------------- lifecycle
     def attach(self) -> None:
         if self.handles:
             return
+        self.tap_names = []
         for group in self.groups:
             self.handles += group.hooks()
 
@@ -77,12 +83,15 @@ class HooksEngine(Engine):
         (a packed batch's :class:`Segments`) say."""
         K, M, n, device = len(self.bank.sets), len(self.bank.modules), batch.n_examples, batch.input_ids.device
         self.record = Stats(torch.zeros(n, M, K, device=device), torch.zeros(n, M, device=device))
-        self.segments, self._grams = batch.segments, []
+        self.segments, self._grams, self.tapped = batch.segments, [], set()
         for group in self.groups:
             group.reset()
 
     def finish(self) -> Stats:
-        """Close the current record and return it."""
+        """Close the current record and return it. A pass in which no tapped layer ran its forward is an error: the
+        model computes them through fused kernels that bypass the modules (unsloth's fast LoRA, for one), and every
+        score would silently be 0."""
+        self._check_tapped()
         record, self.record, self._grams = self.record, None, []
         with record_function("sqsd::finish"):
             for group in self.groups:
@@ -99,16 +108,38 @@ class HooksEngine(Engine):
         """Whether a layer output belongs to a pass being scored."""
         return self.record is not None and torch.is_grad_enabled() and out.requires_grad
 
-    def tap(self, fn, saved_before=tuple):
-        """A forward hook whose backward calls ``fn(*saved_before(), layer input, output gradient)``."""
+    def tap(self, name: str, fn, saved_before=tuple):
+        """A forward hook (for target ``name``) whose backward calls ``fn(*saved_before(), layer input, output
+        gradient)``."""
+        self.tap_names.append(name)
+
         def backward(*args):
             if self.record is not None:
                 fn(*args)
 
         def hook(module, args, out):
             if self.recording(out):
+                self.tapped.add(name)
                 return _Tap.apply(out, backward, *saved_before(), args[0])
         return hook
+
+    def _check_tapped(self) -> None:
+        missing = [n for n in self.tap_names if n not in self.tapped]
+        if not missing:
+            return
+        if len(missing) == len(self.tap_names):
+            raise RuntimeError(
+                "No trained layer ran its forward as a module in this training pass, so SQSD saw none of its "
+                "gradients (every score would be 0): the model computes its LoRA or Linear layers through fused "
+                "kernels that bypass the modules, as unsloth's fast LoRA kernels do. Train with the layers running "
+                "as PEFT / torch modules (for unsloth, with its fused LoRA kernels off), or score offline with "
+                "`sqsd score`.")
+        if not self._warned_untapped:  # e.g. mixture-of-experts layers no token was routed to
+            self._warned_untapped = True
+            warnings.warn(f"{len(missing)} of {len(self.tap_names)} trained layers did not run as modules in a "
+                          f"training pass (e.g. {missing[:3]}): their per-example gradients count as 0 there. "
+                          f"Expected for experts no token was routed to; otherwise a fused kernel bypasses them.",
+                          stacklevel=2)
 
     # -------------------------------------------------------------- shared math
     def split(self, t: torch.Tensor) -> torch.Tensor:

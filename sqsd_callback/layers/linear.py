@@ -65,7 +65,7 @@ class LinearHooks(HookGroup):
     (δ_tᵀB_V)⊙(A_V x_t)), ``dense_dots[l]`` (n×dense sets) and ``sq[l]`` (n)."""
 
     def hooks(self) -> list:
-        return [t.module.register_forward_hook(self.engine.tap(partial(self.backward, i)))
+        return [t.module.register_forward_hook(self.engine.tap(t.name, partial(self.backward, i)))
                 for i, t in enumerate(self.targets)]
 
     def reset(self) -> None:

@@ -153,7 +153,7 @@ class LoraHooks(HookGroup):
         sharded = any(is_sharded(p) for t in self.targets for p in t.params)
         for i, t in enumerate(self.targets):
             handles.append(t.lora_A.register_forward_hook(partial(self.note_input, i)))
-            handles.append(t.lora_B.register_forward_hook(self.engine.tap(partial(self.backward, i),
+            handles.append(t.lora_B.register_forward_hook(self.engine.tap(t.name, partial(self.backward, i),
                                                                           partial(self.noted_input, i))))
             if sharded:
                 handles += [f.register_forward_pre_hook(partial(self.note_factor, i, j))
