@@ -83,6 +83,7 @@ class SQSDCallback(TrainerCallback):
         if not self.sets and anchor is None:
             raise ValueError("SQSDCallback needs at least one direction set: danger=[...] and/or safety=[...].")
         self.anchor = Anchor(anchor, cfg.anchor_lambda) if anchor is not None else None
+        self.policies = [p for p in (self.drop, self.stop, self.anchor) if p is not None]
         self._window, self._last_drift, self._warned = _LogWindow(), {}, set()
 
     # ------------------------------------------------------------------ events
@@ -275,7 +276,7 @@ class SQSDCallback(TrainerCallback):
         tensors = {f"drift/{k}": v for k, v in (self.drift.state_tensors() if self.sets else {}).items()}
         safe = self.last_safe.tensors if self.last_safe is not None else None
         tensors.update({f"safe/{n}": v for n, v in (safe or {}).items()})
-        meta = {"drop": self.drop.state_dict(), "stop": self.stop.state_dict() if self.stop else None,
+        meta = {"policies": {p.name: p.state_dict() for p in self.policies},
                 "seen": sorted(self._seen), "window": [self._window.values, self._window.dropped],
                 "last_drift": self._last_drift, "has_safe": safe is not None}
         return tensors, meta
@@ -290,9 +291,9 @@ class SQSDCallback(TrainerCallback):
         tensors, saved = load_state(ckpt)
         if self.sets:
             self.drift.load_state_tensors(split("drift", tensors))
-        self.drop.load_state_dict(saved["drop"])
-        if self.stop is not None and saved["stop"] is not None:
-            self.stop.load_state_dict(saved["stop"])
+        for p in self.policies:
+            if p.name in saved["policies"]:
+                p.load_state_dict(saved["policies"][p.name])
         self._seen = set(saved["seen"])
         self._window.values, self._window.dropped = saved["window"]
         self._last_drift = saved["last_drift"]
@@ -313,9 +314,6 @@ class SQSDCallback(TrainerCallback):
                      for i, (k, s) in enumerate(zip(self.bank.keys, self.sets))] if self.sets else [],
             "modules": self.bank.modules if self.sets else [],
             "duplicate_examples": self.index.duplicates,
-            "drop": {k: getattr(self.drop, k) for k in ("above", "top_fraction", "zscore_above", "min_history",
-                                                         "exclude_dropped")},
-            "stop": None if self.stop is None else {"threshold": self.stop.threshold, "patience": self.stop.patience},
-            "anchor": None if self.anchor is None else {"set": self.anchor.directions.name,
-                                                        "lambda": self.anchor.lam},
+            **{p.name: None for p in (DropPolicy, DriftStop, Anchor)},
+            **{p.name: p.describe() for p in self.policies},
         }

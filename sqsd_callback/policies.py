@@ -1,4 +1,6 @@
-"""Decisions from scores and drift: which examples to drop, when to stop, and the AsFT anchor penalty."""
+"""Decisions from scores and drift: which examples to drop, when to stop, and the AsFT anchor penalty. Each is a
+``Policy``: it describes its settings (run.json, the wandb config) and carries its state through checkpoints; its
+action on the update is in ``edits`` (drops, anchor) or the callback's stop."""
 
 from __future__ import annotations
 
@@ -30,8 +32,24 @@ class RunningStats:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
 
 
+class Policy:
+    """What every policy offers the callback: a ``name``, its settings, and its state for checkpoints."""
+
+    name = ""
+    settings: tuple[str, ...] = ()
+
+    def describe(self) -> dict:
+        return {k: getattr(self, k) for k in self.settings}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved (nothing by default)."""
+
+
 @dataclass
-class DropPolicy:
+class DropPolicy(Policy):
     """Drop an example when its SQSD is above ``above``, among the riskiest ``top_fraction`` of its micro-batch
     (whole examples: the fraction's remainder carries to the next micro-batch, so the run drops that share),
     or more than ``zscore_above`` standard deviations above the run's running mean (once ``min_history``
@@ -45,6 +63,8 @@ class DropPolicy:
     stats: RunningStats = field(default_factory=RunningStats)
     dropped: set = field(default_factory=set)
     owed: float = 0.0  # top_fraction's share of examples not yet dropped (a micro-batch drops whole examples)
+    name = "drop"
+    settings = ("above", "top_fraction", "zscore_above", "min_history", "exclude_dropped")
 
     @property
     def active(self) -> bool:
@@ -85,7 +105,7 @@ class DropPolicy:
 
 
 @dataclass
-class DriftStop:
+class DriftStop(Policy):
     """Stop once the run's drift has been above ``threshold`` for ``patience`` consecutive optimizer steps;
     remembers the last step whose drift was below it."""
 
@@ -93,6 +113,8 @@ class DriftStop:
     patience: int = 1
     streak: int = 0
     last_safe_step: int = 0
+    name = "stop"
+    settings = ("threshold", "patience")
 
     def update(self, step: int, drift: float) -> bool:
         """Record the drift after ``step`` optimizer steps; True when the run should stop."""
@@ -109,13 +131,18 @@ class DriftStop:
         self.streak, self.last_safe_step = state["streak"], state["last_safe_step"]
 
 
-class Anchor:
+class Anchor(Policy):
     """AsFT's anchor (arXiv 2506.08473): λ Σ_m ‖(I − Ĉ_m) ΔW_m‖²_F with Ĉ = V Vᵀ/‖V‖_F and ΔW = s·B A the
     LoRA delta. Computed as s² tr(XᵀX · AAᵀ) with X = B − V(VᵀB)/‖V‖_F: r×r and out×r products only."""
+
+    name = "anchor"
 
     def __init__(self, directions: DirectionSet, lam: float) -> None:
         directions.check_values()
         self.directions, self.lam = directions, lam
+
+    def describe(self) -> dict:
+        return {"set": self.directions.name, "lambda": self.lam}
 
     def bind(self, targets: dict[str, Target]) -> None:
         """Match the anchor's modules to the model's LoRA modules (same checks as scoring)."""
