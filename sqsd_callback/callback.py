@@ -22,6 +22,7 @@ from .distributed import Processes, full_parameters, refuse_unsupported
 from .drift import Drift, summarize
 from .edits import StepEdits, refuse_untracked
 from .engines import ENGINES, make_engine
+from .engines.base import IGNORE_INDEX
 from .identity import ExampleIndex
 from .last_safe import LastSafe
 from .layers import find_targets
@@ -214,11 +215,10 @@ class SQSDCallback(TrainerCallback):
         host.index = mb.own_index.tolist() if mb.own_index is not None else self.index.lookup(host.example_ids())
         mb.batch.index = host.index
         if self.tokenizer is not None:
-            for i, ids in zip(host.index, host.example_ids()):
+            for i, ids, labels in zip(host.index, host.example_ids(), host.example_labels()):
                 if i is not None and i not in self._seen:
                     self._seen.add(i)
-                    text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)[:_TEXT_CHARS]
-                    self._new_texts.append({"index": i, "text": text})
+                    self._new_texts.append({"index": i, **self._texts(ids, labels)})
         scale = None
         if self.engine.from_step:  # hook gradients carry the step's loss weights; the oracles' are per example
             scale = mb.scale()
@@ -230,6 +230,15 @@ class SQSDCallback(TrainerCallback):
         for r in out:
             r["dropped"] = False
         return out
+
+    def _texts(self, ids, labels) -> dict[str, str]:
+        """An example's decoded ``text`` (its start) and, split at its first scored token, the end of its ``prompt``
+        (the user's turn, after any system prompt the chat template put first) and the start of its ``response``."""
+        decode = lambda t: self.tokenizer.decode(t.tolist(), skip_special_tokens=True)  # noqa: E731
+        scored = (labels != IGNORE_INDEX).nonzero()
+        first = int(scored[0]) if len(scored) else len(ids)
+        return {"text": decode(ids)[:_TEXT_CHARS], "prompt": decode(ids[:first])[-_TEXT_CHARS // 2:],
+                "response": decode(ids[first:])[:_TEXT_CHARS // 2]}
 
     def _check_stop(self, state, control) -> None:
         drift = self._last_drift["drift"]

@@ -29,7 +29,7 @@ def write_report(run: str | Path, out_dir: str | Path | None = None, top_k: int 
     scores = read_jsonl(run / "scores.jsonl")
     drift = read_jsonl(run / "drift.jsonl") if (run / "drift.jsonl").is_file() else []
     meta = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-    texts = {r["index"]: r["text"] for r in read_jsonl(run / "examples.jsonl")} \
+    texts = {r["index"]: _shown(r) for r in read_jsonl(run / "examples.jsonl")} \
         if (run / "examples.jsonl").is_file() else {}
     figures = {"scores.png": plots.score_histogram(scores)}
     if drift:
@@ -67,6 +67,14 @@ def write_report(run: str | Path, out_dir: str | Path | None = None, top_k: int 
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _shown(example: dict) -> str:
+    """An example as the tables show it: the end of its prompt (the user's turn, not the chat template's system
+    prompt) and the start of its response; older runs have only the text's start."""
+    if "response" not in example:
+        return example["text"]
+    return f"…{example['prompt'][-70:].strip()} → {example['response'][:80].strip()}"
 
 
 def _signed(value: float | None) -> str:

@@ -208,15 +208,21 @@ def test_report_from_a_run(tmp_path):
     from sqsd_callback.report import write_report
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
-    _sft(tmp_path, SQSDCallback(danger, safety), model, bf16=False)
-    texts = {r["index"]: r["text"] for r in read_jsonl(tmp_path / "sqsd" / "examples.jsonl")}
+    run = _sft(tmp_path, SQSDCallback(danger, safety), model, bf16=False)
+    examples = {r["index"]: r for r in read_jsonl(tmp_path / "sqsd" / "examples.jsonl")}
+    texts = {i: r["text"] for i, r in examples.items()}
     assert len(texts) == 4 and all(t.startswith("w") for t in texts.values())
+    for i, r in examples.items():  # split at the first scored token: the dataset's own prompt and completion
+        row = run.train_dataset[i]
+        assert r["prompt"].strip() == row["prompt"]
+        assert r["response"].strip() == row["completion"].replace("<eos>", "").strip()
     md = write_report(tmp_path).read_text()
     for png in ("drift.png", "layers.png", "scores.png"):
         assert (tmp_path / "sqsd" / "report" / png).stat().st_size > 5000
     top = max((r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl")), key=lambda r: r["sqsd"])
     first_row = md.split("| rank |")[1].splitlines()[2]
-    assert first_row.startswith(f"| 1 | {top['index']} | {top['sqsd']:+.4f}") and texts[top["index"]][:20] in first_row
+    shown = f"{examples[top['index']]['prompt'].strip()[-70:]} → {examples[top['index']]['response'][:80].strip()}"
+    assert first_row.startswith(f"| 1 | {top['index']} | {top['sqsd']:+.4f}") and shown in first_row
 
 
 def test_sft_packing_index_names_an_example_of_dataset_examples(tmp_path, caplog):

@@ -83,6 +83,10 @@ class Batch:
         """Each example's token ids (padding removed)."""
         return self._per_example(self.input_ids)
 
+    def example_labels(self) -> list[torch.Tensor]:
+        """Each example's labels (padding removed), aligned with ``example_ids``."""
+        return self._per_example(self.labels)
+
     def _per_example(self, t: torch.Tensor) -> list[torch.Tensor]:
         """A (rows × length) per-token tensor as one 1-D tensor per example, padding removed."""
         if self.segments is None:
