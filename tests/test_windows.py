@@ -51,3 +51,27 @@ def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
     assert set(summary["variants_rho"]) == {"danger only (cosine)", "SQSD, global_cosine"}
     assert (tmp_path / "w" / "windows.png").stat().st_size > 5000
     assert "| random |" in (tmp_path / "w" / "windows.md").read_text()
+
+
+def test_across_seeds_against_hand_computed_values(tmp_path):
+    """rho per seed, its mean with a t interval across seeds (t_0.975, 2 df = 4.303), harmfulness per window."""
+    from sqsd_callback.windows import across_seeds, seeds_plot, seeds_table
+
+    def summary(seed, harm, random):
+        return {"seed": seed, "k": 3, "window_size": 4, "held_out": 10, "random": random,
+                "rho": spearman([1, 2, 3], harm),
+                "windows": [{"window": w + 1, "sqsd_mean": 3.0 - w, "harmfulness": h} for w, h in enumerate(harm)]}
+
+    runs = [summary(0, [0.5, 0.4, 0.3], 0.45), summary(1, [0.5, 0.3, 0.4], 0.35), summary(2, [0.6, 0.2, 0.1], 0.4)]
+    got = across_seeds(runs)
+    assert got["rho_per_seed"] == pytest.approx([-1.0, -0.5, -1.0])
+    mean, sd = -2.5 / 3, float(np.std([-1.0, -0.5, -1.0], ddof=1))
+    assert got["rho_mean"] == pytest.approx(mean)
+    half = 4.303 * sd / 3 ** 0.5
+    assert got["rho_95_across_seeds"] == pytest.approx([max(-1.0, mean - half), mean + half])  # clipped at −1
+    assert [w["harmfulness_mean"] for w in got["windows"]] == pytest.approx([16 / 30, 0.3, 0.8 / 3])
+    assert got["windows"][0]["harmfulness_min"] == 0.5 and got["windows"][0]["harmfulness_max"] == 0.6
+    assert got["rho_of_mean_harmfulness"] == pytest.approx(-1.0) and got["random"]["mean"] == pytest.approx(0.4)
+    assert "-1.00, -0.50, -1.00" in seeds_table(got)
+    seeds_plot(got, tmp_path / "seeds.png")
+    assert (tmp_path / "seeds.png").stat().st_size > 5000

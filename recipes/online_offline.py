@@ -1,0 +1,91 @@
+"""Why the monitored run's online scores and the paper's offline scores rank the pool differently.
+
+    python recipes/online_offline.py --quick     # sqsd demo's cache: its 128 records, its monitored run, ~10 min
+
+An example's SQSD is the cosine of its update ΔW_i with the directions, and ΔW_i depends on where and in which
+parameter space it is taken. The online score is the run's own update at the step's parameters θ_s, in the run's
+LoRA subspace (at a fresh adapter B = 0, so ΔW_i = −s gB_i A: the update is confined to the random rows of A);
+the paper scores danger at a trained checkpoint θ_t and safety at θ_0 + α·V_safety, in those adapters' subspaces.
+This scores the same records under each of these choices and reports Spearman's rho between every pair, so the
+gap can be attributed: online epoch 1 and 2 (the run's rows), the paper's offline scores, a fresh LoRA adapter at
+θ_0 (the run's first step, another random A), the trained adapter θ_T for every set, and the full weight gradient
+at θ_0 (no adapter subspace at all). Writes benchmarks/results/online-offline-quick-cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from sqsd_callback.adapters import direction_sets, theta_0
+from sqsd_callback.data import load_model, tokenize_chats
+from sqsd_callback.finetune import lora_config
+from sqsd_callback.offline import ScoringPass, paper_passes, score_offline
+from sqsd_callback.sinks import read_jsonl
+from sqsd_callback.windows import spearman
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", required=True, help="sqsd demo's cache (the only mode)")
+    p.add_argument("--cache", default="sqsd_demo")
+    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--results", default="benchmarks/results/online-offline-quick-cpu")
+    opts = p.parse_args()
+    start, cache = time.perf_counter(), Path(opts.cache)
+    directions, checkpoint = cache / "directions", cache / "finetune"
+    model, tokenizer = load_model(None)
+    model = theta_0(model, directions)
+    danger, safety = direction_sets(directions)
+    samples = tokenize_chats(tokenizer, read_jsonl(cache / "data" / "finetune.jsonl"), opts.max_length)
+    samples = [dict(s, index=i) for i, s in enumerate(samples)]
+    online = read_jsonl(checkpoint / "sqsd" / "scores.jsonl")
+    steps_per_epoch = len({r["step"] for r in online}) // 2
+    variants = {f"online, epoch {e + 1}": {r["index"]: r["sqsd"] for r in online
+                                            if r["sqsd"] is not None and r["step"] // steps_per_epoch == e}
+                for e in range(2)}
+    both = [danger, safety]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        fresh = get_peft_model(model, lora_config(8))  # B = 0, A random: the run's first step, another draw
+        fresh.save_pretrained(tmp)
+        fresh.unload()
+        passes = {
+            "offline, paper (danger at θ_t, safety at θ_0 + 0.5·V)":
+                paper_passes([(directions / "danger", danger)], [(directions / "safety", safety)], checkpoint),
+            "offline, fresh LoRA at θ_0 (B = 0)": [ScoringPass(tmp, both)],
+            "offline, trained LoRA θ_T (every set)": [ScoringPass(checkpoint, both)],
+            "offline, full weight gradient at θ_0": [ScoringPass(None, both)],
+        }
+        for name, ps in passes.items():
+            rows = score_offline(model, samples, ps)
+            variants[name] = {r["index"]: r["sqsd"] for r in rows if r["sqsd"] is not None}
+    names = list(variants)
+    rho = {a: {b: _rho(variants[a], variants[b]) for b in names} for a in names}
+    result = {"records": len(samples), "rho": rho, "minutes": (time.perf_counter() - start) / 60,
+              "machine": "2 CPU cores, torch " + torch.__version__}
+    out = Path(opts.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    short = [f"({i + 1})" for i in range(len(names))]
+    lines = ["| | score variant | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(names),
+             *[f"| ({i + 1}) | {a} | " + " | ".join(f"{rho[a][b]:+.2f}" for b in names) + " |"
+               for i, a in enumerate(names)], "",
+             f"Spearman's rho over the {len(samples)} records of sqsd demo's pool; {result['minutes']:.1f} min."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _rho(a: dict, b: dict) -> float:
+    common = sorted(set(a) & set(b))
+    return spearman([a[i] for i in common], [b[i] for i in common])
+
+
+if __name__ == "__main__":
+    main()
