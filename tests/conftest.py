@@ -27,3 +27,4 @@ def tiny_model(gguf_tokenizer):
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          pad_token_id=gguf_tokenizer.pad_token_id, eos_token_id=gguf_tokenizer.eos_token_id)
     return LlamaForCausalLM(config).eval()
+

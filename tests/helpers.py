@@ -34,6 +34,8 @@ def trainer(model, samples, out, callbacks=(), batch=2, accum=1, steps=3, optim=
     defaults = dict(logging_steps=1, report_to=[], save_strategy="no", max_grad_norm=0.05, seed=5, disable_tqdm=True)
     if optim is not None:
         kw["optim"] = optim
+    if kw.get("gradient_checkpointing"):  # reentrant checkpointing of frozen embeddings needs inputs that require
+        model.enable_input_require_grads()  # grad: transformers ≥ 5 sets this up itself, 4.x leaves it to the user
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
                              max_steps=steps, learning_rate=lr, use_cpu=True, **{**defaults, **kw})
     return Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples),

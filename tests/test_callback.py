@@ -196,7 +196,8 @@ def test_sft_trainer_projection_scores_equal_score_samples(tmp_path):
     before = copy.deepcopy(model)
     trainer = _sft(tmp_path, SQSDCallback(danger, safety, metric="projection"), model, bf16=False)
     data = trainer.train_dataset
-    samples = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in data]
+    samples = [{"input_ids": ex["input_ids"], "labels": ex["labels"] if "labels" in ex else  # TRL < 1: a mask
+                [t if m else -100 for t, m in zip(ex["input_ids"], ex["completion_mask"])]} for ex in data]
     assert all(-100 in s["labels"] for s in samples)  # completion-only loss
     expected = score_samples(before, samples, danger, safety, metric="projection", progress=False)
     first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]

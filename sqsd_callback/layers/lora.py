@@ -72,8 +72,11 @@ class LoraTarget:
 def lora_linear_types() -> tuple[type, ...]:
     """PEFT's LoRA layer classes whose update is ``scaling · lora_B @ lora_A`` over Linear factors: LoRA on a Linear,
     and QLoRA's bitsandbytes 4-bit and 8-bit base layers (present where bitsandbytes is installed)."""
-    from peft.tuners.lora import bnb
     from peft.tuners.lora import layer as lora_layer
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:  # older PEFT imports bitsandbytes unguarded; without it there are no bnb layers anyway
+        bnb = None
     return (lora_layer.Linear, *(getattr(bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, n)))
 
 
