@@ -63,9 +63,16 @@ def main() -> None:
             "offline, trained LoRA θ_T (every set)": [ScoringPass(checkpoint, both)],
             "offline, full weight gradient at θ_0": [ScoringPass(None, both)],
         }
-        for name, ps in passes.items():
-            rows = score_offline(model, samples, ps)
-            variants[name] = {r["index"]: r["sqsd"] for r in rows if r["sqsd"] is not None}
+        for j, (name, ps) in enumerate(passes.items()):  # each variant's scores are cached: a rerun continues
+            done = cache / "online_offline" / f"variant{j}.json"
+            if not done.is_file():
+                full = ps[0].adapter is None
+                model.requires_grad_(full)  # full weight gradients: the Linear weights are the scored targets
+                rows = score_offline(model, samples, ps)
+                model.requires_grad_(False)
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps({r["index"]: r["sqsd"] for r in rows if r["sqsd"] is not None}))
+            variants[name] = {int(i): v for i, v in json.loads(done.read_text()).items()}
     names = list(variants)
     rho = {a: {b: _rho(variants[a], variants[b]) for b in names} for a in names}
     result = {"records": len(samples), "rho": rho, "minutes": (time.perf_counter() - start) / 60,
