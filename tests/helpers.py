@@ -121,6 +121,13 @@ def dense_drift_cosines(delta: dict[str, torch.Tensor], sets) -> dict[str, float
     return out
 
 
+def assert_final_drift_is_dense(out: Path, delta: dict[str, torch.Tensor], sets, rel: float = 1e-4) -> None:
+    """The last drift.jsonl row's cosine with each set equals ``dense_drift_cosines(delta)`` (rel tolerance)."""
+    drift = read_jsonl(out / "sqsd" / "drift.jsonl")[-1]
+    for key, want in dense_drift_cosines(delta, sets).items():
+        assert abs(drift[key] - want) <= rel * abs(want), (key, drift[key], want)
+
+
 def dense_asft(model, dirs: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
     """AsFT's penalty λ Σ_m ‖(I − Ĉ_m) ΔW_m‖², Ĉ = V Vᵀ/‖V‖_F, ΔW = s·B A, formed densely (differentiable)."""
     total = 0.0

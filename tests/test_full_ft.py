@@ -13,7 +13,7 @@ from sqsd_callback.layers import LinearTarget, find_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, rel_err, tiny_base, tiny_full_ft
 
-from helpers import SCORE_KEYS, dense_drift_cosines, trainer
+from helpers import SCORE_KEYS, assert_final_drift_is_dense, trainer
 
 MODULES = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -63,10 +63,8 @@ def test_full_ft_callback_first_step_and_drift(tmp_path):
     first = [r for r in read_jsonl(tmp_path / "sqsd" / "scores.jsonl") if r["step"] == 0]
     for k in SCORE_KEYS:
         assert rel_err([r[k] for r in first], [expected[r["index"]][k] for r in first]) < 1e-5, k
-    drift = read_jsonl(tmp_path / "sqsd" / "drift.jsonl")[-1]
     delta = {m: model.get_submodule(m).weight.detach() - start[f"{m}.weight"] for m in find_targets(model)}
-    for key, want in dense_drift_cosines(delta, danger + safety).items():
-        assert drift[key] == pytest.approx(want, rel=1e-4)
+    assert_final_drift_is_dense(tmp_path, delta, danger + safety)
 
 
 def test_full_ft_drop_gives_the_step_without_the_dropped_examples(tmp_path):
