@@ -39,6 +39,8 @@ def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, l
         "save_strategy": "no", "report_to": "none", "gradient_checkpointing": False, "bf16": cuda,
         "use_cpu": not cuda, "max_length": None, "seed": 0, **config})
     dataset = Dataset.from_list([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
+    from transformers import set_seed
+    set_seed(args.seed)  # the adapter's random A comes from this seed, not from whatever ran before in the process
     peft_model = get_peft_model(model, lora or lora_config())
     start = time.perf_counter()
     try:

@@ -75,3 +75,23 @@ def test_across_seeds_against_hand_computed_values(tmp_path):
     assert "-1.00, -0.50, -1.00" in seeds_table(got)
     seeds_plot(got, tmp_path / "seeds.png")
     assert (tmp_path / "seeds.png").stat().st_size > 5000
+
+
+def test_train_lora_is_reproducible_whatever_ran_before(tmp_path, tiny_model, gguf_tokenizer):
+    """Two fine-tunes with the same seed give the same adapter even when the global RNG was used in between: the
+    adapter's random initialisation is seeded too (the window and protection runs compare runs made in one
+    process one after another)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sqsd_callback.data import tokenize_chats
+    from sqsd_callback.finetune import lora_config, train_lora
+
+    samples = tokenize_chats(gguf_tokenizer, [{"prompt": f"What is {a} + 1?", "response": f"{a + 1}."}
+                                              for a in range(4)], 64)
+    for run in ("a", "b"):
+        torch.rand(1000)  # something else used the global RNG in between
+        train_lora(tiny_model, gguf_tokenizer, samples, tmp_path / run, lora=lora_config(2), seed=3,
+                   num_train_epochs=1, per_device_train_batch_size=2)
+    a, b = (load_file(str(tmp_path / r / "adapter_model.safetensors")) for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
