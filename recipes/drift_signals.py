@@ -60,6 +60,25 @@ def run(exp: Experiment, p: float, seed: int, every: int, out: Path) -> list[dic
     return points
 
 
+PANELS = (("harmfulness",), ("drift", "drift_danger", "drift_safety"),
+          ("projection/danger/danger", "projection/safety/safety"), ("norm",))
+
+
+def plot(points: list[dict], path: Path) -> None:
+    """Harmfulness and the signals per step, the clean run in green and the poisoned one in red."""
+    fig, axes = new_figure((12, 3.4), ncols=len(PANELS))
+    for ax, keys in zip(axes, PANELS):
+        for p, colour in ((0.0, "g"), (0.1, "r")):
+            pts = [pt for pt in points if pt["p"] == p]
+            for key, ls in zip(keys, ("-", "--", ":")):
+                ax.plot([pt["step"] for pt in pts], [pt[key] for pt in pts], colour + ls, marker="o", ms=2,
+                        label=f"{key} p={p:g}")
+        ax.set(xlabel="optimizer step", title=" / ".join(k.split("/")[-2] if "/" in k else k for k in keys))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", required=True, help="sqsd demo's cache (the only mode)")
@@ -87,20 +106,7 @@ def main() -> None:
              "", f"Checkpoints every {opts.every} steps of two monitored fine-tunes (seed {opts.seed}): the clean "
              f"pool and the 10%-poisoned pool; harmfulness on {len(exp.held_out)} held-out harmful prompts."]
     res.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    fig, axes = new_figure((10, 3.4), ncols=len(SIGNALS) // 2 + 1)
-    axes[0].set(title="harmfulness", xlabel="step")
-    for p, style in ((0.0, "g-o"), (0.1, "r-o")):
-        pts = [pt for pt in points if pt["p"] == p]
-        axes[0].plot([pt["step"] for pt in pts], [pt["harmfulness"] for pt in pts], style, ms=3, label=f"p={p:g}")
-        for ax, (a, b) in zip(axes[1:], [SIGNALS[:2], SIGNALS[2:4], SIGNALS[4:]]):
-            for s, ls in ((a, "-"), (b, "--")):
-                ax.plot([pt["step"] for pt in pts], [pt[s] for pt in pts], style[0] + ls, label=f"{s} p={p:g}")
-    for ax in axes[1:]:
-        ax.set(xlabel="step")
-        ax.legend(fontsize=6)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(res.with_suffix(".png"), dpi=120)
+    plot(points, res.with_suffix(".png"))
     print("\n".join(lines))
 
 
