@@ -32,3 +32,32 @@ def test_the_callback_imports_without_the_app_libraries():
             "print(sorted(m for m in ('matplotlib', 'trl', 'datasets', 'wandb', 'gguf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_wandb_heatmap_refreshes_keep_memory_flat():
+    """What WandbSink does at every due logging step (heatmap → PNG for wandb), 60 times after a warm-up: no
+    Figure stays alive and resident memory grows by less than 30 MB (an unclosed figure per refresh cost 1–6 MB)."""
+    import gc
+    import os
+
+    from matplotlib.figure import Figure
+
+    from sqsd_callback.sinks import _png
+
+    def rss_mb():
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    rows = [{"step": s, "drift": 0.1 * s, "drift_danger": 0.2 * s, "drift_safety": 0.1 * s,
+             "layers": {f"m{i}": {"cosine": [0.1 * i, -0.1], "projection": [0.0, 0.0]} for i in range(60)}}
+            for s in range(1, 200)]
+    kinds = {"danger/d": "danger", "safety/s": "safety"}
+    for _ in range(5):
+        _png(plots.layer_heatmap(rows, kinds))
+    gc.collect()
+    before = rss_mb()
+    for _ in range(60):
+        _png(plots.layer_heatmap(rows, kinds))
+    gc.collect()
+    assert sum(isinstance(o, Figure) for o in gc.get_objects()) == 0
+    assert rss_mb() - before < 30
