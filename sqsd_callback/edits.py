@@ -15,7 +15,8 @@ from .recorder import MicroBatch
 
 def refuse_untracked(model: torch.nn.Module, params: list[torch.Tensor]) -> None:
     """Exact drops remove examples through the scored weights' gradients: refuse a model that trains others."""
-    others = [n for n, p in model.named_parameters() if p.requires_grad and not any(p is q for q in params)]
+    scored = {id(q) for q in params}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in scored]
     if others:
         raise ValueError(f"Exact drops remove examples through the gradients of the scored weight matrices, but the "
                          f"model also trains {len(others)} other parameter(s), e.g. {others[:2]} (modules_to_save, "

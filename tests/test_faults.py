@@ -168,3 +168,16 @@ def test_fused_lora_kernels_are_refused_or_named_not_scored_as_zero(tmp_path, fu
     else:
         with pytest.warns(UserWarning, match="2 of 6 trained layers did not run as modules"):
             run.train()
+
+
+def test_drops_refuse_a_model_that_trains_weights_outside_the_scored_layers(tmp_path):
+    """Exact drops edit only the scored layers' gradients: another trainable parameter is refused by name at train
+    start, before any step."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    model.get_submodule("base_model.model.model.norm").weight.requires_grad_(True)
+    run = trainer(model, random_samples(4), tmp_path, [SQSDCallback(danger, safety, drop_top_fraction=0.25)],
+                  steps=1)
+    with pytest.raises(ValueError, match=r"also trains 1 other parameter.*model\.norm\.weight"):
+        run.train()
+    assert run.state.global_step == 0
