@@ -71,10 +71,21 @@ class Recorder:
         if ids is None or labels is None:
             raise ValueError("SQSDCallback needs input_ids and labels in each training batch (the examples' "
                              "scored tokens are the labels that are not -100).")
-        mask = kwargs.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.detach()
+        given = kwargs.get("attention_mask")
+        if given is not None and given.dim() != 2:
+            raise ValueError(
+                f"SQSDCallback got a {given.dim()}-D attention mask (LLaMA-Factory's neat_packing builds one); it "
+                f"reads which tokens are real and which example they belong to from a 2-D mask and position_ids. "
+                f"Train without neat_packing, or pack as TRL does (position_ids and no attention_mask).")
+        mask = torch.ones_like(ids) if given is None else given.detach()
         position_ids = kwargs.get("position_ids")
         segments = None if position_ids is None else Segments.from_position_ids(position_ids, mask)
+        if segments is not None and given is not None:
+            raise ValueError(
+                "position_ids restart inside rows of this batch but an attention_mask came with it, so the packed "
+                "examples attend to one another (transformers keeps them apart only when no attention_mask is "
+                "passed) and no example's gradient is its own to score. This is LLaMA-Factory's `packing: true`; "
+                "train without packing, or pack as TRL does (SFTConfig(packing=True): position_ids, no mask).")
         batch = Batch(ids.detach(), labels.detach(), mask, segments=segments)
         own_index = kwargs.pop("index", None)  # the dataset's own index column, where it reaches the batch
         if own_index is not None and segments is not None:

@@ -78,3 +78,5 @@ def test_config_mistakes_are_named_before_any_model_loads(adapters):
         callback_from_options({"sqsd_safety": 3})
     with pytest.raises(FileNotFoundError, match="no/such"):
         callback_from_options({"sqsd_danger": ["./no/such"]})
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['sqsd_dangr'\]"):  # else the run has no danger set
+        callback_from_options({"sqsd_dangr": [str(adapters[0])], "sqsd_safety": [str(adapters[1])]})

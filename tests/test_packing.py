@@ -43,3 +43,32 @@ def test_packed_rows_score_like_the_unpacked_examples(tmp_path, metric, kind, en
     for k in SCORE_KEYS:
         assert rel_err([r[k] for r in rows], [expected[r["index"]][k] for r in rows]) < 1e-5, k
 
+
+
+def _masked(collate, four_d: bool):
+    """LLaMA-Factory's packing: position_ids restart per example but an attention_mask of ones comes too (its
+    `packing`), or a 4-D block mask (its `neat_packing`)."""
+    def with_mask(features):
+        batch = collate(features)
+        ones = torch.ones_like(batch["input_ids"])
+        T = ones.shape[1]
+        batch["attention_mask"] = torch.zeros(1, 1, T, T).masked_fill(~torch.ones(T, T).tril().bool(),
+                                                                       float("-inf")) if four_d else ones
+        return batch
+    return with_mask
+
+
+@pytest.mark.parametrize("four_d, match", [(False, "attend to one another"), (True, "4-D attention mask")])
+def test_packed_rows_whose_examples_see_each_other_are_refused(tmp_path, four_d, match):
+    """transformers keeps packed examples apart only without an attention_mask: with one of ones each example's
+    gradient depends on its neighbours (no score is its own), and a 4-D mask says nothing SQSD reads. Both are
+    refused at the first forward, before any optimizer step (the old code scored the mask of ones silently and
+    crashed on the 4-D mask with a shape error)."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run = trainer(model, random_samples(4, seed=13), tmp_path, [SQSDCallback(danger, safety)], batch=4, steps=1,
+                  collator=_masked(pack_collator(), four_d))
+    with pytest.raises(ValueError, match=match):
+        run.train()
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())

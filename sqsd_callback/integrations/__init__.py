@@ -17,6 +17,11 @@ def callback_from_options(options: Mapping):
     from ..config import SQSDConfig
     from ..directions import DirectionSet
 
+    unknown = [k for k in options if k.startswith("sqsd") and k not in KEYS]
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown}: the keys SQSDCallback reads are {list(KEYS)} (SQSDConfig's "
+                         f"options go under `sqsd:`).")
+
     def refs(key):
         value = options.get(key) or []
         if isinstance(value, str):
