@@ -11,6 +11,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """os.environ as it was before each test: transformers < 5's TrainingArguments writes
+    ACCELERATE_MIXED_PRECISION (and FSDP, DeepSpeed and dynamo variables) into it, and every later Trainer reads
+    them back, so after a bf16 test an fp32 one trained under bf16 autocast (fixed upstream in transformers 5)."""
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[key]
+    os.environ.update({k: v for k, v in saved.items() if k != "PYTEST_CURRENT_TEST"})
+
+
 @pytest.fixture(scope="session")
 def gguf_tokenizer():
     """SmolLM2's tokenizer with its ChatML template, read from the embedded GGUF (about 5 s)."""
