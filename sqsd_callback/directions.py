@@ -298,8 +298,9 @@ class DirectionBank:
 
     def stacked(self, modules: list[str], sets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The low-rank factors of ``sets`` (indices into ``sets``) for ``modules``, side by side and stacked over
-        the modules: B_V (L×out×Q) and A_Vᵀ (L×in×Q). Made once per bank; the bank's own per-module factors
-        become views of them, so the engine, the drift and the bank share one copy."""
+        the modules: B_V (L×out×Q) and A_Vᵀ (L×in×Q). Made once per bank; the bank's per-module factors and the
+        direction sets' own become views of them, so the engine, the drift, the bank and the sets hold one copy
+        (the sets' earlier tensors are freed where nothing else holds them)."""
         key = (tuple(modules), tuple(sets))
         if key not in self._stacks:
             VB = torch.stack([torch.cat([self.per_module[m][k].B for k in sets], 1) for m in modules])
@@ -308,7 +309,10 @@ class DirectionBank:
                 col = 0
                 for k in sets:
                     width = self.per_module[m][k].B.shape[1]
-                    self.per_module[m][k] = Direction(B=b[:, col:col + width], A=at[:, col:col + width].T)
+                    view = Direction(B=b[:, col:col + width], A=at[:, col:col + width].T)
+                    self.per_module[m][k] = view
+                    if self.sets[k].modules[m].B.device == view.B.device:  # the same values, now one copy
+                        self.sets[k].modules[m] = view
                     col += width
             self._stacks[key] = (VB, VAt)
         return self._stacks[key]

@@ -55,12 +55,15 @@ class Group:
         """(…×Q) → (…×low sets): the sum over each low-rank set's columns."""
         return torch.stack([x[..., c].sum(-1) for c in self.cols], -1)
 
-    def put(self, dots: torch.Tensor, sq: torch.Tensor, into_dots: torch.Tensor, into_sq: torch.Tensor) -> None:
-        """Write the group's dots (…×L×sets) and squared norms (…×L) into (…×M×K) and (…×M) tensors."""
+    def put(self, dots: torch.Tensor, sq: torch.Tensor, into_dots: torch.Tensor, into_sq: torch.Tensor,
+            modules: list[int] | None = None) -> None:
+        """Write the dots (…×L×sets) and squared norms (…×L) of the group's modules (or of its ``modules`` only)
+        into (…×M×K) and (…×M) tensors."""
         if self.slots.device != dots.device:  # moved once: a host-to-device copy would wait for the device
             self.slots, self.sets = self.slots.to(dots.device), self.sets.to(dots.device)
-        into_dots[..., self.slots[:, None], self.sets[None, :]] = dots
-        into_sq[..., self.slots] = sq
+        slots = self.slots if modules is None else self.slots[modules]
+        into_dots[..., slots[:, None], self.sets[None, :]] = dots
+        into_sq[..., slots] = sq
 
 
 class HookGroup(Group):
@@ -78,9 +81,10 @@ class HookGroup(Group):
         """A new pass: nothing kept, no per-example products yet."""
         self.kept = [None] * len(self.targets)
 
-    def write(self, record: Stats, dots: torch.Tensor, sq: torch.Tensor) -> None:
-        """Put the group's dots (L×n×sets) and squared norms (L×n) in the record."""
-        self.put(dots.transpose(0, 1), sq.T, record.dots, record.sq)
+    def write(self, record: Stats, dots: torch.Tensor, sq: torch.Tensor, modules: list[int] | None = None) -> None:
+        """Put the dots (L×n×sets) and squared norms (L×n) of the group's modules (or of its ``modules``) in the
+        record."""
+        self.put(dots.transpose(0, 1), sq.T, record.dots, record.sq, modules)
 
     def removed(self, idx: torch.Tensor):
         """Each kept module's parameters with the summed gradients of examples ``idx``; releases what was kept."""

@@ -18,18 +18,18 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 """LlamaConfig arguments of SmolLM2-135M's shape, for benchmarks with random weights."""
 
 
-def tiny_base(arch: str = "llama", seed: int = 0, attn: str = "eager"):
-    """A 2-layer causal LM with random weights and ``attn`` attention: ``llama``, ``qwen2`` or ``gpt2`` (GPT-2's
-    Conv1D layers store their weights in×out; its dropout is off, as the others', so a training step is the
+def tiny_base(arch: str = "llama", seed: int = 0, attn: str = "eager", layers: int = 2):
+    """A ``layers``-layer causal LM with random weights and ``attn`` attention: ``llama``, ``qwen2`` or ``gpt2``
+    (GPT-2's Conv1D layers store their weights in×out; its dropout is off, as the others', so a training step is the
     oracles' deterministic pass)."""
     torch.manual_seed(seed)
     if arch == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
                                           pad_token_id=0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
                                           attn_implementation=attn, resid_pdrop=0.0,
                                           embd_pdrop=0.0, attn_pdrop=0.0))
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, attn_implementation=attn)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
@@ -37,10 +37,10 @@ def tiny_base(arch: str = "llama", seed: int = 0, attn: str = "eager"):
 
 
 def tiny_lora(arch: str = "llama", targets=("q_proj", "v_proj", "down_proj"), r: int = 4, dropout: float = 0.0,
-              rslora: bool = False, seed: int = 0, attn: str = "eager"):
+              rslora: bool = False, seed: int = 0, attn: str = "eager", layers: int = 2):
     """A tiny model with LoRA whose B factors are nonzero (so both factor gradients matter)."""
-    model = get_peft_model(tiny_base(arch, seed, attn), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                                             lora_dropout=dropout, use_rslora=rslora))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=dropout, use_rslora=rslora)
+    model = get_peft_model(tiny_base(arch, seed, attn, layers), config)
     return _nonzero_b(model, seed + 1)
 
 

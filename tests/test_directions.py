@@ -153,3 +153,23 @@ def test_weight_diff_of_gpt2_conv1d_layers_is_oriented_like_lora():
     got = score_samples(lora, samples, [], [covered], progress=False)
     want = score_samples(lora, samples, [], [covered], engine="loop", progress=False)
     assert rel_err([r["safety"] for r in got], [r["safety"] for r in want]) < 1e-5
+
+
+def test_stacked_factors_are_the_one_copy_the_sets_and_bank_hold():
+    """The engine stacks each module kind's low-rank factors for batched products; the sets' own tensors become
+    views of that stack (same values), so a run holds the directions once, not twice (the old code kept both:
+    +58 MB at 30 layers with 3 rank-16 sets)."""
+    from sqsd_callback.engines import make_engine
+
+    model = tiny_lora("llama", targets=["q_proj", "down_proj"])
+    targets = lora_targets(model)
+    sets = [random_set(model, "danger", "d1", seed=1), random_set(model, "safety", "s1", seed=2)]
+    values = [{m: (d.B.clone(), d.A.clone()) for m, d in s.modules.items()} for s in sets]
+    bank = DirectionBank(sets, {m: t.shape for m, t in targets.items()}).to("cpu")
+    engine = make_engine("hooks", targets, bank)
+    for group in engine.groups:
+        stack = group.VB.untyped_storage().data_ptr()
+        for m in group.names:
+            for s, before in zip(sets, values):
+                assert s.modules[m].B.untyped_storage().data_ptr() == stack
+                assert torch.equal(s.modules[m].B, before[m][0]) and torch.equal(s.modules[m].A, before[m][1])

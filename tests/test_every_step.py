@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sqsd_callback import SQSDCallback
+from sqsd_callback.layers.lora import LoraHooks
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_full_ft, tiny_lora
 
@@ -54,6 +55,26 @@ def test_every_step_equals_the_batch_size_1_loop(tmp_path, optim, mode, accum, c
     assert all(any(not torch.equal(thetas.theta[s][n], thetas.theta[s + 1][n]) for n in thetas.theta[s])
                for s in range(STEPS)), "an optimizer step left the parameters unchanged"
     assert_every_step_matches_loop(start, samples, tmp_path, thetas, danger, safety, metric, STEPS)
+
+
+@pytest.mark.parametrize("flush_every", [1, 2])
+def test_lora_taps_reduced_a_few_layers_at_a_time_every_step(tmp_path, monkeypatch, flush_every):
+    """Five layers, so each module kind's set-aside factor gradients are reduced mid-backward (in batches of 2, 2
+    and 1, or one by one) and at the pass end: under the default optimizer, accumulation 2 and checkpointing,
+    every row still equals the loop at that step's θ."""
+    monkeypatch.setattr(LoraHooks, "FLUSH_EVERY", flush_every)
+    model = tiny_lora("llama", layers=5)
+    danger, safety = three_sets(model)
+    samples = random_samples(12, seed=32)
+    start, thetas = copy.deepcopy(model), ThetaEachStep()
+    callback = SQSDCallback(danger, safety)
+    flushes = []
+    monkeypatch.setattr(LoraHooks, "flush", lambda self, record, f=LoraHooks.flush: (flushes.append(
+        len(self.pending)), f(self, record)))
+    trainer(model, samples, tmp_path, [callback, thetas], accum=2, steps=STEPS, gradient_checkpointing=True).train()
+    per_pass = 3 * -(-5 // flush_every)  # q, v, down_proj groups of 5 modules
+    assert max(flushes) == flush_every and len(flushes) == STEPS * 2 * per_pass
+    assert_every_step_matches_loop(start, samples, tmp_path, thetas, danger, safety, steps=STEPS)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

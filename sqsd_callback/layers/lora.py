@@ -127,7 +127,7 @@ def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarge
 
 
 class _LoraConstants(NamedTuple):
-    """A LoRA group's per-step constants, stacked over its L modules (fp32)."""
+    """Per-pass constants of some of a LoRA group's modules, stacked over them (fp32)."""
 
     B: torch.Tensor          # L×out×r
     At: torch.Tensor         # L×in×r
@@ -140,10 +140,14 @@ class _LoraConstants(NamedTuple):
 
 
 class LoraHooks(HookGroup):
-    """LoRA modules of one shape and rank. Per pass each module's tap leaves its factor gradients gB_iᵀ (n×r×out)
-    and gA_i (n×r×in); at the pass end, for all modules at once, their products with the directions' stacked
-    factors and with B, Aᵀ (n×r×Q, n×r×r) and their grams give the dots and norms. What the taps leave grows as
-    backward frees the activations."""
+    """LoRA modules of one shape and rank. Each module's tap forms its factor gradients gB_iᵀ (n×r×out) and gA_i
+    (n×r×in) and sets them aside; every ``FLUSH_EVERY`` modules (and at the pass end) the set-aside ones are
+    reduced at once, by their products with the directions' stacked factors and with B, Aᵀ (n×r×Q, n×r×r), to the
+    record's dots and norms. Batching a few modules keeps the kernel count per module low; flushing often keeps
+    what waits to a few layers' worth, where the end-of-pass batch held every layer's (1.14× peak memory at 30
+    layers)."""
+
+    FLUSH_EVERY = 4
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -177,38 +181,40 @@ class LoraHooks(HookGroup):
 
     def reset(self) -> None:
         super().reset()
-        self.grads: list = [None] * len(self.targets)
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (gB_iᵀ, gA_i) to reduce
         self.inputs: dict[int, torch.Tensor] = {}
         self.factors: dict[int, list] = {}  # module -> [A, B] copied in the forward (sharded factors only)
-        self.const: _LoraConstants | None = None
 
-    def constants(self) -> _LoraConstants:
-        """The factors' products with themselves and the directions, stacked over the modules, fp32; made at the
-        pass's first tap from the parameters that pass used, and never carried to the next pass: optimizers update
-        parameters in place without bumping their version counters (fused AdamW, 8-bit optimizers, DeepSpeed's
-        write-back), so nothing but the pass itself says they are current. All r×r or r×Q, except B and Aᵀ
-        themselves and the dense sets' V Aᵀ, Vᵀ B."""
-        if self.const is not None:
-            return self.const
+    def factors_used(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module i's (A, B) as this pass used them: the live parameters, or where they are sharded, the copies
+        made when its layer ran. Read in the pass itself, never carried to the next: optimizers update parameters
+        in place without bumping their version counters (fused AdamW, 8-bit optimizers, DeepSpeed's write-back)."""
+        if self.factors:
+            return tuple(self.factors[i])
+        t = self.targets[i]
+        return t.A.detach(), t.B.detach()
+
+    def constants(self, idx: list[int]) -> _LoraConstants:
+        """Modules ``idx``'s factor products with themselves and the directions, stacked, fp32. All r×r or r×Q,
+        except B and Aᵀ themselves and the dense sets' V Aᵀ, Vᵀ B."""
         with torch.no_grad(), record_function("sqsd::constants"):
-            live = [self.factors[i] if self.factors else (t.A.detach(), t.B.detach())
-                    for i, t in enumerate(self.targets)]
+            live = [self.factors_used(i) for i in idx]
             A = torch.stack([a for a, _ in live]).float()   # L×r×in
             B = torch.stack([b for _, b in live]).float()   # L×out×r
             At, Bt = A.transpose(1, 2), B.transpose(1, 2)
-            low = (self.VAt.transpose(1, 2) @ At, Bt @ self.VB) if self.low else (None, None)
-            dense = (torch.cat([torch.stack([d[k].dense @ a for d, a in zip(self.dirs, At)]) for k in self.dense], 2),
-                     torch.cat([torch.stack([d[k].dense.T @ b for d, b in zip(self.dirs, B)]) for k in self.dense],
-                               2)) if self.dense else (None, None)
-            self.const = _LoraConstants(B, At, A @ At, Bt @ B, *low, *dense)
-        return self.const
+            low = (self.VAt[idx].transpose(1, 2) @ At, Bt @ self.VB[idx]) if self.low else (None, None)
+            dirs = [self.dirs[i] for i in idx]
+            dense = (torch.cat([torch.stack([d[k].dense @ a for d, a in zip(dirs, At)]) for k in self.dense], 2),
+                     torch.cat([torch.stack([d[k].dense.T @ b for d, b in zip(dirs, B)]) for k in self.dense], 2)
+                     ) if self.dense else (None, None)
+            return _LoraConstants(B, At, A @ At, Bt @ B, *low, *dense)
 
     def backward(self, i: int, x: torch.Tensor, h: torch.Tensor, dB: torch.Tensor) -> None:
         """lora_A's input x (…×in), lora_B's input h (…×r) and output gradient δB (…×out); lora_A's output
         gradient is δB B."""
         split = self.engine.split
         dB = split(dB)
-        B = self.constants().B[i] if self.scored else self.targets[i].B.detach().float()
+        B = self.factors_used(i)[1].float()
         gBt = torch.bmm(split(h).transpose(1, 2), dB)             # gB_iᵀ: n×r×out
         if x is None:
             gA = gBt.new_zeros(gBt.shape[0], B.shape[1], self.targets[i].shape[1])
@@ -217,30 +223,35 @@ class LoraHooks(HookGroup):
         if self.engine.keep_grads:
             self.kept[i] = [gA, gBt.transpose(1, 2)]
         if self.scored:
-            self.grads[i] = (gBt, gA)
+            self.pending[i] = (gBt, gA)
+            if len(self.pending) >= self.FLUSH_EVERY:
+                self.flush(self.engine.record)
 
     def finish(self, record) -> None:
-        if not self.scored or all(g is None for g in self.grads):
-            return
-        some = next(g for g in self.grads if g is not None)
-        gBt, gA = (torch.stack([torch.zeros_like(some[j]) if g is None else g[j] for g in self.grads])
-                   for j in (0, 1))  # zeros: a module no gradient reached
-        self.grads = [None] * len(self.targets)
-        (L, n, r), c = gBt.shape[:3], self.const
+        if self.scored and self.pending:
+            self.flush(record)
+
+    def flush(self, record) -> None:
+        """Reduce the set-aside modules' factor gradients to their dots and norms in ``record``."""
+        idx = sorted(self.pending)
+        gBt, gA = (torch.stack([self.pending[i][j] for i in idx]) for j in (0, 1))
+        self.pending = {}
+        c = self.constants(idx)
+        (L, n, r) = gBt.shape[:3]
         gb, ga = gBt.flatten(1, 2), gA.flatten(1, 2)
         parts = []
         if self.low:  # <gB, V Aᵀ> = Σ (gBᵀ B_V) ⊙ (A_V Aᵀ)ᵀ, <gA, Bᵀ V> = Σ (gA A_Vᵀ) ⊙ (Bᵀ B_V)
-            right, left = (gb @ self.VB).view(L, n, r, -1), (ga @ self.VAt).view(L, n, r, -1)
+            right, left = (gb @ self.VB[idx]).view(L, n, r, -1), (ga @ self.VAt[idx]).view(L, n, r, -1)
             parts.append(self.block_sums((right * c.G.transpose(1, 2)[:, None] + left * c.H[:, None]).sum(2)))
         if self.dense:  # block k's trace
             both = (gb @ c.dense_right + ga @ c.dense_left).view(L, n, r, -1, r)
             parts.append(both.diagonal(dim1=2, dim2=4).sum(-1))
-        s = self.scaling(gBt.device)[:, None]
+        s = self.scaling(gBt.device)[idx][:, None]
         gBtB, gAAt = (gb @ c.B).view(L, n, r, r), (ga @ c.At).view(L, n, r, r)
         sq = s * s * (((gBt @ gBt.transpose(-2, -1)) * c.AAt[:, None]).sum((-2, -1))
                       + ((gA @ gA.transpose(-2, -1)) * c.BtB[:, None]).sum((-2, -1))
                       + 2 * (gBtB * gAAt.transpose(-2, -1)).sum((-2, -1)))
-        self.write(record, -s[..., None] * torch.cat(parts, -1), sq)
+        self.write(record, -s[..., None] * torch.cat(parts, -1), sq, idx)
 
     @staticmethod
     def summed(target: LoraTarget, kept: list, idx: torch.Tensor) -> list[torch.Tensor]:
