@@ -10,7 +10,7 @@ from sqsd_callback.directions import DirectionBank
 from sqsd_callback.engines import make_engine
 from sqsd_callback.engines.base import collate
 from sqsd_callback.layers import lora_targets
-from sqsd_callback.testing import random_samples, random_set, rel_err, three_sets, tiny_lora
+from sqsd_callback.testing import VOCAB, random_samples, random_set, rel_err, three_sets, tiny_lora
 
 from helpers import SCORE_KEYS
 
@@ -104,12 +104,58 @@ def test_output_layer_sees_only_scored_positions_and_a_batch_with_none_scores_nu
     rows = score_samples(model, samples, danger, safety, batch_size=3, progress=False)
     handle.remove()
     scored = sum(sum(t != -100 for t in s["labels"][1:]) for s in samples)
-    assert seen == [torch.Size([1, scored, model.config.hidden_size])]
+    hidden = model.config.hidden_size
+    assert seen[0] == torch.Size([1, 1, hidden])  # the one-token check that the logits are the layer's own
+    assert [s for s in seen[1:] if s.numel()] == [torch.Size([scored, hidden])]
     loop = score_samples(model, samples, danger, safety, engine="loop", progress=False)
     assert rel_err([r["sqsd"] for r in rows if r["sqsd"] is not None],
                    [r["sqsd"] for r in loop if r["sqsd"] is not None]) < 1e-5
     none = score_samples(model, [samples[1]], danger, safety, progress=False)[0]
     assert all(none[k] is None for k in SCORE_KEYS)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * VOCAB * 5])
+def test_output_layer_logits_in_chunks_score_like_the_loop(monkeypatch, chunk_bytes):
+    """The scored positions' logits a few at a time (5 positions per chunk here, recomputed in the backward):
+    offline memory then does not grow with scored tokens × vocabulary; the scores stay the loop's (1e-5)."""
+    from sqsd_callback.engines import base
+    if chunk_bytes is not None:
+        monkeypatch.setattr(base, "HEAD_CHUNK_BYTES", chunk_bytes)
+    calls = []
+    monkeypatch.setattr(base, "checkpoint", lambda f, *a, **k: (calls.append(a[0].shape[0]),
+                                                                torch.utils.checkpoint.checkpoint(f, *a, **k))[1])
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    _agree(model, danger, safety, random_samples(6, seed=22), "cosine")
+    assert (max(calls) == 5 and len(calls) > 2) if chunk_bytes else not calls
+
+
+def test_a_scored_output_layer_and_soft_capped_logits_score_like_the_loop():
+    """Full fine-tuning whose output layer is trained (so scored): it runs on every position, as in training (the
+    old code fed it the scored positions only and crashed); and a model that soft-caps its logits after the output
+    layer (Gemma 2) is never chunked, since the layer's output is not its logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from sqsd_callback.engines.base import output_layer
+    from sqsd_callback.layers import find_targets
+    from sqsd_callback.testing import tiny_base
+
+    model = tiny_base("llama")
+    assert "lm_head" in find_targets(model)
+    assert output_layer(model, find_targets(model)) == (None, False)
+    danger = [random_set(model, "danger", "d1", rank=2, seed=1)]
+    _agree(model, danger, [], random_samples(6, seed=23), "cosine", keys=["sqsd"])
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=8, final_logit_softcapping=0.5, pad_token_id=0,
+                                           attn_implementation="eager"))
+    for name, p in gemma.named_parameters():
+        p.requires_grad_("proj" in name)
+    head, chunked = output_layer(gemma, find_targets(gemma))
+    assert head is gemma.lm_head and not chunked
+    danger = [random_set(gemma, "danger", "d1", rank=2, seed=1)]
+    _agree(gemma, danger, [], random_samples(6, seed=24), "cosine", keys=["sqsd"])
 
 
 def test_engines_agree_under_sdpa_attention():

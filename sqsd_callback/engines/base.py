@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..directions import DirectionBank
 from ..layers import Target
@@ -139,30 +140,67 @@ def example_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def summed_example_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
+HEAD_CHUNK_BYTES = 2**28
+"""Scored positions' logits (fp32) are formed at most this many bytes at a time (recomputed in the backward), so
+offline scoring's memory does not grow with scored tokens × vocabulary."""
+
+
+def summed_example_losses(model: nn.Module, batch: Batch, head: nn.Module | None = None,
+                          chunked: bool = False) -> torch.Tensor:
     """Σ_i of example i's mean next-token cross-entropy, from one forward of the batch (its gradient is the sum of
-    the examples' batch-size-1 gradients). The output layer runs only at the scored positions: it is most of a
-    small model's compute, and prompt and padding positions need none of it."""
+    the examples' batch-size-1 gradients). With ``head`` (the model's output layer, when no scored parameter is in
+    it), that layer runs only at the scored positions: it is most of a small model's compute, and prompt and
+    padding positions need none of it; ``chunked`` (where the model's logits are the layer's output unchanged:
+    ``head_logits_are_plain``) forms their logits a chunk at a time."""
     scored = nn.functional.pad(targets_scored(batch.labels), (0, 1))  # at the positions whose logits are scored
     rows, cols = scored.nonzero(as_tuple=True)
-    gathered = []
+    hidden = []
 
     def gather(module, args):
         if args[0].shape[:2] == scored.shape:  # (rows × length × hidden): the whole sequence reaches the head
-            gathered.append(True)
-            return (args[0][rows, cols][None], *args[1:])
+            hidden.append(args[0][rows, cols])
+            return (hidden[0][:0 if chunked else None][None], *args[1:])
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     handle = head.register_forward_pre_hook(gather) if head is not None else None
     try:
         logits = model(**batch.model_inputs()).logits
     finally:
         if handle is not None:
             handle.remove()
-    if not gathered:
+    if not hidden:
         return example_mean_losses(logits, batch.labels).sum()
-    tok = nn.functional.cross_entropy(logits[0].float(), batch.labels[rows, cols + 1], reduction="none")
-    return (tok / batch.n_scored[rows]).sum()
+    target, weight = batch.labels[rows, cols + 1], 1.0 / batch.n_scored[rows]
+    if not chunked:
+        return _weighted_loss(logits[0], target, weight)
+    step = max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    if len(target) <= step:
+        return _weighted_loss(head(hidden[0]), target, weight)
+    return sum(checkpoint(lambda h, t, w: _weighted_loss(head(h), t, w), hidden[0][a:a + step], target[a:a + step],
+                          weight[a:a + step], use_reentrant=False) for a in range(0, len(target), step))
+
+
+def _weighted_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (nn.functional.cross_entropy(logits.float(), target, reduction="none") * weight).sum()
+
+
+def output_layer(model: nn.Module, targets: dict[str, Target]) -> tuple[nn.Module | None, bool]:
+    """(the output layer ``summed_example_losses`` may run at scored positions only, or None where a scored
+    parameter is in it; whether its logits can be chunked: the model's logits are its output unchanged, with no
+    soft-capping or scaling after it as Gemma 2 and Cohere apply, checked on one token (id 1: id 0 is often
+    padding, whose zero embedding hides a soft cap) without gradients)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    scored = {id(p) for t in targets.values() for p in t.params}
+    if head is None or any(id(p) in scored for p in head.parameters()):
+        return None, False
+    seen = []
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.ones(1, 1, dtype=torch.long, device=head.weight.device)).logits
+    finally:
+        handle.remove()
+    plain = bool(seen) and seen[-1].shape == logits.shape and torch.equal(seen[-1].to(logits.dtype), logits)
+    return head, plain
 
 
 def dense_stats(grads: dict[str, tuple[torch.Tensor, ...]], targets: dict[str, Target], bank: DirectionBank) -> Stats:

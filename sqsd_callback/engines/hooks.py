@@ -22,7 +22,7 @@ from torch.profiler import record_function
 from ..directions import DirectionBank
 from ..groups import group_modules
 from ..layers import Target, kind_of
-from .base import Batch, Engine, Stats, scoring_mode, summed_example_losses
+from .base import Batch, Engine, Stats, output_layer, scoring_mode, summed_example_losses
 
 
 class _Tap(torch.autograd.Function):
@@ -64,6 +64,7 @@ class HooksEngine(Engine):
         self.tap_names: list[str] = []     # every tapped layer, by target name
         self.tapped: set[str] = set()       # those whose forward ran in the current pass
         self._warned_untapped = False
+        self._head = None                   # (output layer, chunked) for offline passes, found at the first
 
     # -------------------------------------------------------------- lifecycle
     def attach(self) -> None:
@@ -168,11 +169,13 @@ class HooksEngine(Engine):
         """One batched forward/backward at the current parameters; each example's loss is its own mean, so the
         result equals the batch-size-1 reference."""
         was_attached = bool(self.handles)
-        self.attach()
         try:
             with scoring_mode(model, self.targets) as params:
+                if self._head is None:
+                    self._head = output_layer(model, self.targets)
+                self.attach()
                 self.start(batch)
-                torch.autograd.grad(summed_example_losses(model, batch), params, allow_unused=True)
+                torch.autograd.grad(summed_example_losses(model, batch, *self._head), params, allow_unused=True)
                 return self.finish()
         finally:
             self.record = None
