@@ -44,10 +44,11 @@ class Direction:
         return [t for t in (self.dense, self.B, self.A) if t is not None]
 
     def sq_norm(self) -> float:
-        """‖V‖²_F, from the k×k Gram matrices when V is low-rank (never forms out×in)."""
+        """‖V‖²_F, from the k×k Gram matrices when V is low-rank (never forms out×in); contiguous copies, so that
+        the value does not depend on whether the factors are views of an engine's stack."""
         if self.dense is not None:
             return float(self.dense.double().pow(2).sum())
-        B, A = self.B.double(), self.A.double()
+        B, A = self.B.double().contiguous(), self.A.double().contiguous()
         return float(((B.T @ B) * (A @ A.T)).sum())
 
     def same_as(self, other: Direction) -> bool:
