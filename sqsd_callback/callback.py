@@ -265,7 +265,7 @@ class SQSDCallback(TrainerCallback):
         (self.out / "run.json").write_text(json.dumps(described, indent=2))
         sinks = [RunFiles(self.out)]
         if "tensorboard" in report_to:
-            sinks.append(TensorBoardSink(self.out))
+            sinks.append(TensorBoardSink(self.out, getattr(args, "logging_dir", None)))
         if "wandb" in report_to:
             kinds = dict(zip(self.bank.keys, (s.kind for s in self.sets))) if self.sets else {}
 

@@ -76,8 +76,23 @@ def load_tokenizer(name_or_path: str | Path | None = None):
 
     name, kwargs = _resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if "gguf_file" in kwargs:
+        _gguf_special_tokens(tokenizer, Path(name) / kwargs["gguf_file"])
     prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+def _gguf_special_tokens(tokenizer, path: Path) -> None:
+    """BOS and EOS as the GGUF file names them, padding on the right: transformers < 5 gives a Llama GGUF's BOS as
+    its EOS too, and pads on the left (a no-op on transformers 5)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    for kind in ("bos", "eos"):
+        field = fields.get(f"tokenizer.ggml.{kind}_token_id")
+        if field is not None:
+            setattr(tokenizer, f"{kind}_token", tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
+    tokenizer.padding_side = "right"
 
 
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None):
@@ -93,8 +108,9 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None
                                                  **kwargs)
     if cuda:
         model.to("cuda")
-    if "gguf_file" in kwargs:  # GGUF weights load dequantized; unmarked, the model trains and saves as a plain one
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer = getattr(model, "hf_quantizer", None)  # transformers < 5 loads GGUF without one
+    if "gguf_file" in kwargs and quantizer is not None:  # GGUF weights load dequantized; unmarked, the model
+        quantizer.remove_quantization_config(model)  # trains and saves as a plain one
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     logger.info("loaded %s in %.1f s", kwargs.get("gguf_file", name), time.perf_counter() - start)
     return model, tokenizer

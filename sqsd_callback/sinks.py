@@ -123,12 +123,14 @@ def _trainer_keys(scalars: dict[str, float]) -> dict[str, float]:
 
 
 class TensorBoardSink(Sink):
-    """The ``sqsd/*`` scalars as ``train/sqsd/*`` at each logging step, in their own event file: in
-    ``TENSORBOARD_LOGGING_DIR`` where set (beside the Trainer's), else in ``<run folder>/tensorboard``. Without
-    tensorboard, or when a write fails, it warns once and stops; training goes on."""
+    """The ``sqsd/*`` scalars as ``train/sqsd/*`` at each logging step, in their own event file beside the
+    Trainer's: in ``TENSORBOARD_LOGGING_DIR`` where set (transformers 5), else in ``logging_dir`` (the
+    TrainingArguments field of transformers < 5), else in ``<run folder>/tensorboard``. Without tensorboard, or
+    when a write fails, it warns once and stops; training goes on."""
 
-    def __init__(self, out: Path) -> None:
-        self.dir = os.path.expanduser(os.getenv("TENSORBOARD_LOGGING_DIR") or str(Path(out) / "tensorboard"))
+    def __init__(self, out: Path, logging_dir: str | None = None) -> None:
+        self.dir = os.path.expanduser(os.getenv("TENSORBOARD_LOGGING_DIR") or logging_dir
+                                      or str(Path(out) / "tensorboard"))
         self.writer, self.failed = None, False
 
     def log(self, step, scalars, values, top) -> None:

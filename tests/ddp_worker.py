@@ -20,7 +20,8 @@ SAMPLES = random_samples(24, seed=3)
 STEPS = 3
 TRAIN = dict(accum=2, steps=STEPS, adam_epsilon=1e-6, max_grad_norm=0.05)  # clipping active
 RUNS = {  # name: (callback options, trainer options)
-    "monitor": (dict(metric="projection"), dict(gradient_checkpointing=True)),
+    "monitor": (dict(metric="projection"), dict(gradient_checkpointing=True,  # non-reentrant, as transformers 5's
+                                                 gradient_checkpointing_kwargs={"use_reentrant": False})),  # default
     "top_anchor": (dict(drop_top_fraction=0.5, anchor_lambda=0.5), {}),
     "zscore": (dict(drop_zscore_above=0.3, drop_min_history=4, exclude_dropped=True), {}),
     "above": (dict(drop_above=0.0), {}),

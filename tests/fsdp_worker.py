@@ -25,7 +25,8 @@ from helpers import ThetaEachStep, trainer
 
 FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
                                             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+                                            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                            "sync_module_states": False})  # transformers < 5 syncs on a device
 
 
 def run(out: Path) -> None:
@@ -34,7 +35,10 @@ def run(out: Path) -> None:
     thetas = ThetaEachStep()
     run = trainer(model, SAMPLES, out, [SQSDCallback(danger, safety, **STOP), thetas], accum=2, steps=10, **FSDP)
     state = run.accelerator.state  # the CPU adaptation: FSDP2 as on an accelerator (see the module docstring)
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**run.args.fsdp_plugin_args)
+    plugin_args = getattr(run.args, "fsdp_plugin_args", None) or dict(  # transformers < 5 has no fsdp_plugin_args
+        fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"], state_dict_type="FULL_STATE_DICT")
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
     state.distributed_type = DistributedType.FSDP
     run.is_fsdp_enabled = True
     run.train()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import TrainingArguments
 from wandb_files import offline_run
 
 from sqsd_callback import SQSDCallback
@@ -16,12 +17,12 @@ from sqsd_callback.testing import random_samples, three_sets, tiny_lora, word_to
 from helpers import trainer
 
 
-def _run(tmp_path, report_to, steps=4, **cb_kw):
+def _run(tmp_path, report_to, steps=4, trainer_kw=None, **cb_kw):
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
     run = trainer(model, random_samples(8, seed=6), tmp_path, [SQSDCallback(danger, safety, **cb_kw)], steps=steps,
                   lr=1e-2, logging_steps=2, report_to=report_to, max_grad_norm=1.0, seed=42,
-                  processing_class=word_tokenizer())
+                  processing_class=word_tokenizer(), **(trainer_kw or {}))
     run.train()
     return run
 
@@ -68,7 +69,9 @@ def test_tensorboard_gets_the_scalars_with_wandb_hidden(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as if not installed
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    run = _run(tmp_path, ["tensorboard"])
+    # transformers < 5's TensorBoardCallback ignores the variable and writes to TrainingArguments.logging_dir
+    legacy = "logging_dir" in TrainingArguments.__dataclass_fields__
+    run = _run(tmp_path, ["tensorboard"], trainer_kw={"logging_dir": str(tmp_path / "tb")} if legacy else None)
     order = [type(c).__name__ for c in run.callback_handler.callbacks]  # not moved: the reporter runs before it
     assert order.index("TensorBoardCallback") < order.index("SQSDCallback")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

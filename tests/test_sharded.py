@@ -23,6 +23,10 @@ from helpers import ThetaEachStep, assert_every_step_matches_loop, at, dense_dri
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
+    import transformers
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers < 5 builds the LR scheduler before DeepSpeed drops a LoRA model's empty parameter "
+                    "group, and its first step fails in the scheduler (without SQSDCallback too)")
     out = tmp_path_factory.mktemp("deepspeed")
     launch(Path(__file__).with_name("deepspeed_worker.py"), out, DS_ACCELERATOR="cpu")
     return out
