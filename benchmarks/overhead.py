@@ -6,8 +6,8 @@ alternate the variants in one process; each round's first step is a warm-up and 
 medians (and per-round ratios, whose spread shows how steady the machine was). A profiled run of each engine gives
 the time its per-step LoRA constants take (``sqsd::constants``: rebuilt every pass from the parameters it used, so
 that no optimizer's in-place update can leave them stale), as a share of the plain step. Peak memory comes from
-one short run per variant in its own process (CUDA: max allocated; CPU: the model's tensors plus the peak of PyTorch's
-allocations over the run, from the profiler's memory events).
+one short run per variant in its own process (CUDA: max allocated; CPU: the peak of PyTorch's allocations from the
+model's creation to the run's end, direction sets included, from the profiler's memory events).
 
     python benchmarks/overhead.py                                  # LoRA: none vs hooks
     python benchmarks/overhead.py --full-ft --dir-rank 64          # full fine-tuning, rank-64 directions
@@ -114,16 +114,17 @@ def _memory_child(opts) -> None:
     engine = None if opts._memory_of == "none" else opts._memory_of
     opts.steps_per_round = 2
     with tempfile.TemporaryDirectory() as d:
-        trainer, _ = build(opts, engine, d)
         if torch.cuda.is_available():
+            trainer, _ = build(opts, engine, d)
             torch.cuda.reset_peak_memory_stats()
             trainer.train()
             print(torch.cuda.max_memory_allocated() / 2**20)
             return
-        held = sum(t.numel() * t.element_size() for t in [*trainer.model.parameters(), *trainer.model.buffers()])
+        # profiled from the model's creation on: tensors made before a profiled region are not seen to be freed in it
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer, _ = build(opts, engine, d)
             trainer.train()
-    print((held + allocation_peak(prof.events())) / 2**20)
+    print(allocation_peak(prof.events()) / 2**20)
 
 
 def allocation_peak(events) -> int:
