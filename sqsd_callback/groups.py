@@ -56,7 +56,7 @@ class Group:
         return torch.stack([x[..., c].sum(-1) for c in self.cols], -1)
 
     def put(self, dots: torch.Tensor, sq: torch.Tensor, into_dots: torch.Tensor, into_sq: torch.Tensor,
-            modules: list[int] | None = None) -> None:
+            modules: list[int] | slice | None = None) -> None:
         """Write the dots (…×L×sets) and squared norms (…×L) of the group's modules (or of its ``modules`` only)
         into (…×M×K) and (…×M) tensors."""
         if self.slots.device != dots.device:  # moved once: a host-to-device copy would wait for the device
@@ -81,7 +81,8 @@ class HookGroup(Group):
         """A new pass: nothing kept, no per-example products yet."""
         self.kept = [None] * len(self.targets)
 
-    def write(self, record: Stats, dots: torch.Tensor, sq: torch.Tensor, modules: list[int] | None = None) -> None:
+    def write(self, record: Stats, dots: torch.Tensor, sq: torch.Tensor,
+              modules: list[int] | slice | None = None) -> None:
         """Put the dots (L×n×sets) and squared norms (L×n) of the group's modules (or of its ``modules``) in the
         record."""
         self.put(dots.transpose(0, 1), sq.T, record.dots, record.sq, modules)

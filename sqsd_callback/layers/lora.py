@@ -194,15 +194,16 @@ class LoraHooks(HookGroup):
         t = self.targets[i]
         return t.A.detach(), t.B.detach()
 
-    def constants(self, idx: list[int]) -> _LoraConstants:
-        """Modules ``idx``'s factor products with themselves and the directions, stacked, fp32. All r×r or r×Q,
-        except B and Aᵀ themselves and the dense sets' V Aᵀ, Vᵀ B."""
+    def constants(self, idx: list[int], VB: torch.Tensor | None, VAt: torch.Tensor | None) -> _LoraConstants:
+        """Modules ``idx``'s factor products with themselves and with the directions (``VB``, ``VAt``: their
+        stacked low-rank factors), stacked, fp32. All r×r or r×Q, except B and Aᵀ themselves and the dense sets'
+        V Aᵀ, Vᵀ B."""
         with torch.no_grad(), record_function("sqsd::constants"):
             live = [self.factors_used(i) for i in idx]
             A = torch.stack([a for a, _ in live]).float()   # L×r×in
             B = torch.stack([b for _, b in live]).float()   # L×out×r
             At, Bt = A.transpose(1, 2), B.transpose(1, 2)
-            low = (self.VAt[idx].transpose(1, 2) @ At, Bt @ self.VB[idx]) if self.low else (None, None)
+            low = (VAt.transpose(1, 2) @ At, Bt @ VB) if self.low else (None, None)
             dirs = [self.dirs[i] for i in idx]
             dense = (torch.cat([torch.stack([d[k].dense @ a for d, a in zip(dirs, At)]) for k in self.dense], 2),
                      torch.cat([torch.stack([d[k].dense.T @ b for d, b in zip(dirs, B)]) for k in self.dense], 2)
@@ -236,22 +237,25 @@ class LoraHooks(HookGroup):
         idx = sorted(self.pending)
         gBt, gA = (torch.stack([self.pending[i][j] for i in idx]) for j in (0, 1))
         self.pending = {}
-        c = self.constants(idx)
+        # modules arrive layer after layer, so idx is usually a run: a slice selects it without copying
+        sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] == len(idx) - 1 else idx
+        VB, VAt = (self.VB[sel], self.VAt[sel]) if self.low else (None, None)
+        c = self.constants(idx, VB, VAt)
         (L, n, r) = gBt.shape[:3]
         gb, ga = gBt.flatten(1, 2), gA.flatten(1, 2)
         parts = []
         if self.low:  # <gB, V Aᵀ> = Σ (gBᵀ B_V) ⊙ (A_V Aᵀ)ᵀ, <gA, Bᵀ V> = Σ (gA A_Vᵀ) ⊙ (Bᵀ B_V)
-            right, left = (gb @ self.VB[idx]).view(L, n, r, -1), (ga @ self.VAt[idx]).view(L, n, r, -1)
+            right, left = (gb @ VB).view(L, n, r, -1), (ga @ VAt).view(L, n, r, -1)
             parts.append(self.block_sums((right * c.G.transpose(1, 2)[:, None] + left * c.H[:, None]).sum(2)))
         if self.dense:  # block k's trace
             both = (gb @ c.dense_right + ga @ c.dense_left).view(L, n, r, -1, r)
             parts.append(both.diagonal(dim1=2, dim2=4).sum(-1))
-        s = self.scaling(gBt.device)[idx][:, None]
+        s = self.scaling(gBt.device)[sel][:, None]
         gBtB, gAAt = (gb @ c.B).view(L, n, r, r), (ga @ c.At).view(L, n, r, r)
         sq = s * s * (((gBt @ gBt.transpose(-2, -1)) * c.AAt[:, None]).sum((-2, -1))
                       + ((gA @ gA.transpose(-2, -1)) * c.BtB[:, None]).sum((-2, -1))
                       + 2 * (gBtB * gAAt.transpose(-2, -1)).sum((-2, -1)))
-        self.write(record, -s[..., None] * torch.cat(parts, -1), sq, idx)
+        self.write(record, -s[..., None] * torch.cat(parts, -1), sq, sel)
 
     @staticmethod
     def summed(target: LoraTarget, kept: list, idx: torch.Tensor) -> list[torch.Tensor]:
