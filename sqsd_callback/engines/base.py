@@ -151,7 +151,7 @@ def summed_example_losses(model: nn.Module, batch: Batch, head: nn.Module | None
     the examples' batch-size-1 gradients). With ``head`` (the model's output layer, when no scored parameter is in
     it), that layer runs only at the scored positions: it is most of a small model's compute, and prompt and
     padding positions need none of it; ``chunked`` (where the model's logits are the layer's output unchanged:
-    ``head_logits_are_plain``) forms their logits a chunk at a time."""
+    ``output_layer`` says) forms their logits a chunk at a time."""
     scored = nn.functional.pad(targets_scored(batch.labels), (0, 1))  # at the positions whose logits are scored
     rows, cols = scored.nonzero(as_tuple=True)
     hidden = []
