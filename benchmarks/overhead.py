@@ -12,6 +12,7 @@ model's creation to the run's end, direction sets included, from the profiler's 
     python benchmarks/overhead.py                                  # LoRA: none vs hooks
     python benchmarks/overhead.py --full-ft --dir-rank 64          # full fine-tuning, rank-64 directions
     python benchmarks/overhead.py --full-ft --dir-rank 0           # full fine-tuning, full-rank directions
+    python benchmarks/overhead.py --full-ft --dir-rank 64 --engines hooks,hooks:16   # + θ_0 kept at 1 entry in 16
     python benchmarks/overhead.py --shape narrow --seq 64          # per-operation overhead (GPU-like regime)
 """
 
@@ -63,8 +64,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def build(opts, engine: str | None, out_dir: str):
-    """A trainer for one variant (engine None = no callback); every variant starts from the same weights."""
+def build(opts, variant: str | None, out_dir: str):
+    """A trainer for one variant (None = no callback; ``engine`` or ``engine:drift_sample``); every variant starts
+    from the same weights."""
     torch.manual_seed(0)
     config = {**SMOLLM2_135M, **SHAPES[opts.shape], "num_hidden_layers": opts.layers}
     model = LlamaForCausalLM(LlamaConfig(**config))
@@ -80,11 +82,13 @@ def build(opts, engine: str | None, out_dir: str):
         rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
     timer = StepTimer()
     callbacks = [timer]
-    if engine is not None:
+    if variant is not None:
+        engine, _, sample = variant.partition(":")
         rank = opts.dir_rank or None  # 0: full-rank (dense) directions
         sets = [random_set(model, kind, name, rank=rank, seed=seed)
                 for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
-        callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:], engine=engine))
+        callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:], engine=engine,
+                                      drift_sample=int(sample or 1)))
     args = SFTConfig(output_dir=out_dir, max_steps=opts.steps_per_round, per_device_train_batch_size=opts.batch,
                      logging_steps=opts.steps_per_round, report_to=[], save_strategy="no", bf16=opts.bf16,
                      gradient_checkpointing=True, disable_tqdm=True, dataloader_num_workers=0)
@@ -142,7 +146,8 @@ def allocation_peak(events) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="hooks", help="comma-separated engines to compare with no callback")
+    p.add_argument("--engines", default="hooks", help="comma-separated engines to compare with no callback, each "
+                   "optionally with a drift_sample (hooks:16)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-round", type=int, default=3, help="the first step of each round is a warm-up")
     p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])

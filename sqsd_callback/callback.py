@@ -106,7 +106,8 @@ class SQSDCallback(TrainerCallback):
             self.bank = DirectionBank(self.sets, {m: t.shape for m, t in self.targets.items()}).to(
                 self.params[0].device)
             self.engine = make_engine(cfg.engine, self.targets, self.bank, keep_grads=self.drop.active, model=model)
-            self.drift = Drift(self.targets, self.bank, gather=lambda: full_parameters(model, self.params))
+            self.drift = Drift(self.targets, self.bank, gather=lambda: full_parameters(model, self.params),
+                               sample=cfg.drift_sample)
         names = {id(p): n for n, p in model.named_parameters()}
         self.last_safe = LastSafe(model, self.params, {names[id(p)] for p in self.params}) \
             if cfg.save_last_safe else None

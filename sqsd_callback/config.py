@@ -41,6 +41,11 @@ class SQSDConfig:
     save_last_safe: bool = field(default=False, metadata={
         "help": "On a drift stop, save the trained weights of the last step below the threshold to "
                 "<sqsd dir>/last_safe (needs stop_drift_above)."})
+    drift_sample: int = field(default=1, metadata={
+        "help": "Full fine-tuning: keep θ_0 of each trained weight at one entry in about this many (≥ 1). 1 keeps an "
+                "exact copy (memory: one more copy of the trained weights); above 1, drift projections stay exact "
+                "and ‖θ_t − θ_0‖, so the drift cosines, is estimated from the kept entries. LoRA keeps θ_0 as its "
+                "small factors either way."})
     anchor_lambda: float = field(default=1.0, metadata={"help": "λ of the AsFT anchor penalty (> 0)."})
     top_k: int = field(default=20, metadata={"help": "Riskiest examples in the wandb table (≥ 1)."})
     wandb_every: int = field(default=10, metadata={
@@ -56,7 +61,8 @@ class SQSDConfig:
         _number("drop_zscore_above", self.drop_zscore_above, low=0, open_ends=True)
         _number("stop_drift_above", self.stop_drift_above)
         _number("anchor_lambda", self.anchor_lambda, low=0, open_ends=True, optional=False)
-        for name, low in (("drop_min_history", 2), ("stop_patience", 1), ("top_k", 1), ("wandb_every", 1)):
+        for name, low in (("drop_min_history", 2), ("stop_patience", 1), ("top_k", 1), ("wandb_every", 1),
+                          ("drift_sample", 1)):
             _integer(name, getattr(self, name), low)
         for name in ("exclude_dropped", "save_last_safe"):
             if not isinstance(getattr(self, name), bool):

@@ -15,27 +15,35 @@ import torch
 from .directions import DirectionBank
 from .groups import group_modules
 from .layers import Target, kind_of
+from .layers.linear import Sampled
 from .scoring import combine
 
 
 class Drift:
     """Remembers θ_0 of every scored module and measures θ_t − θ_0 against every set, per module and in total."""
 
-    def __init__(self, targets: dict[str, Target], bank: DirectionBank, gather=contextlib.nullcontext) -> None:
+    def __init__(self, targets: dict[str, Target], bank: DirectionBank, gather=contextlib.nullcontext,
+                 sample: int = 1) -> None:
         """``gather()``: a context in which the targets' parameters hold their full values (FSDP2 and ZeRO-3 shard
-        them), entered for θ_0 and each measurement."""
-        self.targets, self.bank, self.gather = targets, bank, gather
+        them), entered for θ_0 and each measurement. ``sample`` > 1 keeps a fully trained weight's θ_0 at one entry
+        in about that many (``SQSDConfig.drift_sample``)."""
+        self.targets, self.bank, self.gather, self.sample = targets, bank, gather, sample
         with gather():
-            self.start = {m: targets[m].snapshot() for m in bank.modules}
+            self.start = {m: targets[m].snapshot(sample) for m in bank.modules}
         self.groups = group_modules(bank.modules, targets, bank)
+        if any(isinstance(s, Sampled) for s in self.start.values()):
+            self.measure()  # at θ_0: sampled starts take their dots with the sets
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """θ_0 as named tensors: ``<module>`` (a weight) or ``<module>/sB``, ``<module>/A`` (LoRA factors); modules
-        that started at a zero delta have none."""
+        """θ_0 as named tensors: ``<module>`` (a weight), ``<module>/sB``, ``<module>/A`` (LoRA factors) or
+        ``<module>/sample``, ``<module>/sample_dots`` (a sampled weight); modules that started at a zero delta have
+        none."""
         out = {}
         for m, snap in self.start.items():
             if isinstance(snap, tuple):
                 out[f"{m}/sB"], out[f"{m}/A"] = snap
+            elif isinstance(snap, Sampled):
+                out[f"{m}/sample"], out[f"{m}/sample_dots"] = snap.values, snap.dots
             elif snap is not None:
                 out[m] = snap
         return out
@@ -45,6 +53,13 @@ class Drift:
             device = self.targets[m].params[0].device
             if f"{m}/A" in tensors:
                 return tensors[f"{m}/sB"].to(device), tensors[f"{m}/A"].to(device)
+            if isinstance(self.start[m], Sampled) != (f"{m}/sample" in tensors) or (
+                    f"{m}/sample" in tensors and len(tensors[f"{m}/sample"]) != len(self.start[m].values)):
+                raise ValueError(f"The checkpoint's drift state keeps θ_0 of {m} with another drift_sample than "
+                                 f"this run's ({self.sample}): resume with the drift_sample the run started with.")
+            if f"{m}/sample" in tensors:
+                return Sampled(tensors[f"{m}/sample"].to(device), self.start[m].stride,
+                               tensors[f"{m}/sample_dots"].to(device))
             return tensors[m].to(device) if m in tensors else None
         self.start = {m: start(m) for m in self.bank.modules}
 

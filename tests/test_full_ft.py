@@ -3,17 +3,19 @@
 Tolerance as for LoRA: per score key, max |hooks − oracle| ≤ 1e-5 × max |oracle| (fp32)."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 from sqsd_callback import SQSDCallback, score_samples
-from sqsd_callback.directions import DirectionSet
+from sqsd_callback.directions import DirectionBank, DirectionSet
+from sqsd_callback.drift import Drift
 from sqsd_callback.layers import LinearTarget, find_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, rel_err, tiny_base, tiny_full_ft
 
-from helpers import SCORE_KEYS, assert_final_drift_is_dense, trainer
+from helpers import SCORE_KEYS, ThetaEachStep, assert_final_drift_is_dense, trainer
 
 MODULES = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -100,3 +102,63 @@ def test_weight_diff_directions_score_full_ft():
     assert rel_err([r["safety"] for r in got], [r["safety"] for r in ref]) < 1e-5
     assert all(r["sqsd"] == pytest.approx(-r["safety"]) for r in got)
     assert torch.isfinite(torch.tensor([r["safety"] for r in got])).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sampled_drift_keeps_projections_exact_and_estimates_the_norm_from_its_lattice(tmp_path, arch):
+    """drift_sample=4 (stride 5 on these even rows) at every step of a run under the default optimizer (AdamW,
+    accumulation 2): projections equal the dense <θ_s − θ_0, V>/‖V‖ (rel 1e-5: fp32 logging of fp64 dots), the norm
+    is the lattice estimate computed here from θ_s and θ_0 in the weights' storage order (rel 1e-5), and cosines
+    are the projections over it."""
+
+    if arch == "gpt2":
+        model = tiny_base("gpt2", 0)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".weight") and any(m in name for m in ("c_attn", "c_fc", "attn.c_proj")))
+    else:
+        model = full_ft()
+    danger, safety = sets(model)
+    samples, thetas = random_samples(12, seed=9), ThetaEachStep()
+    trainer(model, samples, tmp_path, [SQSDCallback(danger, safety, drift_sample=4), thetas], accum=2,
+            lr=1e-3).train()
+    rows = read_jsonl(tmp_path / "sqsd" / "drift.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        theta, start = thetas.theta[row["step"]], thetas.theta[0]
+        sq, delta = {}, {}
+        for m in find_targets(model):
+            w, w0 = theta[f"{m}.weight"].double(), start[f"{m}.weight"].double()
+            delta[m] = (w - w0).T if arch == "gpt2" else w - w0  # Conv1D stores in×out
+            stride = next(s for s in range(4, 100) if math.gcd(s, w.shape[-1]) == 1)
+            kept = (w - w0).reshape(-1)[::stride]
+            sq[m] = float(kept.pow(2).sum()) * w.numel() / kept.numel()
+        assert row["norm"] == pytest.approx(math.sqrt(sum(sq.values())), rel=1e-5)
+        exact = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+        assert row["norm"] == pytest.approx(exact, rel=0.5)  # an estimate, from a fifth of the entries
+        for s in danger + safety:
+            key = f"{s.kind}/{s.name}"
+            vs = {m: v.materialize().double() for m, v in s.modules.items()}
+            v_norm = math.sqrt(sum(float(v.pow(2).sum()) for v in vs.values()))
+            proj = sum(float((delta[m] * v).sum()) for m, v in vs.items()) / v_norm
+            assert row[f"projection/{key}"] == pytest.approx(proj, rel=1e-5), (row["step"], key)
+            w_norm = math.sqrt(sum(sq[m] for m in s.modules))
+            assert row[f"cosine/{key}"] == pytest.approx(proj / w_norm, rel=1e-5), (row["step"], key)
+
+
+def test_a_sampled_drift_state_resumes_only_with_the_same_drift_sample():
+    """θ_0 kept at a lattice of entries round-trips through the checkpoint state; another drift_sample is refused."""
+    model = full_ft()
+    danger, safety = sets(model)
+    targets = find_targets(model)
+    bank = DirectionBank(danger + safety, {m: t.shape for m, t in targets.items()})
+    drift = Drift(targets, bank, sample=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    before = drift.measure()
+    state = {k: v.clone() for k, v in drift.state_tensors().items()}
+    resumed = Drift(targets, bank, sample=4)  # its own start is the moved weights, until the state is loaded
+    resumed.load_state_tensors(state)
+    assert resumed.measure() == before
+    with pytest.raises(ValueError, match="drift_sample"):
+        Drift(targets, bank).load_state_tensors(state)

@@ -9,6 +9,7 @@ orientation; ``LinearTarget.oriented`` is the one place a kind stored in×out (G
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -48,10 +49,34 @@ class LinearTarget:
         """Per-example update from per-example weight gradients (n × the weight's layout): −g as n×out×in, fp64."""
         return -self.oriented(g).double()
 
-    def snapshot(self) -> torch.Tensor:
-        """A copy of W as out×in (in its own dtype and device: full-FT drift costs one copy of the covered
-        weights)."""
-        return self.weight_oi.detach().clone()
+    def snapshot(self, sample: int = 1) -> torch.Tensor | Sampled:
+        """θ_0 for drift: a copy of W as out×in in its own dtype and device (one copy of the covered weights), or,
+        with ``sample`` > 1, W at one entry in about ``sample`` (:class:`Sampled`)."""
+        if sample == 1:
+            return self.weight_oi.detach().clone()
+        w = self.module.weight.detach()
+        stride = sample_stride(sample, w.shape[-1])
+        return Sampled(w.reshape(-1)[::stride].clone(), stride)
+
+
+@dataclass
+class Sampled:
+    """θ_0 of a fully trained weight kept at every ``stride``-th entry of the weight's own storage order, where the
+    stride is coprime with the row length so that every row and every column is sampled alike; and its exact dots
+    with the direction sets (fp64), taken by the drift's first measurement, which ``Drift`` makes at θ_0."""
+
+    values: torch.Tensor
+    stride: int
+    dots: torch.Tensor | None = None
+
+
+def sample_stride(sample: int, row: int) -> int:
+    """The smallest stride ≥ ``sample`` coprime with the row length ``row`` (a divisor of it would sample the same
+    columns in every row)."""
+    stride = sample
+    while math.gcd(stride, row) != 1:
+        stride += 1
+    return stride
 
 
 def linear_targets(model: nn.Module) -> dict[str, LinearTarget]:
@@ -106,15 +131,42 @@ class LinearHooks(HookGroup):
         return [target.oriented(torch.einsum("nto,nti->oi", delta, x))]
 
 
+ROW_BLOCK = 2**22
+"""Entries of a weight the drift reads at a time (its fp32 or fp64 temporaries stay ≤ 32 MiB even for an
+output layer)."""
+
+
 def linear_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """D = W_t − W_0 per module (out×in): <D, B_V A_V> = Σ B_V ⊙ (D A_Vᵀ), <D, V>, ‖D‖²."""
+    """D = W_t − W_0 per module (out×in): <D, B_V A_V> = Σ B_V ⊙ (D A_Vᵀ), <D, V>, ‖D‖², a block of rows at a
+    time. From a :class:`Sampled` θ_0: <D, V> = <W_t, V> − <W_0, V> in fp64 (exact: the weights' own rounding is
+    far below fp64's), and ‖D‖² from the sampled entries, scaled to the whole matrix."""
     dots, sq = [], []
     for i, (t, w0) in enumerate(zip(group.targets, start)):
-        D = t.weight_oi.detach().float() - w0.float()
-        row = [group.block_sums(((D @ group.VAt[i]) * group.VB[i]).sum(0))] if group.low else []
-        row += [(D * group.dirs[i][k].dense).sum()[None] for k in group.dense]
-        dots.append(torch.cat(row))
-        sq.append(D.pow(2).sum())
+        w, sampled = t.weight_oi.detach(), isinstance(w0, Sampled)
+        dtype = torch.float64 if sampled else torch.float32
+        VAt = group.VAt[i].to(dtype) if group.low else None
+        low = w.new_zeros(group.Q, dtype=dtype)
+        dense = w.new_zeros(len(group.dense), dtype=dtype)
+        total = w.new_zeros((), dtype=dtype)
+        rows = max(1, ROW_BLOCK // w.shape[1])
+        for r in range(0, w.shape[0], rows):
+            block = slice(r, r + rows)
+            M = w[block].to(dtype) if sampled else w[block].float() - w0[block].float()
+            if group.low:
+                low += ((M @ VAt) * group.VB[i][block].to(dtype)).sum(0)
+            for j, k in enumerate(group.dense):
+                dense[j] += (M * group.dirs[i][k].dense[block]).sum()
+            if not sampled:
+                total += M.pow(2).sum()
+        row = torch.cat(([group.block_sums(low)] if group.low else []) + [dense])
+        if sampled:
+            if w0.dots is None:  # the first measurement, at θ_0
+                w0.dots = row
+            row = row - w0.dots
+            kept = t.module.weight.detach().reshape(-1)[::w0.stride]
+            total = (kept.double() - w0.values.double()).pow(2).sum() * (w.numel() / kept.numel())
+        dots.append(row.float())
+        sq.append(total.float())
     return torch.stack(dots), torch.stack(sq)
 
 

@@ -61,9 +61,10 @@ class LoraTarget:
         A, B = self.A.detach().double(), self.B.detach().double()
         return -self.scaling * (gB.double() @ A + B @ gA.double())
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def snapshot(self, sample: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The merged delta now, as factors ``(s·B, A)`` (fp32 copies); None while B = 0 (PEFT's initialisation:
-        the delta is zero, and a copy would cost as much memory as the adapter)."""
+        the delta is zero, and a copy would cost as much memory as the adapter). ``sample`` is for full
+        fine-tuning's kinds: a LoRA θ_0 is small already."""
         if not self.B.detach().any():
             return None
         return (self.scaling * self.B.detach().float(), self.A.detach().float().clone())
