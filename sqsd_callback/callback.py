@@ -76,7 +76,7 @@ class SQSDCallback(TrainerCallback):
         check_sets(danger, safety, anchor)
         self.sets = [*danger, *safety]
         self.drop = DropPolicy(cfg.drop_above, cfg.drop_top_fraction, cfg.drop_zscore_above, cfg.drop_min_history,
-                               cfg.exclude_dropped)
+                               cfg.exclude_dropped, cfg.drop_zscore_robust)
         self.stop = DriftStop(cfg.stop_drift_above, cfg.stop_patience) if cfg.stop_drift_above is not None else None
         if not self.sets and (self.drop.active or self.stop is not None):
             raise ValueError("Drop and stop thresholds act on SQSD scores and drift: pass danger=[...] and/or "

@@ -31,6 +31,10 @@ class SQSDConfig:
         "help": "Drop the riskiest fraction, in (0, 1), of every micro-batch."})
     drop_zscore_above: float | None = field(default=None, metadata={
         "help": "Drop examples this many (> 0) standard deviations above the running mean SQSD."})
+    drop_zscore_robust: bool = field(default=False, metadata={
+        "help": "Take drop_zscore_above's z-score about the median of the last 4096 scores, in median absolute "
+                "deviations × 1.4826, instead of the running mean and standard deviation, which the harmful "
+                "outliers themselves inflate (needs drop_zscore_above)."})
     drop_min_history: int = field(default=32, metadata={
         "help": "Examples to see before the z-score policy acts (≥ 2)."})
     exclude_dropped: bool = field(default=False, metadata={
@@ -64,12 +68,14 @@ class SQSDConfig:
         for name, low in (("drop_min_history", 2), ("stop_patience", 1), ("top_k", 1), ("wandb_every", 1),
                           ("drift_sample", 1)):
             _integer(name, getattr(self, name), low)
-        for name in ("exclude_dropped", "save_last_safe"):
+        for name in ("exclude_dropped", "save_last_safe", "drop_zscore_robust"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.exclude_dropped and not self.drops:
             raise ValueError("exclude_dropped=True needs a drop policy (drop_above, drop_top_fraction or "
                              "drop_zscore_above).")
+        if self.drop_zscore_robust and self.drop_zscore_above is None:
+            raise ValueError("drop_zscore_robust=True needs drop_zscore_above (the threshold, in robust z-scores).")
         if self.save_last_safe and self.stop_drift_above is None:
             raise ValueError("save_last_safe=True needs stop_drift_above.")
         if self.drops and self.engine != "hooks":

@@ -5,6 +5,8 @@ action on the update is in ``edits`` (drops, anchor) or the callback's stop."""
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -48,23 +50,31 @@ class Policy:
         """Restore what ``state_dict`` saved (nothing by default)."""
 
 
+RECENT = 4096
+"""Scores the robust z-score's median and MAD are taken over (the most recent: memory stays flat on long runs)."""
+
+
 @dataclass
 class DropPolicy(Policy):
     """Drop an example when its SQSD is above ``above``, among the riskiest ``top_fraction`` of its micro-batch
     (whole examples: the fraction's remainder carries to the next micro-batch, so the run drops that share),
     or more than ``zscore_above`` standard deviations above the run's running mean (once ``min_history``
-    examples are seen); with ``exclude_dropped`` a dropped example is dropped again whenever it comes back."""
+    examples are seen; with ``zscore_robust``, median absolute deviations × 1.4826 above the median of the last
+    ``RECENT`` scores, which the outliers being dropped barely move); with ``exclude_dropped`` a dropped example is
+    dropped again whenever it comes back."""
 
     above: float | None = None
     top_fraction: float | None = None
     zscore_above: float | None = None
     min_history: int = 32
     exclude_dropped: bool = False
+    zscore_robust: bool = False
     stats: RunningStats = field(default_factory=RunningStats)
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     dropped: set = field(default_factory=set)
     owed: float = 0.0  # top_fraction's share of examples not yet dropped (a micro-batch drops whole examples)
     name = "drop"
-    settings = ("above", "top_fraction", "zscore_above", "min_history", "exclude_dropped")
+    settings = ("above", "top_fraction", "zscore_above", "min_history", "exclude_dropped", "zscore_robust")
 
     @property
     def active(self) -> bool:
@@ -74,13 +84,13 @@ class DropPolicy(Policy):
         """Which of one micro-batch's rows to drop (rows without a score are never dropped)."""
         scores = [r["sqsd"] for r in rows]
         drop = [s is not None and self.exclude_dropped and r["index"] in self.dropped for s, r in zip(scores, rows)]
+        center, scale = self._center_scale()
         for i, s in enumerate(scores):
             if s is None:
                 continue
             if self.above is not None and s > self.above:
                 drop[i] = True
-            if (self.zscore_above is not None and self.stats.count >= self.min_history and self.stats.std > 0
-                    and (s - self.stats.mean) / self.stats.std > self.zscore_above):
+            if scale and (s - center) / scale > self.zscore_above:
                 drop[i] = True
         if self.top_fraction is not None:  # the fraction's remainder carries over: 10% of 8 drops 1 in 5 batches
             scored = sorted((s, i) for i, s in enumerate(scores) if s is not None)
@@ -92,14 +102,26 @@ class DropPolicy(Policy):
         for s in scores:
             if s is not None:
                 self.stats.add(s)
+                self.recent.append(s)
         self.dropped.update(r["index"] for r, d in zip(rows, drop) if d and r["index"] is not None)
         return drop
 
+    def _center_scale(self) -> tuple[float, float]:
+        """The z-score's center and scale from the scores seen so far; scale 0 while the z-score does not act."""
+        if self.zscore_above is None or self.stats.count < self.min_history:
+            return 0.0, 0.0
+        if not self.zscore_robust:
+            return self.stats.mean, self.stats.std
+        median = statistics.median(self.recent)
+        return median, 1.4826 * statistics.median(abs(x - median) for x in self.recent)
+
     def state_dict(self) -> dict:
-        return {"stats": vars(self.stats).copy(), "dropped": sorted(self.dropped), "owed": self.owed}
+        return {"stats": vars(self.stats).copy(), "recent": list(self.recent), "dropped": sorted(self.dropped),
+                "owed": self.owed}
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = RunningStats(**state["stats"])
+        self.recent = deque(state.get("recent", ()), maxlen=RECENT)
         self.dropped = set(state["dropped"])
         self.owed = state.get("owed", 0.0)
 

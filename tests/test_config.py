@@ -37,6 +37,8 @@ def test_round_trips_through_dict_json_and_yaml():
     ({"engine": "fast"}, ValueError, "Unknown engine 'fast'; choose one of"),
     ({"drop_abov": 0.5}, ValueError, r"Unknown SQSDConfig option\(s\) \['drop_abov'\]; the options are"),
     ({"engine": "loop", "drop_above": 0.1}, ValueError, "only engine='hooks'"),
+    ({"drop_zscore_robust": True}, ValueError, "drop_zscore_robust=True needs drop_zscore_above"),
+    ({"drift_sample": 0}, ValueError, "drift_sample must be at least 1, got 0"),
 ])
 def test_bad_options_fail_when_built(options, error, message):
     model = tiny_lora("llama")

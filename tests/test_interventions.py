@@ -77,6 +77,22 @@ def test_top_fraction_and_zscore_policies_and_exclusion():
     assert ex.decide([{"index": 4, "sqsd": 0.0}]) == [True]  # dropped before: dropped for good
 
 
+def test_robust_zscore_is_not_blinded_by_the_outliers_it_should_drop():
+    """One large score inflates the standard deviation so that the plain z-score misses the next outlier; the
+    median/MAD z-score (hand-computed: median 0.025, MAD 0.075 × 1.4826) drops it and keeps ordinary scores."""
+    from sqsd_callback.policies import DropPolicy
+    history = [{"index": i, "sqsd": s} for i, s in enumerate([0.0, 0.1, -0.1, 0.05, -0.05, 5.0])]
+    new = [{"index": 6, "sqsd": 1.0}, {"index": 7, "sqsd": 0.2}]
+    plain, robust = DropPolicy(zscore_above=2.0, min_history=6), DropPolicy(zscore_above=2.0, min_history=6,
+                                                                            zscore_robust=True)
+    assert plain.decide(history) == robust.decide(history) == [False] * 6  # fewer than 6 seen before
+    assert plain.decide(new) == [False, False]  # (1.0 − 0.833) / 2.03 = 0.08
+    assert robust.decide(new) == [True, False]  # (1.0 − 0.025) / 0.1112 = 8.8; (0.2 − 0.025) / 0.1112 = 1.57
+    restored = DropPolicy(zscore_above=2.0, min_history=6, zscore_robust=True)
+    restored.load_state_dict(robust.state_dict())
+    assert restored.decide([{"index": 8, "sqsd": 0.5}]) == robust.decide([{"index": 8, "sqsd": 0.5}]) == [True]
+
+
 # --------------------------------------------------------------------- stop
 class _EveryStep(TrainerCallback):
     def __init__(self):
