@@ -14,8 +14,7 @@ import torch
 
 from .directions import DirectionBank
 from .groups import group_modules
-from .layers import Target, kind_of
-from .layers.linear import Sampled
+from .layers import Sampled, Target, kind_of
 from .scoring import combine
 
 
