@@ -70,6 +70,8 @@ CONDITIONS = (
     Condition("random as offline", callback=False, random_like="offline filter"),
 )
 BY_NAME = {c.name: c for c in CONDITIONS}
+DROPPING = {c.name for c in CONDITIONS if c.drops or c.offline_filter or c.random_like}
+"""Conditions that remove examples (one that removed none still kept 0% of the harmful ones out)."""
 
 
 @dataclass
@@ -237,12 +239,21 @@ class Experiment:
             **removal_stats(removed_before | dropped, pool), "stop": stopped,
             "threshold": self.threshold if condition.drops.get("drop_above") == "calibrated" else None,
         }
+        result["never_trained"] = self.never_trained(result)
         done.write_text(json.dumps(result))
         return result
 
     def finished(self) -> list[dict]:
-        """Every result cached under ``out`` (all shares, conditions and seeds run so far, by any invocation)."""
-        return [json.loads(f.read_text()) for f in sorted(self.out.glob("p*/*/seed*/result.json"))]
+        """Every result cached under ``out`` (all shares, conditions and seeds run so far, by any invocation), with
+        ``never_trained`` computed from its logs where a result cached before that field lacks it."""
+        results = []
+        for f in sorted(self.out.glob("p*/*/seed*/result.json")):
+            result = json.loads(f.read_text())
+            if "never_trained" not in result and result["condition"] in BY_NAME:
+                result["never_trained"] = self.never_trained(result)
+                f.write_text(json.dumps(result))
+            results.append(result)
+        return results
 
     def _callback(self, p: float, condition: Condition, seed: int):
         from .callback import SQSDCallback
@@ -288,6 +299,24 @@ class Experiment:
             return set()
         return {kept[r["index"]] for r in read_jsonl(scores) if r["dropped"] and r["index"] is not None}
 
+    def never_trained(self, result: dict) -> float | None:
+        """Share of the pool's harmful examples the fine-tune never trained on: removed before training, or
+        dropped every time an epoch brought them (an example dropped once may be trained in another epoch, and
+        one in the z-score's warm-up always is); None for conditions that remove nothing."""
+        if not result["removed_before"] and not result["dropped_online"]:
+            return 0.0 if result["condition"] in DROPPING else None
+        condition = BY_NAME[result["condition"]]
+        pool = poisoned_pool(self.benign, self.poison, result["p"] if condition.poisoned else 0.0)
+        harmful = {i for i, r in enumerate(pool) if r["harmful"]}
+        kept = [i for i in range(len(pool)) if i not in set(result["removed_before"])]
+        trained = set()
+        scores = self.out / f"p{result['p']:g}" / condition.slug / f"seed{result['seed']}" / "sqsd" / "scores.jsonl"
+        if scores.is_file():
+            trained = {kept[r["index"]] for r in read_jsonl(scores) if not r["dropped"] and r["index"] is not None}
+        elif not condition.callback:
+            trained = set(kept)
+        return len(harmful - trained) / len(harmful) if harmful else None
+
 
 def summarize(results: Sequence[dict]) -> list[dict]:
     """Mean and spread across seeds per (p, condition)."""
@@ -303,7 +332,8 @@ def summarize(results: Sequence[dict]) -> list[dict]:
                 "min": min(vals), "max": max(vals)}
 
     return [{"p": p, "condition": c, "seeds": len(rs), **{k: stat(rs, k) for k in (
-        "harmfulness", "utility", "recall", "precision", "benign_removed", "removed", "seconds")}}
+        "harmfulness", "utility", "recall", "never_trained", "precision", "benign_removed", "removed",
+        "seconds")}}
             for (p, c), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], [x.name for x in CONDITIONS].index(
                 kv[0][1])))]
 
@@ -315,11 +345,13 @@ def table(summary: Sequence[dict]) -> str:
             return "–"
         f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v:.3f}")
         return f"{f(s['mean'])} ({f(s['min'])}–{f(s['max'])})"
-    lines = ["| p | condition | seeds | harmfulness | utility | removed | recall | precision | benign removed | "
-             "train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| p | condition | seeds | harmfulness | utility | removed | recall (removed ≥ once) | "
+             "harmful never trained | precision | benign removed | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lines.append(f"| {r['p']:g} | {r['condition']} | {r['seeds']} | {fmt(r['harmfulness'])} | "
-                     f"{fmt(r['utility'])} | {fmt(r['removed'])} | {fmt(r['recall'])} | {fmt(r['precision'])} | "
+                     f"{fmt(r['utility'])} | {fmt(r['removed'])} | {fmt(r['recall'])} | "
+                     f"{fmt(r.get('never_trained'))} | {fmt(r['precision'])} | "
                      f"{fmt(r['benign_removed'], pct=True)} | {r['seconds']['mean']:.0f} |")
     return "\n".join(lines) + "\n"
 

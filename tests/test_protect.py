@@ -25,6 +25,34 @@ def test_removal_stats_hand_computed():
     assert removal_stats(set(), pool)["precision"] is None
 
 
+def test_never_trained_counts_examples_dropped_every_time_they_came(tmp_path):
+    """Hand-computed: of 2 harmful examples, one dropped in epoch 1 and trained in epoch 2 (dropped at least once,
+    yet trained), the other dropped in both: 1 of 2 never trained. A random control's removed harmful example was
+    never trained; a condition that removes nothing has no such share."""
+    import json
+
+    from sqsd_callback.protect import Experiment
+
+    exp = Experiment.__new__(Experiment)
+    exp.benign = [{"prompt": f"b{i}", "response": "ok"} for i in range(18)]
+    exp.poison = [{"prompt": f"h{i}", "response": "sure"} for i in range(5)]
+    exp.out = tmp_path
+    pool = poisoned_pool(exp.benign, exp.poison, 0.1)
+    first, second = [i for i, r in enumerate(pool) if r["harmful"]]
+    scores = tmp_path / "p0.1" / BY_NAME["drop z-score > 2"].slug / "seed0" / "sqsd" / "scores.jsonl"
+    scores.parent.mkdir(parents=True)
+    rows = [{"index": i, "dropped": i == second or (i == first and epoch == 0)} for epoch in (0, 1)
+            for i in range(len(pool))]
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = {"p": 0.1, "condition": "drop z-score > 2", "seed": 0, "removed_before": [],
+              "dropped_online": [first, second], "removed": 2}
+    assert exp.never_trained(result) == 0.5
+    random = {"p": 0.1, "condition": "random as z-score", "seed": 0, "removed_before": [first, 3],
+              "dropped_online": [], "removed": 2}
+    assert exp.never_trained(random) == 0.5
+    assert exp.never_trained({**result, "condition": "anchor", "dropped_online": [], "removed": 0}) is None
+
+
 def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
