@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--cache", default="sqsd_demo")
     ap.add_argument("--epochs", type=float, default=6.0, help="the stronger danger adapter's epochs (the demo: 2)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), help="protection conditions to run")
     ap.add_argument("--results", default="benchmarks/results/danger-strength-quick-cpu")
     opts = ap.parse_args()
     cache = Path(opts.cache)
@@ -111,7 +112,7 @@ def main() -> None:
     inputs = Inputs(folder, cache / "data" / "finetune.jsonl", cache / "data" / "retention.jsonl",
                     cache / "protect" / "poison.jsonl")
     experiment = Experiment(inputs, out / "protect", Settings(shares=(0.1,), seeds=tuple(opts.seeds)))
-    for name, seed in tqdm([(c, s) for c in CONDITIONS for s in opts.seeds], desc="protect runs (strong danger)"):
+    for name, seed in tqdm([(c, s) for c in opts.conditions for s in opts.seeds], desc="protect runs (strong danger)"):
         experiment.run(0.1, BY_NAME[name], seed)
     summary = summarize(experiment.finished())
     result["protect"] = summary
