@@ -34,9 +34,11 @@ class SQSDConfig:
     drop_zscore_robust: bool = field(default=False, metadata={
         "help": "Take drop_zscore_above's z-score about the median of the last 4096 scores, in median absolute "
                 "deviations × 1.4826, instead of the running mean and standard deviation, which the harmful "
-                "outliers themselves inflate (needs drop_zscore_above)."})
+                "outliers themselves inflate; the micro-batch being judged is part of that reference, so harmful "
+                "examples in the first steps are not let through a warm-up (needs drop_zscore_above)."})
     drop_min_history: int = field(default=32, metadata={
-        "help": "Examples to see before the z-score policy acts (≥ 2)."})
+        "help": "Examples to see before the z-score policy acts (≥ 2); the robust z-score counts the micro-batch it "
+                "judges, so with a micro-batch at least this large it acts from the first step."})
     exclude_dropped: bool = field(default=False, metadata={
         "help": "A dropped example is dropped again whenever it comes back (needs a drop policy)."})
     stop_drift_above: float | None = field(default=None, metadata={

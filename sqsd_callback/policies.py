@@ -60,8 +60,8 @@ class DropPolicy(Policy):
     (whole examples: the fraction's remainder carries to the next micro-batch, so the run drops that share),
     or more than ``zscore_above`` standard deviations above the run's running mean (once ``min_history``
     examples are seen; with ``zscore_robust``, median absolute deviations × 1.4826 above the median of the last
-    ``RECENT`` scores, which the outliers being dropped barely move); with ``exclude_dropped`` a dropped example is
-    dropped again whenever it comes back."""
+    ``RECENT`` scores including the micro-batch being judged, which the outliers being dropped barely move); with
+    ``exclude_dropped`` a dropped example is dropped again whenever it comes back."""
 
     above: float | None = None
     top_fraction: float | None = None
@@ -84,6 +84,8 @@ class DropPolicy(Policy):
         """Which of one micro-batch's rows to drop (rows without a score are never dropped)."""
         scores = [r["sqsd"] for r in rows]
         drop = [s is not None and self.exclude_dropped and r["index"] in self.dropped for s, r in zip(scores, rows)]
+        if self.zscore_robust:  # the micro-batch joins its own reference: its few outliers barely move the median
+            self._see(scores)   # and MAD, so it is judged from the first micro-batch on (no warm-up that trains them)
         center, scale = self._center_scale()
         for i, s in enumerate(scores):
             if s is None:
@@ -99,12 +101,16 @@ class DropPolicy(Policy):
             self.owed -= k
             for _, i in scored[len(scored) - k:]:
                 drop[i] = True
+        if not self.zscore_robust:
+            self._see(scores)
+        self.dropped.update(r["index"] for r, d in zip(rows, drop) if d and r["index"] is not None)
+        return drop
+
+    def _see(self, scores: list[float | None]) -> None:
         for s in scores:
             if s is not None:
                 self.stats.add(s)
                 self.recent.append(s)
-        self.dropped.update(r["index"] for r, d in zip(rows, drop) if d and r["index"] is not None)
-        return drop
 
     def _center_scale(self) -> tuple[float, float]:
         """The z-score's center and scale from the scores seen so far; scale 0 while the z-score does not act."""

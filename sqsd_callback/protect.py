@@ -50,6 +50,8 @@ class Condition:
 
 
 ZSCORE = {"drop_zscore_above": 2.0, "drop_min_history": 16}
+ROBUST3 = {"drop_zscore_above": 3.0, "drop_zscore_robust": True, "drop_min_history": 8, "exclude_dropped": True}
+"""The README's recommendation: the robust z-score from the first micro-batch, a dropped example kept out."""
 CONDITIONS = (
     Condition("clean pool", poisoned=False),
     Condition("no callback", callback=False),
@@ -62,10 +64,13 @@ CONDITIONS = (
     Condition("anchor", anchor=True),
     Condition("drops + anchor", drops=ZSCORE, anchor=True),
     Condition("robust drops + anchor", drops={**ZSCORE, "drop_zscore_robust": True}, anchor=True),
+    Condition("robust z > 3, kept out", drops=ROBUST3),
+    Condition("robust z > 3, kept out + anchor", drops=ROBUST3, anchor=True),
     Condition("offline filter", callback=False, offline_filter=True),
     Condition("random as z-score", callback=False, random_like="drop z-score > 2"),
     Condition("random as robust z-score", callback=False, random_like="drop robust z-score > 2"),
     Condition("random as top 10%", callback=False, random_like="drop top 10%"),
+    Condition("random as robust z > 3", callback=False, random_like="robust z > 3, kept out"),
     Condition("random as calibrated", callback=False, random_like="drop above calibrated"),
     Condition("random as offline", callback=False, random_like="offline filter"),
 )

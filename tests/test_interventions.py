@@ -79,18 +79,25 @@ def test_top_fraction_and_zscore_policies_and_exclusion():
 
 def test_robust_zscore_is_not_blinded_by_the_outliers_it_should_drop():
     """One large score inflates the standard deviation so that the plain z-score misses the next outlier; the
-    median/MAD z-score (hand-computed: median 0.025, MAD 0.075 × 1.4826) drops it and keeps ordinary scores."""
+    median/MAD z-score drops both, the first in the micro-batch that brings it (its reference includes that
+    micro-batch, so there is no warm-up for a harmful example to train in), and keeps ordinary scores."""
     from sqsd_callback.policies import DropPolicy
     history = [{"index": i, "sqsd": s} for i, s in enumerate([0.0, 0.1, -0.1, 0.05, -0.05, 5.0])]
     new = [{"index": 6, "sqsd": 1.0}, {"index": 7, "sqsd": 0.2}]
     plain, robust = DropPolicy(zscore_above=2.0, min_history=6), DropPolicy(zscore_above=2.0, min_history=6,
                                                                             zscore_robust=True)
-    assert plain.decide(history) == robust.decide(history) == [False] * 6  # fewer than 6 seen before
+    assert plain.decide(history) == [False] * 6  # fewer than 6 seen before
+    # median 0.025, MAD 0.075 × 1.4826 = 0.1112: 5.0 is 44.7 MADs out, the largest ordinary score 0.7
+    assert robust.decide(history) == [False] * 5 + [True]
     assert plain.decide(new) == [False, False]  # (1.0 − 0.833) / 2.03 = 0.08
-    assert robust.decide(new) == [True, False]  # (1.0 − 0.025) / 0.1112 = 8.8; (0.2 − 0.025) / 0.1112 = 1.57
+    # over the 8 scores: median 0.075, MAD 0.125 × 1.4826 = 0.1853: (1.0 − 0.075) / 0.1853 = 4.99, 0.2 → 0.67
+    assert robust.decide(new) == [True, False]
     restored = DropPolicy(zscore_above=2.0, min_history=6, zscore_robust=True)
     restored.load_state_dict(robust.state_dict())
-    assert restored.decide([{"index": 8, "sqsd": 0.5}]) == robust.decide([{"index": 8, "sqsd": 0.5}]) == [True]
+    # over the 9 scores: median 0.1, MAD 0.15 × 1.4826 = 0.2224: (0.8 − 0.1) / 0.2224 = 3.15
+    assert restored.decide([{"index": 8, "sqsd": 0.8}]) == robust.decide([{"index": 8, "sqsd": 0.8}]) == [True]
+    fresh = DropPolicy(zscore_above=2.0, min_history=6, zscore_robust=True)  # without the restored history:
+    assert fresh.decide([{"index": 8, "sqsd": 0.8}]) == [False]  # too few scores to judge
 
 
 # --------------------------------------------------------------------- stop
