@@ -48,7 +48,9 @@ SHAPES = {
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, from on_step_begin to on_step_end (callback work included)."""
+    """Wall time of each optimizer step, from on_step_begin to on_step_end, callback work included when it comes
+    last among the callbacks (the Trainer calls them in list order: one after it would do its on_step_end work,
+    e.g. SQSDCallback's drift, outside the timed step)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -81,7 +83,7 @@ def build(opts, variant: str | None, out_dir: str):
         ids = torch.randint(3, config["vocab_size"], (opts.seq,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
     timer = StepTimer()
-    callbacks = [timer]
+    callbacks = []
     if variant is not None:
         engine, _, sample = variant.partition(":")
         rank = opts.dir_rank or None  # 0: full-rank (dense) directions
@@ -89,6 +91,7 @@ def build(opts, variant: str | None, out_dir: str):
                 for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
         callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:], engine=engine,
                                       drift_sample=int(sample or 1)))
+    callbacks.append(timer)  # last: callbacks run in list order, so the step it times includes the others'
     args = SFTConfig(output_dir=out_dir, max_steps=opts.steps_per_round, per_device_train_batch_size=opts.batch,
                      logging_steps=opts.steps_per_round, report_to=[], save_strategy="no", bf16=opts.bf16,
                      gradient_checkpointing=True, disable_tqdm=True, dataloader_num_workers=0)

@@ -63,11 +63,12 @@ def _child(setup: str, variant: str, layers: int, batch: int, seq: int, steps: i
         ids = torch.randint(3, config["vocab_size"], (seq,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
     timer = StepTimer()
-    callbacks = [timer]
+    callbacks = []
     if variant == "hooks":
         sets = [random_set(model, kind, name, rank=16, seed=seed)
                 for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
         callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:]))
+    callbacks.append(timer)  # last, so the step it times includes the callback's on_step_end
     extra = {}
     if setup == "fsdp2":
         extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
