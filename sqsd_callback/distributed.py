@@ -92,17 +92,21 @@ def is_sharded(p: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def full_parameters(model: torch.nn.Module, params: list[torch.Tensor]):
     """Within: ``params`` hold their full values (read only), however FSDP2 or ZeRO-3 shard them; a collective, so
-    every process enters it at the same point. Outside a forward or backward pass only."""
+    every process enters it at the same point. Outside a forward or backward pass only. Only ``params`` are
+    gathered: an FSDP2 shard is gathered into a whole copy that stands in for it on its module until the context
+    ends (the module's ``unshard()`` would gather every parameter it holds, frozen base weights included)."""
+    from torch.distributed.tensor import DTensor
     zero = [p for p in params if hasattr(p, "ds_id")]
-    from torch.distributed.fsdp import FSDPModule
-    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)] if any(is_sharded(p) for p in params) else []
+    wanted = {id(p) for p in params if isinstance(p, DTensor)}
+    held = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()
+            if p is not None and id(p) in wanted] if wanted else []
     with contextlib.ExitStack() as stack:
         if zero:
             import deepspeed
             stack.enter_context(deepspeed.zero.GatheredParameters(zero, modifier_rank=None))
-        for m in fsdp:
-            m.unshard()
-            stack.callback(m.reshard)
+        for m, name, p in held:  # the same order on every process: model.modules() is
+            stack.callback(m._parameters.__setitem__, name, p)
+            m._parameters[name] = torch.nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
         yield
 
 
