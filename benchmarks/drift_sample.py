@@ -15,11 +15,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from overhead import build, machine
+from overhead import build, machine, random_sets
 
 from sqsd_callback import SQSDCallback
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_set
 
 
 def main() -> None:
@@ -36,10 +35,9 @@ def main() -> None:
     opts.shape, opts.full_ft, opts.bf16, opts.rank, opts.steps_per_round = "smollm2-135m", True, False, 16, opts.steps
     tmp = Path(tempfile.mkdtemp())
     trainer, _ = build(opts, None, str(tmp / "run"))
-    sets = [random_set(trainer.model, kind, name, rank=opts.dir_rank, seed=seed)
-            for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
+    danger, safety = random_sets(trainer.model, opts.dir_rank)
     for k in [1, *opts.samples]:
-        trainer.add_callback(SQSDCallback(sets[:2], sets[2:], output_dir=str(tmp / f"sample{k}"), drift_sample=k))
+        trainer.add_callback(SQSDCallback(danger, safety, output_dir=str(tmp / f"sample{k}"), drift_sample=k))
     trainer.train()
     exact = read_jsonl(tmp / "sample1" / "drift.jsonl")
     keys = [k for k in exact[0] if k.startswith(("cosine/", "projection/"))]

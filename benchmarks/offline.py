@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+from overhead import allocation_peak, random_sets
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sqsd_callback import score_samples
-from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, random_set, rel_err
+from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, rel_err
 
 
 def main() -> None:
@@ -48,8 +49,7 @@ def main() -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.01)
-    danger = [random_set(model, "danger", f"d{i}", rank=16, seed=i) for i in (1, 2)]
-    safety = [random_set(model, "safety", "s1", rank=16, seed=3)]
+    danger, safety = random_sets(model, 16)
     g = torch.Generator().manual_seed(1)
     samples = []
     for i in range(opts.examples):
@@ -106,7 +106,6 @@ def peak_memory(run, device: str):
         torch.cuda.reset_peak_memory_stats()
         out = run()
         return out, (torch.cuda.max_memory_allocated() - start) / 2**20
-    from overhead import allocation_peak
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         out = run()
     return out, allocation_peak(prof.events()) / 2**20

@@ -66,6 +66,23 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
+def random_sets(model, rank: int | None) -> tuple[list, list]:
+    """The benchmarks' direction sets: 2 danger + 1 safety random sets of ``rank`` (None: dense), fixed seeds."""
+    sets = [random_set(model, kind, name, rank=rank, seed=seed)
+            for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
+    return sets[:2], sets[2:]
+
+
+def token_rows(vocab: int, n: int, seq: int) -> list[dict]:
+    """``n`` rows of ``seq`` random tokens (fixed seed), the first 32 not scored."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
+    return rows
+
+
 def build(opts, variant: str | None, out_dir: str):
     """A trainer for one variant (None = no callback; ``engine`` or ``engine:drift_sample``); every variant starts
     from the same weights."""
@@ -77,20 +94,13 @@ def build(opts, variant: str | None, out_dir: str):
             p.requires_grad_(any(m in name for m in ALL_LINEAR))
     else:
         model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, target_modules=ALL_LINEAR))
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for _ in range(opts.batch * opts.steps_per_round):
-        ids = torch.randint(3, config["vocab_size"], (opts.seq,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
+    rows = token_rows(config["vocab_size"], opts.batch * opts.steps_per_round, opts.seq)
     timer = StepTimer()
     callbacks = []
     if variant is not None:
         engine, _, sample = variant.partition(":")
-        rank = opts.dir_rank or None  # 0: full-rank (dense) directions
-        sets = [random_set(model, kind, name, rank=rank, seed=seed)
-                for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
-        callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:], engine=engine,
-                                      drift_sample=int(sample or 1)))
+        danger, safety = random_sets(model, opts.dir_rank or None)  # 0: full-rank (dense) directions
+        callbacks.append(SQSDCallback(danger=danger, safety=safety, engine=engine, drift_sample=int(sample or 1)))
     callbacks.append(timer)  # last: callbacks run in list order, so the step it times includes the others'
     args = SFTConfig(output_dir=out_dir, max_steps=opts.steps_per_round, per_device_train_batch_size=opts.batch,
                      logging_steps=opts.steps_per_round, report_to=[], save_strategy="no", bf16=opts.bf16,

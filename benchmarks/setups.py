@@ -36,13 +36,13 @@ def _child(setup: str, variant: str, layers: int, batch: int, seq: int, steps: i
            out: Path) -> None:
     """One run of one set-up (``variant``: "none" or "hooks"); rank 0 writes its step times and sharding."""
     from datasets import Dataset
-    from overhead import StepTimer
+    from overhead import StepTimer, random_sets, token_rows
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from sqsd_callback import SQSDCallback
-    from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, random_set, word_tokenizer
+    from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, word_tokenizer
 
     config = {**SMOLLM2_135M, "num_hidden_layers": layers}
     if setup.startswith("qlora"):
@@ -56,18 +56,12 @@ def _child(setup: str, variant: str, layers: int, batch: int, seq: int, steps: i
         model = LlamaForCausalLM(LlamaConfig(**config))
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR))
-    g = torch.Generator().manual_seed(1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rows = []
-    for _ in range(batch * steps * world):
-        ids = torch.randint(3, config["vocab_size"], (seq,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * 32 + ids[32:]})
+    rows = token_rows(config["vocab_size"], batch * steps * int(os.environ.get("WORLD_SIZE", "1")), seq)
     timer = StepTimer()
     callbacks = []
     if variant == "hooks":
-        sets = [random_set(model, kind, name, rank=16, seed=seed)
-                for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
-        callbacks.append(SQSDCallback(danger=sets[:2], safety=sets[2:]))
+        danger, safety = random_sets(model, 16)
+        callbacks.append(SQSDCallback(danger=danger, safety=safety))
     callbacks.append(timer)  # last, so the step it times includes the callback's on_step_end
     extra = {}
     if setup == "fsdp2":
