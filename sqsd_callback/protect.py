@@ -313,7 +313,8 @@ class Experiment:
         condition = BY_NAME[result["condition"]]
         pool = poisoned_pool(self.benign, self.poison, result["p"] if condition.poisoned else 0.0)
         harmful = {i for i, r in enumerate(pool) if r["harmful"]}
-        kept = [i for i in range(len(pool)) if i not in set(result["removed_before"])]
+        removed_before = set(result["removed_before"])
+        kept = [i for i in range(len(pool)) if i not in removed_before]
         trained = set()
         scores = self.out / f"p{result['p']:g}" / condition.slug / f"seed{result['seed']}" / "sqsd" / "scores.jsonl"
         if scores.is_file():

@@ -54,9 +54,12 @@ class LinearTarget:
         with ``sample`` > 1, W at one entry in about ``sample`` (:class:`Sampled`)."""
         if sample == 1:
             return self.weight_oi.detach().clone()
-        w = self.module.weight.detach()
-        stride = sample_stride(sample, w.shape[-1])
-        return Sampled(w.reshape(-1)[::stride].clone(), stride)
+        stride = sample_stride(sample, self.module.weight.shape[-1])
+        return Sampled(self.lattice(stride).clone(), stride)
+
+    def lattice(self, stride: int) -> torch.Tensor:
+        """Every ``stride``-th entry of W in its own storage order: the entries a :class:`Sampled` θ_0 keeps."""
+        return self.module.weight.detach().reshape(-1)[::stride]
 
 
 @dataclass
@@ -163,7 +166,7 @@ def linear_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]
             if w0.dots is None:  # the first measurement, at θ_0
                 w0.dots = row
             row = row - w0.dots
-            kept = t.module.weight.detach().reshape(-1)[::w0.stride]
+            kept = t.lattice(w0.stride)
             total = (kept.double() - w0.values.double()).pow(2).sum() * (w.numel() / kept.numel())
         dots.append(row.float())
         sq.append(total.float())
