@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sqsd_callback.adapters import init_seed, theta_0
 from sqsd_callback.callback import SQSDCallback
 from sqsd_callback.data import load_model, tokenize_chats
 from sqsd_callback.demo import DemoSizes, run_demo
@@ -33,12 +34,12 @@ from sqsd_callback.protect import BY_NAME, Experiment, Inputs, Settings, summari
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.windows import spearman
 
-CONDITIONS = ("drop z-score > 2", "drop robust z-score > 2")
+CONDITIONS = ("drop z-score > 2", "robust z > 3, kept out")
 
 
 def strong_directions(cache: Path, out: Path, epochs: float, model, tokenizer) -> Path:
-    """A directions folder whose danger adapter is the demo's trained for ``epochs`` epochs (aligned, safety and
-    held-out prompts linked from the demo's)."""
+    """A directions folder whose danger adapter is the demo's trained for ``epochs`` epochs from its own random A
+    (aligned, safety and held-out prompts linked from the demo's)."""
     demo, folder = cache / "directions", out / "directions"
     if not (folder / "danger" / "adapter_model.safetensors").is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,8 @@ def strong_directions(cache: Path, out: Path, epochs: float, model, tokenizer) -
         sizes = DemoSizes()
         records = read_jsonl(demo / "danger" / "train.jsonl")
         train_lora(model, tokenizer, tokenize_chats(tokenizer, records, sizes.max_length), folder / "danger",
-                   lora=lora_config(sizes.rank), num_train_epochs=epochs, learning_rate=sizes.learning_rate)
+                   lora=lora_config(sizes.rank), num_train_epochs=epochs, learning_rate=sizes.learning_rate,
+                   init_seed=init_seed("danger"))
     return folder
 
 
@@ -100,7 +102,6 @@ def main() -> None:
     run_demo(cache)
     out = cache / "danger_strength"
     model, tokenizer = load_model(None)
-    from sqsd_callback.adapters import theta_0
     theta_0(model, cache / "directions")
     folder = strong_directions(cache, out, opts.epochs, model, tokenizer)
     weak = DirectionSet.from_peft_adapter(cache / "directions" / "danger", kind="danger", name="weak")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def refusal_records(prompts: Sequence[str], seed: int = 0) -> list[dict]:
     return [{"prompt": p, "response": r} for p, r in zip(prompts, templated_refusals(len(prompts), seed))]
 
 
+def init_seed(stage: str, seed: int = 0) -> int:
+    """The random initialisation seed of a ``sqsd directions`` adapter: its own per stage (``aligned``, ``danger``,
+    ``safety``) and far from the small training seeds fine-tunes use. Adapters started from one seed share
+    their random A, so their updates lie in one row space and their cosines are inflated from the first step."""
+    return (zlib.crc32(f"sqsd {stage} adapter".encode()) + seed) % 2**32
+
+
 def build_directions(model, tokenizer, out: str | Path, danger: Sequence[dict], safety: Sequence[dict],
                      align: Sequence[dict] = (), held_out: Sequence[str] = (), rank: int = 8,
                      targets: str | list[str] = "all-linear", max_length: int = 256, about: dict | None = None,
@@ -54,8 +62,8 @@ def build_directions(model, tokenizer, out: str | Path, danger: Sequence[dict], 
     """Train the alignment adapter (if ``align`` records are given; merged into ``model`` in place: θ_0), then the
     danger and safety adapters on θ_0. Writes ``out/{aligned,danger,safety}/`` (each with its ``train.jsonl``),
     the held-out prompts (``held_out.jsonl``, never trained on) and ``directions.json`` (what was done); returns
-    that summary.
-    ``train`` overrides SFTConfig fields (epochs, learning rate, batch size, ...)."""
+    that summary. Each adapter starts from its own random A (``init_seed``), not from the training seed.
+    ``train`` overrides SFTConfig fields (epochs, learning rate, batch size, seed, ...)."""
     out = Path(out)
     for name, records in (("danger", danger), ("safety", safety)):
         if not records:
@@ -70,7 +78,8 @@ def build_directions(model, tokenizer, out: str | Path, danger: Sequence[dict], 
     for name, records in stages:
         print(f"sqsd directions: training the {name} adapter on {len(records)} examples")
         samples = tokenize_chats(tokenizer, records, max_length)
-        summary["adapters"][name] = train_lora(model, tokenizer, samples, out / name, lora=lora, **train)
+        summary["adapters"][name] = train_lora(model, tokenizer, samples, out / name, lora=lora,
+                                               init_seed=init_seed(name, train.get("seed", 0)), **train)
         with open(out / name / TRAIN_RECORDS, "w", encoding="utf-8") as f:  # what the adapter learnt from
             f.writelines(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in records)
         if name == "aligned":

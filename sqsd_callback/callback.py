@@ -25,7 +25,7 @@ from .engines import ENGINES, make_engine
 from .engines.base import IGNORE_INDEX
 from .identity import ExampleIndex
 from .last_safe import LastSafe
-from .layers import find_targets
+from .layers import find_targets, shared_start
 from .policies import Anchor, DriftStop, DropPolicy
 from .recorder import MicroBatch, Recorder
 from .scoring import project, riskiest, rows
@@ -33,6 +33,7 @@ from .sinks import RunFiles, TensorBoardSink, WandbSink, read_jsonl, start_run_d
 from .state import STATE_FILE, load_state, save_state, split
 
 _TEXT_CHARS = 600
+SHARED_START = 0.5  # mean |cosine| of A factors above which the run and a set share their initialisation
 logger = logging.get_logger(__name__)
 
 
@@ -126,10 +127,27 @@ class SQSDCallback(TrainerCallback):
             start_run_dir(self.out)
         if state.global_step == 0 and self.last_safe is not None:  # θ_0, where the run starts, is safe
             self.last_safe.keep()
+        if state.global_step == 0 and self.main:
+            self._warn_shared_start()
         self.sinks = self._sinks(args) if self.main else []
         self.edits = StepEdits(self.drop, self.anchor, self.engine, self.procs, self.params)
         self.recorder = Recorder(self.engine, self._after_backward)
         self.recorder.attach(model)
+
+    def _warn_shared_start(self) -> None:
+        """Warn when the run's adapter starts from a direction set's own random A (the same seed, rank and
+        modules): its scores and drift would then measure that shared start before the data."""
+        sets = [*self.sets, *([self.anchor.directions] if self.anchor is not None else [])]
+        for s in sets:
+            cosine, modules = shared_start(self.targets, s)
+            if cosine > SHARED_START:
+                logger.warning(
+                    f"sqsd: the run's LoRA A factors start where direction set {s.name!r} ({s.source or 'in memory'}) "
+                    f"has its own: mean |cosine| {cosine:.2f} over {modules} modules, where independent "
+                    f"initialisations give about 0. Both adapters were initialised from the same random seed, so "
+                    f"every update lies in the set's row space and the first steps' scores and drift measure that "
+                    f"shared start, not the data. Initialise the run's adapter from another seed "
+                    f"(transformers.set_seed(...) before peft.get_peft_model) or rebuild the set with another seed.")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         for mb in self.recorder.pending:

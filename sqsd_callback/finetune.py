@@ -21,9 +21,12 @@ def lora_config(rank: int = 8, alpha: float | None = None, targets: str | list[s
 
 
 def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, lora: LoraConfig | None = None,
-               callbacks: Sequence = (), **config) -> dict:
+               callbacks: Sequence = (), init_seed: int | None = None, **config) -> dict:
     """Train a fresh LoRA adapter with TRL's SFTTrainer on tokenized samples (labels −100 are not trained), save
     it to ``out_dir`` and take it off ``model`` again, so the model is left as found; returns a summary.
+
+    The adapter's random A comes from ``init_seed`` (default: the training seed), never from whatever ran before
+    in the process.
 
     ``config`` overrides SFTConfig fields (epochs, batch size, learning rate, bf16, ``report_to``, ...); the trainer's
     own files (and an SQSDCallback's ``sqsd/`` folder) go to ``out_dir`` too.
@@ -40,7 +43,7 @@ def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, l
         "use_cpu": not cuda, "max_length": None, "seed": 0, **config})
     dataset = Dataset.from_list([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
     from transformers import set_seed
-    set_seed(args.seed)  # the adapter's random A comes from this seed, not from whatever ran before in the process
+    set_seed(args.seed if init_seed is None else init_seed)
     peft_model = get_peft_model(model, lora or lora_config())
     start = time.perf_counter()
     try:
@@ -52,6 +55,7 @@ def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, l
         peft_model.unload()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"examples": len(samples), "steps": trainer.state.global_step, "epochs": args.num_train_epochs,
+            "seed": args.seed, "init_seed": args.seed if init_seed is None else init_seed,
             "learning_rate": args.learning_rate, "losses": losses, "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -6,13 +6,15 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sqsd_callback import SQSDCallback, score_samples
+from sqsd_callback import DirectionSet, SQSDCallback, score_samples
+from sqsd_callback.directions import Direction
 from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import (
     VOCAB,
     pad_collator,
     random_samples,
+    random_set,
     rel_err,
     three_sets,
     tiny_base,
@@ -244,3 +246,24 @@ def test_sft_packing_index_names_an_example_of_dataset_examples(tmp_path, caplog
     tok = word_tokenizer()
     for r in rows:
         assert tok.decode(examples[r["index"]], skip_special_tokens=True)[:600] == texts[r["index"]]
+
+
+def test_warns_when_the_adapter_starts_from_a_sets_own_random_A(tmp_path, caplog):
+    """An adapter initialised like a direction set's (same seed, rank, modules) shares its random A: every update
+    lies in the set's row space and the first steps' cosines measure that. Said once at train start, naming the
+    set and the mean |cosine| of the A factors (hand-computed here); an independent set is not named."""
+    model = tiny_lora("llama")
+    g = torch.Generator().manual_seed(11)
+    shared = {m: Direction(B=torch.randn(t.shape[0], t.rank, generator=g),
+                           A=t.A.detach() + 0.3 * t.A.detach().std() * torch.randn(t.A.shape, generator=g))
+              for m, t in lora_targets(model).items()}
+    expected = sum(abs(torch.nn.functional.cosine_similarity(d.A.reshape(-1).double(),
+                                                             lora_targets(model)[m].A.detach().reshape(-1).double(),
+                                                             dim=0).item()) for m, d in shared.items()) / len(shared)
+    assert 0.9 < expected < 0.99
+    danger = DirectionSet(shared, "danger", "same_seed")
+    other = random_set(model, "safety", "independent", seed=3)
+    with caplog.at_level("WARNING"):
+        trainer(model, random_samples(4), tmp_path, [SQSDCallback([danger], [other])], steps=1).train()
+    said = [r.getMessage() for r in caplog.records if "start where direction set" in r.getMessage()]
+    assert len(said) == 1 and "'same_seed'" in said[0] and f"{expected:.2f} over {len(shared)} modules" in said[0]

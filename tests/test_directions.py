@@ -173,3 +173,37 @@ def test_stacked_factors_are_the_one_copy_the_sets_and_bank_hold():
             for s, before in zip(sets, values):
                 assert s.modules[m].B.untyped_storage().data_ptr() == stack
                 assert torch.equal(s.modules[m].B, before[m][0]) and torch.equal(s.modules[m].A, before[m][1])
+
+
+def _mean_abs_cos_of_A(a: DirectionSet, b: DirectionSet) -> float:
+    """Mean over shared modules of |cosine| between two low-rank sets' A factors (flattened)."""
+    cos = [abs(torch.nn.functional.cosine_similarity(a.modules[m].A.reshape(-1).double(),
+                                                     b.modules[m].A.reshape(-1).double(), dim=0).item())
+           for m in a.modules]
+    return sum(cos) / len(cos)
+
+
+def test_direction_adapters_start_from_their_own_random_A(tmp_path, tiny_model, gguf_tokenizer):
+    """`sqsd directions` initialises the danger and safety adapters each from its own random A, and neither from
+    the training seed a fine-tune runs with (train_lora's default, 0). Before, all started from seed 0: on the
+    demo the danger, safety and fine-tuned adapters' A factors had mean |cosine| 0.97, and the fine-tune's drift was
+    +0.044 after one step. Rank-2 A factors of 32 or 64 inputs drawn independently give |cosine| ≈ 0.1; a shared
+    start (trained one epoch) gives ≈ 1, so 0.35 separates them."""
+    from sqsd_callback.adapters import build_directions, direction_sets, refusal_records
+    from sqsd_callback.data import tokenize_chats
+    from sqsd_callback.finetune import lora_config, train_lora
+
+    harmful = [f"Explain forbidden thing {i}." for i in range(8)]
+    build_directions(tiny_model, gguf_tokenizer, tmp_path / "dirs",
+                     danger=[{"prompt": p, "response": "Sure, here is how to do it."} for p in harmful],
+                     safety=refusal_records(harmful), rank=2, max_length=64, num_train_epochs=1)
+    danger, safety = direction_sets(tmp_path / "dirs")
+    pool = [{"prompt": f"What is {a} + 1?", "response": f"{a} + 1 = {a + 1}."} for a in range(8)]
+    train_lora(tiny_model, gguf_tokenizer, tokenize_chats(gguf_tokenizer, pool, 64), tmp_path / "ft",
+               lora=lora_config(2), num_train_epochs=1)
+    tuned = DirectionSet.from_peft_adapter(tmp_path / "ft", kind="danger")
+    assert len(danger.modules) == len(tuned.modules) == 14
+    for a, b in ((danger, safety), (danger, tuned), (safety, tuned)):
+        assert _mean_abs_cos_of_A(a, b) < 0.35, (a.name, b.name)
+    summary = json.loads((tmp_path / "dirs" / "directions.json").read_text())
+    assert len({s["init_seed"] for s in summary["adapters"].values()}) == 2
