@@ -1,17 +1,21 @@
 """Is the demo's danger adapter too weak? A stronger one, and what it changes in the rankings and the protection.
 
-    python recipes/danger_strength.py --quick --epochs 6      # sqsd demo's cache, 2 CPU cores
+    python recipes/danger_strength.py --quick --epochs 6              # sqsd demo's cache, 2 CPU cores
+    python recipes/danger_strength.py --quick --epochs 2 --more-data  # more records instead of more epochs
 
-Every stage is cached under <cache>/danger_strength, so a rerun continues:
+Every stage is cached under <cache>/danger_strength (<cache>/danger_more_data with ``--more-data``), so a rerun
+continues:
 1. the stronger danger adapter: the demo's (the same 64 compliant records, θ_0, rank and learning rate) trained for
-   ``--epochs`` epochs instead of 2, in a directions folder that shares the demo's aligned and safety adapters;
+   ``--epochs`` epochs instead of 2, with ``--more-data`` also on the protection experiment's harmful compliance
+   records that its 10% pool does not use, in a directions folder that shares the demo's aligned and safety
+   adapters;
 2. both danger adapters' size ‖s·B·A‖ and the cosine between them;
 3. one monitored fine-tune of the demo's benign pool (seed 0) scored against both danger sets at once: per-example
    |danger| against |safety|, and Spearman's rho between the two danger terms and between the two SQSD rankings
    (first epoch);
 4. the protection experiment's drop conditions with the stronger set (seeds ``--seeds``), to set beside
    benchmarks/results/protect-quick-cpu.md, which used the demo's.
-Writes benchmarks/results/danger-strength-quick-cpu.{json,md}.
+Writes benchmarks/results/danger-strength-quick-cpu.{json,md} (danger-more-data-quick-cpu with ``--more-data``).
 """
 
 from __future__ import annotations
@@ -30,16 +34,16 @@ from sqsd_callback.data import load_model, tokenize_chats
 from sqsd_callback.demo import DemoSizes, run_demo
 from sqsd_callback.directions import DirectionSet
 from sqsd_callback.finetune import lora_config, train_lora
-from sqsd_callback.protect import BY_NAME, Experiment, Inputs, Settings, summarize, table
+from sqsd_callback.protect import BY_NAME, Experiment, Inputs, Settings, poisoned_pool, summarize, table
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.windows import spearman
 
 CONDITIONS = ("drop z-score > 2", "robust z > 3, kept out")
 
 
-def strong_directions(cache: Path, out: Path, epochs: float, model, tokenizer) -> Path:
-    """A directions folder whose danger adapter is the demo's trained for ``epochs`` epochs from its own random A
-    (aligned, safety and held-out prompts linked from the demo's)."""
+def strong_directions(cache: Path, out: Path, epochs: float, extra: list[dict], model, tokenizer) -> Path:
+    """A directions folder whose danger adapter is the demo's trained for ``epochs`` epochs on its records and
+    ``extra``, from its own random A (aligned, safety and held-out prompts linked from the demo's)."""
     demo, folder = cache / "directions", out / "directions"
     if not (folder / "danger" / "adapter_model.safetensors").is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +51,7 @@ def strong_directions(cache: Path, out: Path, epochs: float, model, tokenizer) -
             if not (folder / name).exists():
                 (folder / name).symlink_to((demo / name).resolve())
         sizes = DemoSizes()
-        records = read_jsonl(demo / "danger" / "train.jsonl")
+        records = read_jsonl(demo / "danger" / "train.jsonl") + extra
         train_lora(model, tokenizer, tokenize_chats(tokenizer, records, sizes.max_length), folder / "danger",
                    lora=lora_config(sizes.rank), num_train_epochs=epochs, learning_rate=sizes.learning_rate,
                    init_seed=init_seed("danger"))
@@ -94,20 +98,27 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", required=True, help="sqsd demo's cache (the only mode)")
     ap.add_argument("--cache", default="sqsd_demo")
     ap.add_argument("--epochs", type=float, default=6.0, help="the stronger danger adapter's epochs (the demo: 2)")
+    ap.add_argument("--more-data", action="store_true",
+                    help="also train on the harmful compliance records the protection experiment's 10%% pool leaves")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), help="protection conditions to run")
-    ap.add_argument("--results", default="benchmarks/results/danger-strength-quick-cpu")
+    ap.add_argument("--results", default=None, help="default: benchmarks/results/danger-strength-quick-cpu "
+                    "(danger-more-data-quick-cpu with --more-data)")
     opts = ap.parse_args()
     cache = Path(opts.cache)
     run_demo(cache)
-    out = cache / "danger_strength"
+    out = cache / ("danger_more_data" if opts.more_data else "danger_strength")
+    poison = read_jsonl(cache / "protect" / "poison.jsonl")
+    used = sum(r["harmful"] for r in poisoned_pool(read_jsonl(cache / "data" / "finetune.jsonl"), poison, 0.1))
+    extra = poison[used:] if opts.more_data else []
     model, tokenizer = load_model(None)
     theta_0(model, cache / "directions")
-    folder = strong_directions(cache, out, opts.epochs, model, tokenizer)
+    folder = strong_directions(cache, out, opts.epochs, extra, model, tokenizer)
     weak = DirectionSet.from_peft_adapter(cache / "directions" / "danger", kind="danger", name="weak")
     strong = DirectionSet.from_peft_adapter(folder / "danger", kind="danger", name="strong")
     safety = DirectionSet.from_peft_adapter(cache / "directions" / "safety", kind="safety", name="safety")
-    result = {"epochs": opts.epochs, "sets": size_and_cosine(weak, strong),
+    records = len(read_jsonl(cache / "directions" / "danger" / "train.jsonl")) + len(extra)
+    result = {"epochs": opts.epochs, "records": records, "sets": size_and_cosine(weak, strong),
               "rankings": rankings(cache, out, model, tokenizer, weak, strong, safety)}
     del model
     inputs = Inputs(folder, cache / "data" / "finetune.jsonl", cache / "data" / "retention.jsonl",
@@ -117,11 +128,13 @@ def main() -> None:
         experiment.run(0.1, BY_NAME[name], seed)
     summary = summarize(experiment.finished())
     result["protect"] = summary
-    res = Path(opts.results)
+    res = Path(opts.results or "benchmarks/results/" + ("danger-more-data" if opts.more_data else "danger-strength")
+               + "-quick-cpu")
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     sets, rk = result["sets"], result["rankings"]
-    text = (f"Danger adapter trained {opts.epochs:g} epochs (the demo's: 2). ‖V‖ {sets['norm_weak']:.3f} → "
+    text = (f"Danger adapter trained {opts.epochs:g} epochs on {records} records (the demo's: 2 epochs on 64). "
+            f"‖V‖ {sets['norm_weak']:.3f} → "
             f"{sets['norm_strong']:.3f}, cosine between them {sets['cosine']:.3f}.\n\n"
             f"One monitored fine-tune (seed 0, first epoch, {rk['examples']} examples): median |danger| "
             f"{rk['median_abs']['danger weak']:.3f} (demo's set) and {rk['median_abs']['danger strong']:.3f} "
