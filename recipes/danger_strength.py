@@ -41,9 +41,9 @@ from sqsd_callback.windows import spearman
 CONDITIONS = ("drop z-score > 2", "robust z > 3, kept out")
 
 
-def strong_directions(cache: Path, out: Path, epochs: float, extra: list[dict], model, tokenizer) -> Path:
-    """A directions folder whose danger adapter is the demo's trained for ``epochs`` epochs on its records and
-    ``extra``, from its own random A (aligned, safety and held-out prompts linked from the demo's)."""
+def strong_directions(cache: Path, out: Path, epochs: float, records: list[dict], model, tokenizer) -> Path:
+    """A directions folder whose danger adapter is trained like the demo's for ``epochs`` epochs on ``records``,
+    from its own random A (aligned, safety and held-out prompts linked from the demo's)."""
     demo, folder = cache / "directions", out / "directions"
     if not (folder / "danger" / "adapter_model.safetensors").is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,6 @@ def strong_directions(cache: Path, out: Path, epochs: float, extra: list[dict], 
             if not (folder / name).exists():
                 (folder / name).symlink_to((demo / name).resolve())
         sizes = DemoSizes()
-        records = read_jsonl(demo / "danger" / "train.jsonl") + extra
         train_lora(model, tokenizer, tokenize_chats(tokenizer, records, sizes.max_length), folder / "danger",
                    lora=lora_config(sizes.rank), num_train_epochs=epochs, learning_rate=sizes.learning_rate,
                    init_seed=init_seed("danger"))
@@ -108,17 +107,21 @@ def main() -> None:
     cache = Path(opts.cache)
     run_demo(cache)
     out = cache / ("danger_more_data" if opts.more_data else "danger_strength")
-    poison = read_jsonl(cache / "protect" / "poison.jsonl")
-    used = sum(r["harmful"] for r in poisoned_pool(read_jsonl(cache / "data" / "finetune.jsonl"), poison, 0.1))
-    extra = poison[used:] if opts.more_data else []
+    records = read_jsonl(cache / "directions" / "danger" / "train.jsonl")
+    if opts.more_data:
+        if not (cache / "protect" / "poison.jsonl").is_file():
+            raise SystemExit("--more-data trains on the protection experiment's harmful compliance records: run "
+                             "`python recipes/protect.py --quick` first (it writes <cache>/protect/poison.jsonl).")
+        poison = read_jsonl(cache / "protect" / "poison.jsonl")
+        used = sum(r["harmful"] for r in poisoned_pool(read_jsonl(cache / "data" / "finetune.jsonl"), poison, 0.1))
+        records = records + poison[used:]
     model, tokenizer = load_model(None)
     theta_0(model, cache / "directions")
-    folder = strong_directions(cache, out, opts.epochs, extra, model, tokenizer)
+    folder = strong_directions(cache, out, opts.epochs, records, model, tokenizer)
     weak = DirectionSet.from_peft_adapter(cache / "directions" / "danger", kind="danger", name="weak")
     strong = DirectionSet.from_peft_adapter(folder / "danger", kind="danger", name="strong")
     safety = DirectionSet.from_peft_adapter(cache / "directions" / "safety", kind="safety", name="safety")
-    records = len(read_jsonl(cache / "directions" / "danger" / "train.jsonl")) + len(extra)
-    result = {"epochs": opts.epochs, "records": records, "sets": size_and_cosine(weak, strong),
+    result = {"epochs": opts.epochs, "records": len(records), "sets": size_and_cosine(weak, strong),
               "rankings": rankings(cache, out, model, tokenizer, weak, strong, safety)}
     del model
     inputs = Inputs(folder, cache / "data" / "finetune.jsonl", cache / "data" / "retention.jsonl",
@@ -133,7 +136,7 @@ def main() -> None:
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     sets, rk = result["sets"], result["rankings"]
-    text = (f"Danger adapter trained {opts.epochs:g} epochs on {records} records (the demo's: 2 epochs on 64). "
+    text = (f"Danger adapter trained {opts.epochs:g} epochs on {len(records)} records (the demo's: 2 epochs on 64). "
             f"‖V‖ {sets['norm_weak']:.3f} → "
             f"{sets['norm_strong']:.3f}, cosine between them {sets['cosine']:.3f}.\n\n"
             f"One monitored fine-tune (seed 0, first epoch, {rk['examples']} examples): median |danger| "

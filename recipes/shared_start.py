@@ -18,33 +18,21 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
+from sqsd_callback.directions import DirectionSet, a_cosine
 from sqsd_callback.sinks import read_jsonl
-
-
-def a_factors(adapter: Path) -> dict[str, torch.Tensor]:
-    """An adapter's lora_A weights by module."""
-    return {k.split(".lora_A.")[0]: v.double().reshape(-1)
-            for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if ".lora_A." in k}
-
-
-def mean_abs_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    shared = [m for m in a if m in b and a[m].shape == b[m].shape]
-    return sum(abs(float(a[m] @ b[m] / (a[m].norm() * b[m].norm()))) for m in shared) / len(shared)
 
 
 def measure(run: Path, sets: dict[str, Path]) -> dict:
     """A-cosine with each set, drift at the first and last step, median |projection| per scored set (epoch 1)."""
-    mine = a_factors(run)
+    mine = {m: d.A for m, d in DirectionSet.from_peft_adapter(run, kind="danger").modules.items()}
     drift = list(read_jsonl(run / "sqsd" / "drift.jsonl"))
     first: dict = {}
     for r in read_jsonl(run / "sqsd" / "scores.jsonl"):
         if r["index"] is not None and r["sqsd"] is not None:
             first.setdefault(r["index"], r)
     keys = [k for k in next(iter(first.values())) if k.startswith(("danger/", "safety/"))]
-    return {"a_cosine": {name: mean_abs_cosine(mine, a_factors(path)) for name, path in sets.items()},
+    return {"a_cosine": {name: a_cosine(mine, DirectionSet.from_peft_adapter(path, kind="danger"))[0]
+                         for name, path in sets.items()},
             "drift_first": drift[0]["drift"], "drift_last": drift[-1]["drift"], "steps": drift[-1]["step"],
             "median_abs": {k: statistics.median(abs(r[k]) for r in first.values()) for k in keys}}
 

@@ -328,6 +328,20 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
                          f"truncated (an interrupted download or save): download or save it again.") from err
 
 
+def a_cosine(factors: Mapping[str, torch.Tensor], direction_set: DirectionSet) -> tuple[float, int]:
+    """Mean |cosine| between LoRA A factors ``{module: A (k×in)}`` and a low-rank set's own A, over the modules where
+    both have one shape, and how many those are: about 1/√(k·in) for independent random draws, about 1 for
+    adapters initialised from one seed."""
+    cosines = []
+    for m, A in factors.items():
+        v = direction_set.modules.get(m)
+        if v is None or v.A is None or v.A.shape != A.shape:
+            continue
+        mine, theirs = A.detach().double().reshape(-1), v.A.to(A.device).double().reshape(-1)
+        cosines.append(abs(float(mine @ theirs)) / max(float(mine.norm() * theirs.norm()), 1e-300))
+    return (sum(cosines) / len(cosines) if cosines else 0.0), len(cosines)
+
+
 def check_sets(danger: list[DirectionSet], safety: list[DirectionSet], anchor: DirectionSet | None = None) -> None:
     """Refuse, before any step, direction sets that cannot be scored as passed: a non-DirectionSet, a set passed
     as the other kind, non-finite values, and one set passed as danger and as safety (it cancels itself: SQSD = 0

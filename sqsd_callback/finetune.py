@@ -43,7 +43,8 @@ def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, l
         "use_cpu": not cuda, "max_length": None, "seed": 0, **config})
     dataset = Dataset.from_list([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
     from transformers import set_seed
-    set_seed(args.seed if init_seed is None else init_seed)
+    init_seed = args.seed if init_seed is None else init_seed
+    set_seed(init_seed)
     peft_model = get_peft_model(model, lora or lora_config())
     start = time.perf_counter()
     try:
@@ -55,7 +56,7 @@ def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, l
         peft_model.unload()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"examples": len(samples), "steps": trainer.state.global_step, "epochs": args.num_train_epochs,
-            "seed": args.seed, "init_seed": args.seed if init_seed is None else init_seed,
+            "seed": args.seed, "init_seed": init_seed,
             "learning_rate": args.learning_rate, "losses": losses, "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from ..directions import DirectionSet, canonical_name
+from ..directions import DirectionSet, a_cosine, canonical_name
 from ..distributed import is_sharded
 from ..groups import Group, HookGroup
 from .registry import LayerKind, register
@@ -129,18 +129,11 @@ def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarge
 
 
 def shared_start(targets: Mapping[str, object], direction_set: DirectionSet) -> tuple[float, int]:
-    """How far the run's LoRA A factors coincide with a low-rank direction set's own A: the mean |cosine| over
-    the modules where both are LoRA factors of one shape, and how many those are. Independent random inits give
-    about 1/√(r·in); an adapter initialised from the set's seed about 1. A shared A puts every update in the
-    set's row space, so the cosines and drift of the first steps measure that shared start, not the data."""
-    cosines = []
-    for m, t in targets.items():
-        v = direction_set.modules.get(m)
-        if not isinstance(t, LoraTarget) or v is None or v.A is None or is_sharded(t.A) or v.A.shape != t.A.shape:
-            continue
-        mine, theirs = t.A.detach().double().reshape(-1), v.A.to(t.A.device).double().reshape(-1)
-        cosines.append(abs(float(mine @ theirs)) / max(float(mine.norm() * theirs.norm()), 1e-300))
-    return (sum(cosines) / len(cosines) if cosines else 0.0), len(cosines)
+    """How far the run's LoRA A factors coincide with a low-rank direction set's own A (``a_cosine``; sharded
+    factors left out). A shared A puts every update in the set's row space, so the cosines and drift of the first
+    steps measure that shared start, not the data."""
+    return a_cosine({m: t.A for m, t in targets.items() if isinstance(t, LoraTarget) and not is_sharded(t.A)},
+                    direction_set)
 
 
 class _LoraConstants(NamedTuple):
