@@ -14,7 +14,7 @@ import torch.distributed
 from sqsd_callback import SQSDCallback
 from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_lora
 
-from helpers import ThetaEachStep, trainer
+from helpers import ThetaEachStep, finish_worker, trainer
 
 SAMPLES = random_samples(24, seed=3)
 STEPS = 3
@@ -50,4 +50,4 @@ def run(out: Path, name: str) -> None:
 if __name__ == "__main__":
     for name in RUNS:
         run(Path(sys.argv[1]), name)
-    torch.distributed.destroy_process_group()  # a clean gloo shutdown before the interpreter exits
+    finish_worker()

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from sqsd_callback import SQSDCallback
 from sqsd_callback.testing import random_samples, three_sets, tiny_lora
 
-from helpers import ThetaEachStep, trainer
+from helpers import ThetaEachStep, finish_worker, trainer
 
 SAMPLES = random_samples(24, seed=3)
 STAGES = (1, 2, 3)
@@ -55,4 +55,4 @@ def run(out: Path, stage: int) -> None:
 if __name__ == "__main__":
     for stage in STAGES:
         run(Path(sys.argv[1]), stage)
-    torch.distributed.destroy_process_group()
+    finish_worker()

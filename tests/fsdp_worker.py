@@ -21,7 +21,7 @@ from sqsd_callback import SQSDCallback
 from sqsd_callback.testing import three_sets, tiny_lora
 
 from deepspeed_worker import SAMPLES, STOP
-from helpers import ThetaEachStep, trainer
+from helpers import ThetaEachStep, finish_worker, trainer
 
 FSDP = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
                                             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -51,4 +51,4 @@ def run(out: Path) -> None:
 
 if __name__ == "__main__":
     run(Path(sys.argv[1]))
-    torch.distributed.destroy_process_group()
+    finish_worker()

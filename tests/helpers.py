@@ -5,6 +5,7 @@ for the update without dropped examples)."""
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import shutil
 import socket
@@ -79,6 +80,18 @@ def launch(worker: Path, out: Path, nproc: int = 2, **env) -> None:
     proc = subprocess.run([torchrun, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
                            str(port), str(worker), str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def finish_worker() -> None:
+    """End a torchrun worker whose work is done: every rank reaches a barrier, the process group is destroyed and
+    the process leaves without interpreter teardown, where gloo's and DeepSpeed's C++ threads could abort a finished
+    rank ("terminate called without an active exception", once in CI on the ZeRO worker after its last stage)."""
+    gc.collect()  # engines and wrapped models go while the process group still exists
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def at(model, theta: dict[str, torch.Tensor]):
