@@ -218,7 +218,7 @@ class DirectionSet:
                 f"Direction set {self.name!r} matches no module of the model: its modules look like "
                 f"{sorted(self.modules)[:2]}, the model's trainable modules like {sorted(shapes)[:2]}. "
                 f"The directions were made for another architecture, or for modules the model does not train "
-                f"(check the LoRA target_modules)."
+                f"(check the LoRA target_modules) or SQSD does not score (a weight tied to another module's)."
             )
         wrong = [(m, self.modules[m].shape, tuple(shapes[m])) for m in common
                  if tuple(self.modules[m].shape) != tuple(shapes[m])]
@@ -233,7 +233,8 @@ class DirectionSet:
         if missing or extra:
             warnings.warn(
                 f"Direction set {self.name!r} covers {len(common)} of the model's {len(shapes)} trained modules "
-                f"({extra} of its {len(self.modules)} directions are for modules the model does not train); "
+                f"({extra} of its {len(self.modules)} directions are for modules the model does not train or "
+                f"SQSD does not score); "
                 f"scores sum over the {len(common)} shared modules.",
                 stacklevel=3,
             )

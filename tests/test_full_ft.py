@@ -15,7 +15,7 @@ from sqsd_callback.layers import LinearTarget, find_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, rel_err, tiny_base, tiny_full_ft
 
-from helpers import SCORE_KEYS, ThetaEachStep, assert_final_drift_is_dense, trainer
+from helpers import SCORE_KEYS, ThetaEachStep, assert_every_step_matches_loop, assert_final_drift_is_dense, trainer
 
 MODULES = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -162,3 +162,38 @@ def test_a_sampled_drift_state_resumes_only_with_the_same_drift_sample():
     assert resumed.measure() == before
     with pytest.raises(ValueError, match="drift_sample"):
         Drift(targets, bank).load_state_tensors(state)
+
+
+def test_a_tied_output_layer_is_left_out_and_every_step_matches_the_loop(tmp_path):
+    """Full fine-tuning of a model whose output layer shares the input embedding (tie_word_embeddings, as in
+    SmolLM2): the shared weight's gradient also flows through the embedding lookup, which the Linear taps cannot
+    see, so scoring lm_head gave scores up to 0.37 off the loop from step 0. It is left out with a warning; every
+    step's rows then equal the loop at that step's parameters (default optimizer, accumulation 2, 1e-5), and exact
+    drops are refused before training, since the tied weight trains outside the scored ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sqsd_callback.testing import VOCAB
+
+    def tiny(tied):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                            attn_implementation="eager", tie_word_embeddings=tied))
+
+    model = tiny(True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = tiny(False)  # the same modules with lm_head its own: sets that cover it, as users' sets may
+    danger = [random_set(untied, "danger", "d1", rank=3, seed=1), random_set(untied, "danger", "d2", rank=None, seed=2)]
+    safety = [random_set(untied, "safety", "s1", rank=2, seed=3)]
+    assert all("lm_head" in s.modules for s in danger + safety)
+    with pytest.warns(UserWarning, match="lm_head: the weight is tied"):
+        assert "lm_head" not in find_targets(model)
+    samples, start = random_samples(12, seed=31), copy.deepcopy(model)
+    thetas = ThetaEachStep()
+    with pytest.warns(UserWarning, match="tied"):
+        trainer(model, samples, tmp_path / "run", [SQSDCallback(danger, safety), thetas], accum=2, steps=3,
+                lr=1e-3).train()
+    assert_every_step_matches_loop(start, samples, tmp_path / "run", thetas, danger, safety)
+    with pytest.raises(ValueError, match="also trains .*embed_tokens"):
+        trainer(copy.deepcopy(start), samples, tmp_path / "drops",
+                [SQSDCallback(danger, safety, drop_top_fraction=0.5)], accum=2, steps=1, lr=1e-3).train()

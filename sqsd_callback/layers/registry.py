@@ -4,6 +4,8 @@ registered with ``register``) plus its test."""
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,14 +52,31 @@ def kind_of(target) -> LayerKind:
 
 def find_targets(model: nn.Module) -> dict:
     """The layers a run trains and the engines score: the model's active adapter layers (LoRA) where it has any,
-    else its trainable layers of the full fine-tuning kinds (Linear, GPT-2's Conv1D)."""
+    else its trainable layers of the full fine-tuning kinds (Linear, GPT-2's Conv1D). A layer whose weight another
+    module also holds is left out, with a warning: a tied output layer's gradient also flows through the input
+    embedding's lookup, which no layer kind scores per example."""
     for adapter in (True, False):
         found = {}
         for kind in KINDS.values():
             if kind.adapter == adapter:
                 found.update(kind.find(model))
+        shared = _shared_parameters(model) if found else set()
+        tied = sorted(m for m, t in found.items() if any(id(p) in shared for p in t.params))
+        if tied:
+            warnings.warn(f"{', '.join(tied)}: the weight is tied to another module's (tie_word_embeddings: the "
+                          f"output layer shares the input embedding), so its gradient also comes from the "
+                          f"embedding lookup, which SQSD does not score per example. It is left out of the scores "
+                          f"and the drift, and exact drops need it frozen; untie the embeddings "
+                          f"(tie_word_embeddings=False) to score it.", stacklevel=2)
+        found = {m: t for m, t in found.items() if m not in tied}
         if found:
             return found
     raise ValueError("The model has no active LoRA layer and no trainable layer of a kind SQSD scores "
-                     f"({', '.join(k.name for k in KINDS.values())}): wrap it with "
+                     f"({', '.join(k.name for k in KINDS.values())}, not tied to another module): wrap it with "
                      "peft.get_peft_model(model, LoraConfig(...)) or unfreeze the weights to fine-tune.")
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds as its own (tied weights)."""
+    held = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    return {i for i, n in held.items() if n > 1}
