@@ -27,7 +27,7 @@ from .identity import ExampleIndex
 from .last_safe import LastSafe
 from .layers import find_targets, shared_start
 from .policies import Anchor, DriftStop, DropPolicy
-from .recorder import MicroBatch, Recorder
+from .recorder import MicroBatch, Recorder, refuse_losses
 from .scoring import project, riskiest, rows
 from .sinks import RunFiles, TensorBoardSink, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
 from .state import STATE_FILE, load_state, save_state, split
@@ -99,6 +99,8 @@ class SQSDCallback(TrainerCallback):
         self.params = [p for t in self.targets.values() for p in t.params if p.requires_grad]
         if self.drop.active:
             refuse_untracked(model, self.params)
+        for warning in refuse_losses(args, model):
+            logger.warning(f"sqsd: {warning}")
         self.procs = Processes.current()
         refuse_unsupported(self.procs, self.drop.active or self.anchor is not None, cfg.engine,
                            ENGINES[cfg.engine].from_step)
@@ -152,7 +154,21 @@ class SQSDCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         for mb in self.recorder.pending:
             if mb.stats is None and self.sets:  # oracle engines: extra passes at the step's parameters
-                mb.stats = self.engine.compute(self.model, mb.batch)
+                if self.engine.from_step:
+                    self._missed_backward()
+                mb.stats, mb.recomputed = self.engine.compute(self.model, mb.batch), self.engine.from_step
+
+    def _missed_backward(self) -> None:
+        """The step's backward never reached the model's own loss (a compute_loss that builds another from the
+        logits): nothing could act on the step's gradients, and scores need an extra pass."""
+        if self.drop.active or self.anchor is not None:
+            raise RuntimeError("The training step's backward did not pass through the model's own loss (a "
+                               "compute_loss that builds its own from the logits?), so drops and the anchor could "
+                               "not act on its gradients before this optimizer step. Return the model's "
+                               "outputs.loss from compute_loss, or train without drops and the anchor.")
+        self._warn_once("recomputed", "The training step's backward did not pass through the model's own loss (a "
+                        "compute_loss that builds its own?): SQSDCallback scores each micro-batch by an extra "
+                        "forward and backward pass at the step's parameters, exact but slower.")
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self.recorder.take()
@@ -239,7 +255,7 @@ class SQSDCallback(TrainerCallback):
                     self._seen.add(i)
                     self._new_texts.append({"index": i, **self._texts(ids, labels)})
         scale = None
-        if self.engine.from_step:  # hook gradients carry the step's loss weights; the oracles' are per example
+        if self.engine.from_step and not mb.recomputed:  # hook gradients carry the step's loss weights
             scale = mb.scale()
             if scale is None and self.config.metric == "projection":
                 self._warn_once("weights", "SQSDCallback could not read the loss weights (no `loss` or `log_probs` "

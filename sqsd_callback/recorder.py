@@ -15,6 +15,29 @@ from torch import nn
 from .engines.base import IGNORE_INDEX, Batch, Engine, Segments, Stats, scored_tokens, targets_scored
 
 
+def refuse_losses(args, model: nn.Module) -> list[str]:
+    """Refuse, before the first step, a training loss whose per-example gradients are not those of the examples'
+    mean cross-entropy that SQSD scores; returns warnings for what the scores follow as the step took it."""
+    if getattr(args, "label_smoothing_factor", 0) > 0:
+        raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor}: the Trainer then takes the labels "
+                         f"out of the batch and computes a smoothed loss, not the mean cross-entropy SQSD scores. "
+                         f"Set label_smoothing_factor=0 to train with SQSDCallback.")
+    if getattr(args, "loss_type", "nll") not in ("nll", "chunked_nll"):
+        raise ValueError(f"loss_type={args.loss_type!r}: it weights each token by more than its count (DFT by its "
+                         f"probability), so a step's per-example gradients are not those of the mean cross-entropy "
+                         f"SQSD scores. Use loss_type='nll' (TRL's default) with SQSDCallback.")
+    config = getattr(model, "config", None)
+    if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 0):
+        raise ValueError(f"The model adds its router's load-balancing loss to the loss (output_router_logits=True, "
+                         f"router_aux_loss_coef={config.router_aux_loss_coef}); it couples the examples of a batch, "
+                         f"so no example's gradient is its own. Set model.config.output_router_logits = False.")
+    if getattr(args, "neftune_noise_alpha", None):
+        return [f"neftune_noise_alpha={args.neftune_noise_alpha}: NEFTune adds noise to the input embeddings, so the "
+                f"scores are those of the noisy step (as with dropout), not the batch-size-1 reference, and depend "
+                f"on each batch's padded length. Train without NEFTune for reference scores."]
+    return []
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch: its rows, ``weight[b]`` (the loss weight each scored token of row b got, read off the
@@ -26,6 +49,7 @@ class MicroBatch:
     stats: Stats | None = None
     rows: list[dict] | None = None
     kept_tokens: int = 0
+    recomputed: bool = False  # scored by an extra pass: the step's backward never reached the model's own loss
 
     def scale(self) -> torch.Tensor | None:
         """Per-row factor turning a hook gradient (loss weight w per token) into the example's mean-loss gradient:
@@ -70,7 +94,9 @@ class Recorder:
         labels = kwargs.get("labels")
         if ids is None or labels is None:
             raise ValueError("SQSDCallback needs input_ids and labels in each training batch (the examples' "
-                             "scored tokens are the labels that are not -100).")
+                             "scored tokens are the labels that are not -100). The Trainer takes the labels out "
+                             "when it computes the loss itself (a compute_loss_func, label_smoothing_factor > 0): "
+                             "let the model compute its own loss.")
         given = kwargs.get("attention_mask")
         if given is not None and given.dim() != 2:
             raise ValueError(

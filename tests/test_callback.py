@@ -22,7 +22,7 @@ from sqsd_callback.testing import (
     word_tokenizer,
 )
 
-from helpers import SCORE_KEYS, trainer
+from helpers import SCORE_KEYS, trainable, trainer
 
 
 def _train(model, samples, cb, tmp_path, side="right", steps=2, **kw):
@@ -188,6 +188,16 @@ def test_sft_trainer_defaults_complete_and_log_drift(tmp_path):
     rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
     assert len(rows) == 4 and all(r["sqsd"] is not None for r in rows)
     assert sorted(r["index"] for r in rows) == sorted(set(r["index"] for r in rows))
+
+
+def test_trl_dft_loss_is_refused_before_the_first_step(tmp_path):
+    """DFT weights each token by its probability: the old code scored it as the mean loss, up to 0.89 off."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    start = trainable(model)
+    with pytest.raises(ValueError, match="loss_type='dft'"):
+        _sft(tmp_path, SQSDCallback(danger, safety), model, bf16=False, loss_type="dft")
+    assert all(torch.equal(p, start[n]) for n, p in trainable(model).items())
 
 
 def test_sft_trainer_projection_scores_equal_score_samples(tmp_path):
