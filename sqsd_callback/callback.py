@@ -30,7 +30,7 @@ from .policies import Anchor, DriftStop, DropPolicy
 from .recorder import MicroBatch, Recorder, refuse_losses
 from .scoring import project, riskiest, rows
 from .sinks import RunFiles, TensorBoardSink, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
-from .state import STATE_FILE, load_state, save_state, split
+from .state import STATE_FILE, history_digest, load_state, save_state, split
 
 _TEXT_CHARS = 600
 SHARED_START = 0.5  # mean |cosine| of A factors above which the run and a set share their initialisation
@@ -86,6 +86,7 @@ class SQSDCallback(TrainerCallback):
             raise ValueError("SQSDCallback needs at least one direction set: danger=[...] and/or safety=[...].")
         self.anchor = Anchor(anchor, cfg.anchor_lambda) if anchor is not None else None
         self.policies = [p for p in (self.drop, self.stop, self.anchor) if p is not None]
+        self._initial = {p.name: p.state_dict() for p in self.policies}  # what a new run starts from
         self._window, self._last_drift, self._warned = _LogWindow(), {}, set()
 
     # ------------------------------------------------------------------ events
@@ -123,6 +124,9 @@ class SQSDCallback(TrainerCallback):
                            "and examples.jsonl its text.")
         self.out = Path(cfg.output_dir or Path(args.output_dir) / "sqsd")
         self._seen, self._new_texts, self._top = set(), [], []
+        self._window, self._last_drift = _LogWindow(), {}
+        for p in self.policies:  # a callback passed to a second run (hyperparameter search) starts it afresh
+            p.load_state_dict(self._initial[p.name])
         if state.global_step > 0:
             self._resume(args, state)
         elif self.main:
@@ -219,12 +223,18 @@ class SQSDCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir() and state.is_world_process_zero:
-            try:
-                save_state(ckpt / STATE_FILE, *self._state())
-            except OSError as err:  # a full disk must not end the run; resuming from this checkpoint will say so
-                self._warn_once(f"state:{err.errno}", f"SQSDCallback could not write {ckpt / STATE_FILE} ({err}); "
-                                "training goes on, but this checkpoint cannot resume the monitor's state.")
+        if not state.is_world_process_zero:
+            return
+        if not ckpt.is_dir():
+            self._warn_once("no-checkpoint", f"SQSDCallback found no checkpoint folder {ckpt} to save its state in "
+                            f"(a Trainer that saves elsewhere, e.g. hyperparameter search's run-* folders): a run "
+                            f"resumed from this checkpoint cannot restore the monitor's state.")
+            return
+        try:
+            save_state(ckpt / STATE_FILE, *self._state(state))
+        except OSError as err:  # a full disk must not end the run; resuming from this checkpoint will say so
+            self._warn_once(f"state:{err.errno}", f"SQSDCallback could not write {ckpt / STATE_FILE} ({err}); "
+                            "training goes on, but this checkpoint cannot resume the monitor's state.")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.detach()
@@ -284,14 +294,17 @@ class SQSDCallback(TrainerCallback):
         control.should_training_stop = True
         reason = (f"sqsd: stopping at step {state.global_step}: drift {drift:+.4f} above {self.stop.threshold} for "
                   f"{self.stop.patience} step(s); last step below it: {self.stop.last_safe_step}")
-        if self.last_safe is not None and self.last_safe.tensors is not None:
-            path = self.last_safe.save(self.out / "last_safe", self.stop.last_safe_step, self.main)
-            reason += f", its adapter saved to {path}"
+        try:  # a full disk must not turn the stop into a crash: the run stops either way
+            if self.last_safe is not None and self.last_safe.tensors is not None:
+                path = self.last_safe.save(self.out / "last_safe", self.stop.last_safe_step, self.main)
+                reason += f", its adapter saved to {path}"
+            if self.main:
+                (self.out / "stop.json").write_text(json.dumps({
+                    "step": state.global_step, "drift": drift, "threshold": self.stop.threshold,
+                    "patience": self.stop.patience, "last_safe_step": self.stop.last_safe_step, "reason": reason}))
+        except OSError as err:
+            reason += f"; writing the last safe adapter or stop.json in {self.out} failed ({err})"
         logger.warning(reason)
-        if self.main:
-            (self.out / "stop.json").write_text(json.dumps({
-                "step": state.global_step, "drift": drift, "threshold": self.stop.threshold,
-                "patience": self.stop.patience, "last_safe_step": self.stop.last_safe_step, "reason": reason}))
 
     # ----------------------------------------------------- sinks and state
     def _sinks(self, args) -> list:
@@ -315,24 +328,21 @@ class SQSDCallback(TrainerCallback):
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _state(self) -> tuple[dict, dict]:
-        """What a resumed run needs: θ_0 for drift and the last safe weights (tensors), the rest as JSON."""
+    def _state(self, state) -> tuple[dict, dict]:
+        """What a resumed run needs: θ_0 for drift and the last safe weights (tensors), the rest as JSON, with the
+        fingerprint of the Trainer's history that the checkpoint restores."""
         tensors = {f"drift/{k}": v for k, v in (self.drift.state_tensors() if self.sets else {}).items()}
         safe = self.last_safe.tensors if self.last_safe is not None else None
         tensors.update({f"safe/{n}": v for n, v in (safe or {}).items()})
         meta = {"policies": {p.name: p.state_dict() for p in self.policies},
                 "seen": sorted(self._seen), "window": [self._window.values, self._window.dropped],
-                "last_drift": self._last_drift, "has_safe": safe is not None}
+                "last_drift": self._last_drift, "has_safe": safe is not None, "top": self._top,
+                "history": history_digest(state.log_history)}
         return tensors, meta
 
     def _resume(self, args, state) -> None:
         """Restore the state saved with the checkpoint training resumes from and cut the logs back to it."""
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"Resuming at step {state.global_step} but {ckpt} is missing: the checkpoint was "
-                                    f"written by a run without SQSDCallback, or the run was killed while saving it. "
-                                    f"Resume from an earlier checkpoint, or start a new run (new output_dir).")
-        tensors, saved = load_state(ckpt)
+        tensors, saved = self._saved_state(args, state)
         if self.sets:
             self.drift.load_state_tensors(split("drift", tensors))
         for p in self.policies:
@@ -341,12 +351,38 @@ class SQSDCallback(TrainerCallback):
         self._seen = set(saved["seen"])
         self._window.values, self._window.dropped = saved["window"]
         self._last_drift = saved["last_drift"]
+        self._top = saved.get("top", [])
         if saved["has_safe"] and self.last_safe is not None:
             self.last_safe.tensors = split("safe", tensors)
         if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)  # a resume into a new output_dir
             truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
             truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)
             truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)
+
+    def _saved_state(self, args, state) -> tuple[dict, dict]:
+        """The state saved with the checkpoint being resumed: the Trainer does not say which folder that is, so the
+        state beside ``output_dir/checkpoint-<step>`` (or ``args.resume_from_checkpoint``) must carry the history
+        that checkpoint restored; another run's state is refused, never loaded."""
+        given = getattr(args, "resume_from_checkpoint", None)
+        folders = [*([Path(given)] if isinstance(given, str) else []),
+                   Path(args.output_dir) / f"checkpoint-{state.global_step}"]
+        found = [f / STATE_FILE for f in folders if (f / STATE_FILE).is_file()]
+        for path in found:
+            tensors, saved = load_state(path)
+            if saved.get("history", history_digest(state.log_history)) == history_digest(state.log_history):
+                return tensors, saved
+        where = " or ".join(str(f / STATE_FILE) for f in folders)
+        if found:
+            raise ValueError(f"Resuming at step {state.global_step}, but {where} was saved by another run (its "
+                             f"Trainer history differs from the checkpoint's being resumed). Resume from the "
+                             f"checkpoint in output_dir, or pass its folder as TrainingArguments("
+                             f"resume_from_checkpoint=...) too, so SQSDCallback finds its state.")
+        raise FileNotFoundError(f"Resuming at step {state.global_step} but {where} is missing: the checkpoint was "
+                                f"written by a run without SQSDCallback, the run was killed while saving it, or it "
+                                f"lies outside output_dir (pass its folder as TrainingArguments("
+                                f"resume_from_checkpoint=...) too). Resume from an earlier checkpoint, or start a "
+                                f"new run (new output_dir).")
 
     def _describe(self) -> dict:
         return {

@@ -6,6 +6,7 @@ before the Trainer clips gradients."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +61,10 @@ class MicroBatch:
         return torch.where(w != 0, 1.0 / torch.where(w != 0, w, torch.ones_like(w)), torch.zeros_like(w))
 
 
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> the Recorder whose hooks are on it: a train() that was interrupted never detached its recorder."""
+
+
 class Recorder:
     """Notes the training micro-batches of the current optimizer step (``pending``)."""
 
@@ -70,17 +75,23 @@ class Recorder:
         self._num_items = None
 
     def attach(self, model: nn.Module) -> None:
+        """Hook the model, first taking off the hooks of a recorder an interrupted run left on it (they would
+        score every later forward twice and keep its micro-batches)."""
+        stale = _ATTACHED.pop(model, None)
+        if stale is not None:
+            stale.detach()
         if self.engine is not None:
             self.engine.attach()
         self._handles = [model.register_forward_pre_hook(self._on_forward, with_kwargs=True),
                          model.register_forward_hook(self._on_outputs, with_kwargs=True)]
+        _ATTACHED[model] = self
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = []
-        if self.engine is not None:
+        if self._handles and self.engine is not None:
             self.engine.detach()
+        self._handles, self.pending = [], []
 
     def take(self) -> list[MicroBatch]:
         """The step's micro-batches, and a fresh list for the next step."""

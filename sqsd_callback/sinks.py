@@ -42,7 +42,11 @@ class JsonlWriter:
                               f"of this step are missing from the file.", stacklevel=2)
 
     def close(self) -> None:
-        self._f.close()
+        try:  # rows still buffered after a failed write are flushed here; a disk still full must not end the run
+            self._f.close()
+        except OSError as err:
+            warnings.warn(f"SQSDCallback could not finish {self.path} ({err}); its last rows are missing.",
+                          stacklevel=2)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -4,6 +4,7 @@ file or none, never a torn one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,12 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                          f"run was probably killed while saving this checkpoint. Resume from an earlier checkpoint "
                          f"(resume_from_checkpoint=<its folder>) or delete this one.") from err
     return tensors, meta
+
+
+def history_digest(log_history: list[dict]) -> str:
+    """A fingerprint of the Trainer's log history, which a checkpoint's trainer_state.json restores: the state
+    saved beside a checkpoint carries it, so a resume can tell that state from another run's."""
+    return hashlib.sha256(json.dumps(log_history, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def split(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -84,6 +84,20 @@ def test_failing_score_log_warns_once_and_training_and_drops_go_on(tmp_path, mon
     assert torch.is_tensor(next(iter(cb.drift.state_tensors().values())))
 
 
+def test_a_score_log_that_cannot_be_finished_warns_at_close(tmp_path):
+    """Rows buffered after a failed write are flushed at close; a disk still full there used to end train()."""
+    writer = sinks.JsonlWriter(tmp_path / "scores.jsonl")
+    writer._f.close()
+
+    class Full:
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._f = Full()
+    with pytest.warns(UserWarning, match="could not finish .*scores.jsonl"):
+        writer.close()
+
+
 def test_all_labels_masked_warns(tmp_path):
     samples = [dict(s, labels=[-100] * len(s["labels"])) for s in random_samples(4, seed=1)]
     model = tiny_lora("llama")

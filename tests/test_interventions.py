@@ -213,13 +213,14 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
         tr = _trainer(model, samples, out, [cb, *extra], batch=2, accum=2, steps=4, optim="adamw_torch",
                       save_strategy="steps", save_steps=2)
         tr.train(resume_from_checkpoint=resume)
-        return model
+        return model, cb
 
-    whole = run(tmp_path / "a")
+    whole, whole_cb = run(tmp_path / "a")
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path / "b", extra=[_Crash()])
     assert {r["step"] for r in read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")} == {0, 1, 2}
-    resumed = run(tmp_path / "b", resume=True)
+    resumed, resumed_cb = run(tmp_path / "b", resume=True)
+    assert resumed_cb._top == whole_cb._top  # the riskiest so far, as the sinks show them (the old code lost them)
     key = lambda r: (r["step"], r["index"], round(r["sqsd"], 6), r["dropped"])  # noqa: E731
     a = read_jsonl(tmp_path / "a" / "sqsd" / "scores.jsonl")
     b = read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")
@@ -227,6 +228,77 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert [d["step"] for d in read_jsonl(tmp_path / "b" / "sqsd" / "drift.jsonl")] == [1, 2, 3, 4]
     sa, sb = _lora_state(whole), _lora_state(resumed)
     assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa)
+
+
+def test_a_resume_loads_the_state_of_the_checkpoint_it_resumes_never_another_runs(tmp_path):
+    """The Trainer does not tell callbacks which checkpoint it resumes. The old code read
+    output_dir/checkpoint-<step> whatever it held: resuming run b's checkpoint with output_dir at run a's folder
+    loaded a's drop statistics and θ_0 without a word. The state now carries the Trainer history its checkpoint
+    restores: a's is refused by name, and with TrainingArguments(resume_from_checkpoint=...) b's own is found and the
+    run equals an uninterrupted one."""
+
+    def run(out, samples, extra=(), resume=None, **kw):
+        model = tiny_lora("llama")
+        danger, safety = three_sets(model)
+        cb = SQSDCallback(danger, safety, drop_zscore_above=0.8, drop_min_history=3)
+        _trainer(model, samples, out, [cb, *extra], batch=2, accum=2, steps=4, optim="adamw_torch",
+                 save_strategy="steps", save_steps=2, **kw).train(resume_from_checkpoint=resume)
+
+    mine, other = random_samples(16, seed=12), random_samples(16, seed=13)
+    run(tmp_path / "whole", mine)
+    run(tmp_path / "other", other)  # its checkpoint-2 holds another run's state
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "b", mine, extra=[_Crash()])
+    ckpt = str(tmp_path / "b" / "checkpoint-2")
+    with pytest.raises(ValueError, match="was saved by another run"):
+        run(tmp_path / "other", mine, resume=ckpt)
+    run(tmp_path / "elsewhere", mine, resume=ckpt, resume_from_checkpoint=ckpt)
+    key = lambda r: (r["step"], r["index"], round(r["sqsd"], 6), r["dropped"])  # noqa: E731
+    whole = [key(r) for r in read_jsonl(tmp_path / "whole" / "sqsd" / "scores.jsonl") if r["step"] >= 2]
+    resumed = [key(r) for r in read_jsonl(tmp_path / "elsewhere" / "sqsd" / "scores.jsonl")]
+    assert resumed == whole and any(r[3] for r in whole)
+
+
+def test_a_callback_trained_again_after_an_interrupted_run_starts_that_run_afresh(tmp_path):
+    """An exception skips on_train_end: the old code left the run's hooks on the model (every later forward noted
+    twice, its micro-batches never released) and carried the drop statistics into the next train(), as
+    hyperparameter search does with callbacks. The second run equals a fresh callback's on the same parameters."""
+    samples = random_samples(16, seed=12)
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    options = dict(drop_zscore_above=0.8, drop_min_history=3)
+    cb = SQSDCallback(danger, safety, **options)
+    train = lambda m, c, out, extra=(): _trainer(m, samples, out, [c, *extra], batch=2, accum=2, steps=4,  # noqa: E731
+                                                 optim="adamw_torch").train()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(model, cb, tmp_path / "crashed", [_Crash()])
+    fresh = tiny_lora("llama")
+    with torch.no_grad():
+        for n, p in fresh.named_parameters():
+            p.copy_(dict(model.named_parameters())[n])
+    train(fresh, SQSDCallback(danger, safety, **options), tmp_path / "fresh")
+    train(model, cb, tmp_path / "again")
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    key = lambda r: (r["step"], r["index"], round(r["sqsd"], 6), r["dropped"])  # noqa: E731
+    again = [key(r) for r in read_jsonl(tmp_path / "again" / "sqsd" / "scores.jsonl")]
+    assert again == [key(r) for r in read_jsonl(tmp_path / "fresh" / "sqsd" / "scores.jsonl")]
+    assert any(r[3] for r in again)
+
+
+def test_a_full_disk_when_the_drift_stop_fires_still_stops_the_run(tmp_path, monkeypatch):
+    """The old code let the OSError of the last-safe save end train() without on_train_end."""
+    from sqsd_callback.last_safe import LastSafe
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LastSafe, "save", full)
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    cb = SQSDCallback(danger, safety, stop_drift_above=-1e9, stop_patience=1, save_last_safe=True)
+    run = _trainer(model, random_samples(8, seed=4), tmp_path, [cb], steps=4)
+    run.train()
+    assert run.state.global_step == 1 and not model._forward_hooks
 
 
 # ----------------------------------------------------------------- bad input
