@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -73,13 +74,14 @@ def truncate_jsonl(path: str | Path, keep) -> None:
 
 
 def start_run_dir(path: str | Path) -> None:
-    """Create the run's folder; results of an earlier run in it are moved to ``previous-<k>/``, not overwritten."""
+    """Create the run's folder; results of an earlier run in it (its files, last-safe adapter and report) are moved
+    to ``previous-<k>/`` (k past every earlier one), not overwritten or mixed with the new run's."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    old = [p for p in path.iterdir() if p.is_file()]
+    old = [p for p in path.iterdir() if p.is_file() or p.name in ("last_safe", "report")]
     if any(p.name == "scores.jsonl" for p in old):
-        k = 1 + sum(1 for p in path.iterdir() if p.is_dir() and p.name.startswith("previous-"))
-        dest = path / f"previous-{k}"
+        ks = [int(p.name[9:]) for p in path.iterdir() if p.is_dir() and re.fullmatch(r"previous-\d+", p.name)]
+        dest = path / f"previous-{max(ks, default=0) + 1}"
         dest.mkdir()
         for p in old:
             p.rename(dest / p.name)

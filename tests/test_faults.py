@@ -98,6 +98,18 @@ def test_a_score_log_that_cannot_be_finished_warns_at_close(tmp_path):
         writer.close()
 
 
+def test_a_new_run_moves_every_result_of_the_last_one_past_the_highest_previous_folder(tmp_path):
+    """The old code moved files only (a stale last_safe/ stayed beside the new run's files) and numbered the folder
+    by counting, so a deleted previous-1 made the next run fail on an existing previous-2."""
+    run = tmp_path / "sqsd"
+    (run / "previous-2").mkdir(parents=True)
+    (run / "last_safe").mkdir()
+    (run / "scores.jsonl").write_text("{}\n")
+    sinks.start_run_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == ["previous-2", "previous-3"]
+    assert sorted(p.name for p in (run / "previous-3").iterdir()) == ["last_safe", "scores.jsonl"]
+
+
 def test_all_labels_masked_warns(tmp_path):
     samples = [dict(s, labels=[-100] * len(s["labels"])) for s in random_samples(4, seed=1)]
     model = tiny_lora("llama")
