@@ -9,16 +9,21 @@ the paper scores danger at a trained checkpoint θ_t and safety at θ_0 + α·V_
 This scores the same records under each of these choices and reports Spearman's rho between every pair, so the
 gap can be attributed: online epoch 1 and 2 (the run's rows), the paper's offline scores, a fresh LoRA adapter at
 θ_0 (the run's first step, another random A), the trained adapter θ_T for every set, and the full weight gradient
-at θ_0 (no adapter subspace at all). Writes benchmarks/results/online-offline-quick-cpu.{json,md}.
+at θ_0 (no adapter subspace at all). For each variant it also reports the size of the danger and safety terms and
+which of them, and how much the response's length, the ranking follows: the paper's danger term at a checkpoint
+is taken in the fine-tune's subspace, its safety term in the safety adapter's own, and a term is large only in its
+own adapter's row space. Writes benchmarks/results/online-offline-quick-cpu.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from peft import get_peft_model
@@ -47,7 +52,7 @@ def main() -> None:
     samples = [dict(s, index=i) for i, s in enumerate(samples)]
     online = read_jsonl(checkpoint / "sqsd" / "scores.jsonl")
     steps_per_epoch = len({r["step"] for r in online}) // 2
-    variants = {f"online, epoch {e + 1}": {r["index"]: r["sqsd"] for r in online
+    variants = {f"online, epoch {e + 1}": {r["index"]: _terms(r) for r in online
                                             if r["sqsd"] is not None and r["step"] // steps_per_epoch == e}
                 for e in range(2)}
     both = [danger, safety]
@@ -59,23 +64,32 @@ def main() -> None:
         passes = {
             "offline, paper (danger at θ_t, safety at θ_0 + 0.5·V)":
                 paper_passes([(directions / "danger", danger)], [(directions / "safety", safety)], checkpoint),
+            "offline, paper without θ_t (each set at θ_0 + 0.5·its own V)":
+                paper_passes([(directions / "danger", danger)], [(directions / "safety", safety)]),
             "offline, fresh LoRA at θ_0 (B = 0)": [ScoringPass(tmp, both)],
             "offline, trained LoRA θ_T (every set)": [ScoringPass(checkpoint, both)],
             "offline, full weight gradient at θ_0": [ScoringPass(None, both)],
         }
-        for j, (name, ps) in enumerate(passes.items()):  # each variant's scores are cached: a rerun continues
-            done = cache / "online_offline" / f"variant{j}.json"
+        for name, ps in passes.items():  # each variant's scores are cached: a rerun continues
+            done = cache / "online_offline" / f"{_slug(name)}.json"
             if not done.is_file():
                 full = ps[0].adapter is None
                 model.requires_grad_(full)  # full weight gradients: the Linear weights are the scored targets
                 rows = score_offline(model, samples, ps)
                 model.requires_grad_(False)
                 done.parent.mkdir(parents=True, exist_ok=True)
-                done.write_text(json.dumps({r["index"]: r["sqsd"] for r in rows if r["sqsd"] is not None}))
+                done.write_text(json.dumps({r["index"]: _terms(r) for r in rows if r["sqsd"] is not None}))
             variants[name] = {int(i): v for i, v in json.loads(done.read_text()).items()}
     names = list(variants)
-    rho = {a: {b: _rho(variants[a], variants[b]) for b in names} for a in names}
-    result = {"records": len(samples), "rho": rho, "minutes": (time.perf_counter() - start) / 60,
+    sqsd = {a: {i: v["sqsd"] for i, v in variants[a].items()} for a in names}
+    rho = {a: {b: _rho(sqsd[a], sqsd[b]) for b in names} for a in names}
+    length = {s["index"]: sum(1 for t in s["labels"] if t != -100) for s in samples}  # scored response tokens
+    terms = {a: {"median abs danger": median(abs(v["danger"]) for v in variants[a].values()),
+                 "median abs safety": median(abs(v["safety"]) for v in variants[a].values()),
+                 **{f"rho with {k}": _rho(sqsd[a], {i: v[k] for i, v in variants[a].items()})
+                    for k in ("danger", "safety")},
+                 "rho with response tokens": _rho(sqsd[a], length)} for a in names}
+    result = {"records": len(samples), "rho": rho, "terms": terms, "minutes": (time.perf_counter() - start) / 60,
               "machine": "2 CPU cores, torch " + torch.__version__}
     out = Path(opts.results)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,9 +98,22 @@ def main() -> None:
     lines = ["| | score variant | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(names),
              *[f"| ({i + 1}) | {a} | " + " | ".join(f"{rho[a][b]:+.2f}" for b in names) + " |"
                for i, a in enumerate(names)], "",
-             f"Spearman's rho over the {len(samples)} records of sqsd demo's pool; {result['minutes']:.1f} min."]
+             f"Spearman's rho over the {len(samples)} records of sqsd demo's pool; {result['minutes']:.1f} min.", "",
+             "| | score variant | " + " | ".join(terms[names[0]]) + " |", "|---|---|" + "---|" * len(terms[names[0]]),
+             *[f"| ({i + 1}) | {a} | " + " | ".join(f"{v:.2f}" if k.startswith("median") else f"{v:+.2f}"
+                                                   for k, v in terms[a].items()) + " |" for i, a in enumerate(names)],
+             "", "The size of each term (medians over the records) and Spearman's rho of SQSD with each term and with "
+             "the number of scored response tokens."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _terms(row: dict) -> dict:
+    return {k: row[k] for k in ("danger", "safety", "sqsd")}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.split("(")[0].lower()).strip("-")
 
 
 def _rho(a: dict, b: dict) -> float:
