@@ -29,7 +29,7 @@ from .layers import find_targets, shared_start
 from .policies import Anchor, DriftStop, DropPolicy
 from .recorder import MicroBatch, Recorder, refuse_losses
 from .scoring import project, riskiest, rows
-from .sinks import RunFiles, TensorBoardSink, WandbSink, read_jsonl, start_run_dir, truncate_jsonl
+from .sinks import RunFiles, TensorBoardSink, WandbSink, iter_jsonl, start_run_dir, truncate_jsonl
 from .state import STATE_FILE, history_digest, load_state, save_state, split
 
 _TEXT_CHARS = 600
@@ -319,7 +319,7 @@ class SQSDCallback(TrainerCallback):
 
             def heatmap():
                 from . import plots  # matplotlib, only for the wandb heatmap
-                return plots.layer_heatmap(read_jsonl(self.out / "drift.jsonl"), kinds) if kinds else None
+                return plots.layer_heatmap(iter_jsonl(self.out / "drift.jsonl"), kinds) if kinds else None
             sinks.append(WandbSink(described, self.config.wandb_every, heatmap))
         return sinks
 

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -50,16 +51,19 @@ class JsonlWriter:
                           stacklevel=2)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All rows of a JSON-lines file (a torn last line from a killed run is skipped)."""
-    out = []
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """The rows of a JSON-lines file one at a time (a torn last line from a killed run is skipped)."""
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                out.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All rows of a JSON-lines file (a torn last line from a killed run is skipped)."""
+    return list(iter_jsonl(path))
 
 
 def truncate_jsonl(path: str | Path, keep) -> None:
