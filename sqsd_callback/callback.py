@@ -320,7 +320,9 @@ class SQSDCallback(TrainerCallback):
             def heatmap():
                 from . import plots  # matplotlib, only for the wandb heatmap
                 return plots.layer_heatmap(iter_jsonl(self.out / "drift.jsonl"), kinds) if kinds else None
-            sinks.append(WandbSink(described, self.config.wandb_every, heatmap))
+            seen = self.out / "examples.jsonl"  # a resumed run's texts so far (a new run's were moved aside)
+            sinks.append(WandbSink(described, self.config.wandb_every, heatmap,
+                                   iter_jsonl(seen) if seen.is_file() else ()))
         return sinks
 
     def _warn_once(self, key: str, message: str) -> None:

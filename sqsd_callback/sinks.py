@@ -9,7 +9,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -172,10 +172,12 @@ class WandbSink(Sink):
 
     COLUMNS = ["index", "sqsd", "danger", "safety", "step", "dropped", "text"]
 
-    def __init__(self, config: dict, every: int = 10, heatmap=None) -> None:
-        """``heatmap``: a zero-argument function returning a Figure (made only when due)."""
+    def __init__(self, config: dict, every: int = 10, heatmap=None, texts: Iterable[dict] = ()) -> None:
+        """``heatmap``: a zero-argument function returning a Figure (made only when due); ``texts``: the examples'
+        texts a resumed run saw before its checkpoint (rows of examples.jsonl)."""
         self.config, self.every, self.heatmap = config, every, heatmap
         self.calls, self.configured, self.failed, self.texts = 0, False, False, {}
+        self.step(0, [], None, texts)
         try:
             import wandb
         except ImportError:

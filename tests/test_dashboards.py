@@ -65,6 +65,39 @@ def test_wandb_offline_run_has_scalars_histogram_table_heatmap_and_config(tmp_pa
     assert [s["key"] for s in sets] == ["danger/d1", "danger/d2", "safety/s1"] and all(s["norm"] > 0 for s in sets)
 
 
+def test_a_resumed_run_shows_the_texts_of_examples_seen_before_its_checkpoint(tmp_path, monkeypatch):
+    """The wandb table's text column: the old code filled it only for examples first seen after the resume, so
+    the riskiest examples from before the checkpoint showed empty text."""
+    wandb = pytest.importorskip("wandb")
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("simulated crash")
+
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(name, value)
+
+    def run(extra=(), resume=None):
+        model = tiny_lora("llama")
+        danger, safety = three_sets(model)
+        cb = SQSDCallback(danger, safety)
+        trainer(model, random_samples(8, seed=6), tmp_path, [cb, *extra], steps=4, report_to=["wandb"],
+                save_strategy="steps", save_steps=2,
+                processing_class=word_tokenizer()).train(resume_from_checkpoint=resume)
+        return cb
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run([Crash()])
+    wandb.finish()
+    cb = run(resume=True)
+    wandb.finish()
+    texts = {r["index"]: r["text"][:200] for r in read_jsonl(tmp_path / "sqsd" / "examples.jsonl")}
+    sink = next(s for s in cb.sinks if type(s).__name__ == "WandbSink")
+    assert len(texts) == 8 and sink.texts == texts
+
+
 def test_tensorboard_gets_the_scalars_with_wandb_hidden(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as if not installed
