@@ -87,7 +87,7 @@ class SQSDCallback(TrainerCallback):
         self.anchor = Anchor(anchor, cfg.anchor_lambda) if anchor is not None else None
         self.policies = [p for p in (self.drop, self.stop, self.anchor) if p is not None]
         self._initial = {p.name: p.state_dict() for p in self.policies}  # what a new run starts from
-        self._window, self._last_drift, self._warned = _LogWindow(), {}, set()
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, processing_class=None,
@@ -370,9 +370,10 @@ class SQSDCallback(TrainerCallback):
         folders = [*([Path(given)] if isinstance(given, str) else []),
                    Path(args.output_dir) / f"checkpoint-{state.global_step}"]
         found = [f / STATE_FILE for f in folders if (f / STATE_FILE).is_file()]
+        history = history_digest(state.log_history)
         for path in found:
             tensors, saved = load_state(path)
-            if saved.get("history", history_digest(state.log_history)) == history_digest(state.log_history):
+            if saved.get("history", history) == history:  # states saved before the fingerprint carry none
                 return tensors, saved
         where = " or ".join(str(f / STATE_FILE) for f in folders)
         if found:
