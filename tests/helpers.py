@@ -49,6 +49,19 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def unchanged(model, start: dict[str, torch.Tensor]) -> bool:
+    """Whether the trainable parameters still equal ``start`` (``trainable(model)`` before a refused run)."""
+    return all(torch.equal(p, start[n]) for n, p in trainable(model).items())
+
+
+class CrashAtStep3(TrainerCallback):
+    """Raises after optimizer step 3, as a killed or failing run would (checkpoints at step 2 survive it)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("simulated crash")
+
+
 class ThetaEachStep(TrainerCallback):
     """Records θ_s, the trainable parameters optimizer step s starts from (θ_0 at train begin, θ_s after step s),
     whole where FSDP2 or ZeRO-3 shard them."""

@@ -22,7 +22,7 @@ from sqsd_callback.testing import (
     word_tokenizer,
 )
 
-from helpers import SCORE_KEYS, trainable, trainer
+from helpers import SCORE_KEYS, trainable, trainer, unchanged
 
 
 def _train(model, samples, cb, tmp_path, side="right", steps=2, **kw):
@@ -197,7 +197,7 @@ def test_trl_dft_loss_is_refused_before_the_first_step(tmp_path):
     start = trainable(model)
     with pytest.raises(ValueError, match="loss_type='dft'"):
         _sft(tmp_path, SQSDCallback(danger, safety), model, bf16=False, loss_type="dft")
-    assert all(torch.equal(p, start[n]) for n, p in trainable(model).items())
+    assert unchanged(model, start)
 
 
 def test_sft_trainer_projection_scores_equal_score_samples(tmp_path):

@@ -14,7 +14,7 @@ from sqsd_callback import SQSDCallback
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, three_sets, tiny_lora, word_tokenizer
 
-from helpers import trainer
+from helpers import CrashAtStep3, trainer
 
 
 def _run(tmp_path, report_to, steps=4, trainer_kw=None, **cb_kw):
@@ -69,13 +69,6 @@ def test_a_resumed_run_shows_the_texts_of_examples_seen_before_its_checkpoint(tm
     """The wandb table's text column: the old code filled it only for examples first seen after the resume, so
     the riskiest examples from before the checkpoint showed empty text."""
     wandb = pytest.importorskip("wandb")
-    from transformers import TrainerCallback
-
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise RuntimeError("simulated crash")
-
     for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true")):
         monkeypatch.setenv(name, value)
 
@@ -89,7 +82,7 @@ def test_a_resumed_run_shows_the_texts_of_examples_seen_before_its_checkpoint(tm
         return cb
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run([Crash()])
+        run([CrashAtStep3()])
     wandb.finish()
     cb = run(resume=True)
     wandb.finish()

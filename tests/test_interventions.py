@@ -2,6 +2,7 @@
 
 import copy
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from sqsd_callback.policies import Anchor
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_base, tiny_lora
 
-from helpers import dense_asft, trainer
+from helpers import CrashAtStep3, dense_asft, trainer
 
 
 def _trainer(model, samples, tmp_path, callbacks=(), batch=2, accum=1, steps=1, optim="sgd", **kw):
@@ -197,34 +198,33 @@ def test_anchor_shrinks_the_orthogonal_component(tmp_path):
 
 
 # ------------------------------------------------------------------- resume
-class _Crash(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            raise RuntimeError("simulated crash")
+def _row_key(r: dict) -> tuple:
+    """What two runs' score rows must share: step, example, SQSD (6 decimals) and the drop decision."""
+    return r["step"], r["index"], round(r["sqsd"], 6), r["dropped"]
+
+
+def _zscore_run(out, samples, extra=(), resume=None, **kw):
+    """4 steps of z-score drops (accumulation 2, AdamW), checkpoints every 2: (model, callback)."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    cb = SQSDCallback(danger, safety, drop_zscore_above=0.8, drop_min_history=3)
+    _trainer(model, samples, out, [cb, *extra], batch=2, accum=2, steps=4, optim="adamw_torch",
+             save_strategy="steps", save_steps=2, **kw).train(resume_from_checkpoint=resume)
+    return model, cb
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     samples = random_samples(16, seed=12)
-
-    def run(out, extra=(), resume=None):
-        model = tiny_lora("llama")
-        danger, safety = three_sets(model)
-        cb = SQSDCallback(danger, safety, drop_zscore_above=0.8, drop_min_history=3)
-        tr = _trainer(model, samples, out, [cb, *extra], batch=2, accum=2, steps=4, optim="adamw_torch",
-                      save_strategy="steps", save_steps=2)
-        tr.train(resume_from_checkpoint=resume)
-        return model, cb
-
+    run = partial(_zscore_run, samples=samples)
     whole, whole_cb = run(tmp_path / "a")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path / "b", extra=[_Crash()])
+        run(tmp_path / "b", extra=[CrashAtStep3()])
     assert {r["step"] for r in read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")} == {0, 1, 2}
     resumed, resumed_cb = run(tmp_path / "b", resume=True)
     assert resumed_cb._top == whole_cb._top  # the riskiest so far, as the sinks show them (the old code lost them)
-    key = lambda r: (r["step"], r["index"], round(r["sqsd"], 6), r["dropped"])  # noqa: E731
     a = read_jsonl(tmp_path / "a" / "sqsd" / "scores.jsonl")
     b = read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")
-    assert [key(r) for r in b] == [key(r) for r in a] and any(r["dropped"] for r in a)
+    assert [_row_key(r) for r in b] == [_row_key(r) for r in a] and any(r["dropped"] for r in a)
     assert [d["step"] for d in read_jsonl(tmp_path / "b" / "sqsd" / "drift.jsonl")] == [1, 2, 3, 4]
     sa, sb = _lora_state(whole), _lora_state(resumed)
     assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa)
@@ -236,26 +236,17 @@ def test_a_resume_loads_the_state_of_the_checkpoint_it_resumes_never_another_run
     loaded a's drop statistics and θ_0 without a word. The state now carries the Trainer history its checkpoint
     restores: a's is refused by name, and with TrainingArguments(resume_from_checkpoint=...) b's own is found and the
     run equals an uninterrupted one."""
-
-    def run(out, samples, extra=(), resume=None, **kw):
-        model = tiny_lora("llama")
-        danger, safety = three_sets(model)
-        cb = SQSDCallback(danger, safety, drop_zscore_above=0.8, drop_min_history=3)
-        _trainer(model, samples, out, [cb, *extra], batch=2, accum=2, steps=4, optim="adamw_torch",
-                 save_strategy="steps", save_steps=2, **kw).train(resume_from_checkpoint=resume)
-
     mine, other = random_samples(16, seed=12), random_samples(16, seed=13)
-    run(tmp_path / "whole", mine)
-    run(tmp_path / "other", other)  # its checkpoint-2 holds another run's state
+    _zscore_run(tmp_path / "whole", mine)
+    _zscore_run(tmp_path / "other", other)  # its checkpoint-2 holds another run's state
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path / "b", mine, extra=[_Crash()])
+        _zscore_run(tmp_path / "b", mine, extra=[CrashAtStep3()])
     ckpt = str(tmp_path / "b" / "checkpoint-2")
     with pytest.raises(ValueError, match="was saved by another run"):
-        run(tmp_path / "other", mine, resume=ckpt)
-    run(tmp_path / "elsewhere", mine, resume=ckpt, resume_from_checkpoint=ckpt)
-    key = lambda r: (r["step"], r["index"], round(r["sqsd"], 6), r["dropped"])  # noqa: E731
-    whole = [key(r) for r in read_jsonl(tmp_path / "whole" / "sqsd" / "scores.jsonl") if r["step"] >= 2]
-    resumed = [key(r) for r in read_jsonl(tmp_path / "elsewhere" / "sqsd" / "scores.jsonl")]
+        _zscore_run(tmp_path / "other", mine, resume=ckpt)
+    _zscore_run(tmp_path / "elsewhere", mine, resume=ckpt, resume_from_checkpoint=ckpt)
+    whole = [_row_key(r) for r in read_jsonl(tmp_path / "whole" / "sqsd" / "scores.jsonl") if r["step"] >= 2]
+    resumed = [_row_key(r) for r in read_jsonl(tmp_path / "elsewhere" / "sqsd" / "scores.jsonl")]
     assert resumed == whole and any(r[3] for r in whole)
 
 
@@ -271,7 +262,7 @@ def test_a_callback_trained_again_after_an_interrupted_run_starts_that_run_afres
     train = lambda m, c, out, extra=(): _trainer(m, samples, out, [c, *extra], batch=2, accum=2, steps=4,  # noqa: E731
                                                  optim="adamw_torch").train()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(model, cb, tmp_path / "crashed", [_Crash()])
+        train(model, cb, tmp_path / "crashed", [CrashAtStep3()])
     fresh = tiny_lora("llama")
     with torch.no_grad():
         for n, p in fresh.named_parameters():
@@ -279,9 +270,8 @@ def test_a_callback_trained_again_after_an_interrupted_run_starts_that_run_afres
     train(fresh, SQSDCallback(danger, safety, **options), tmp_path / "fresh")
     train(model, cb, tmp_path / "again")
     assert not model._forward_pre_hooks and not model._forward_hooks
-    key = lambda r: (r["step"], r["index"], round(r["sqsd"], 6), r["dropped"])  # noqa: E731
-    again = [key(r) for r in read_jsonl(tmp_path / "again" / "sqsd" / "scores.jsonl")]
-    assert again == [key(r) for r in read_jsonl(tmp_path / "fresh" / "sqsd" / "scores.jsonl")]
+    again = [_row_key(r) for r in read_jsonl(tmp_path / "again" / "sqsd" / "scores.jsonl")]
+    assert again == [_row_key(r) for r in read_jsonl(tmp_path / "fresh" / "sqsd" / "scores.jsonl")]
     assert any(r[3] for r in again)
 
 

@@ -14,11 +14,7 @@ from sqsd_callback import SQSDCallback
 from sqsd_callback.recorder import refuse_losses
 from sqsd_callback.testing import VOCAB, random_samples, three_sets, tiny_lora
 
-from helpers import ThetaEachStep, assert_every_step_matches_loop, at, trainable, trainer
-
-
-def _unchanged(model, start) -> bool:
-    return all(torch.equal(p, start[n]) for n, p in trainable(model).items())
+from helpers import ThetaEachStep, assert_every_step_matches_loop, at, trainable, trainer, unchanged
 
 
 def test_label_smoothing_is_refused_by_name_before_the_first_step(tmp_path):
@@ -31,7 +27,7 @@ def test_label_smoothing_is_refused_by_name_before_the_first_step(tmp_path):
                   label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
         run.train()
-    assert _unchanged(model, start)
+    assert unchanged(model, start)
 
 
 def test_a_router_load_balancing_loss_is_refused_before_the_first_step(tmp_path):
@@ -46,7 +42,7 @@ def test_a_router_load_balancing_loss_is_refused_before_the_first_step(tmp_path)
     start = trainable(model)
     with pytest.raises(ValueError, match="output_router_logits"):
         trainer(model, random_samples(8, seed=2), tmp_path, [SQSDCallback(danger, safety)], accum=2).train()
-    assert _unchanged(model, start)
+    assert unchanged(model, start)
 
 
 def test_neftune_is_named_as_scoring_the_noisy_step():
@@ -93,4 +89,4 @@ def test_drops_under_a_compute_loss_of_their_own_are_refused_before_the_first_op
     run.compute_loss = types.MethodType(_own_loss, run)
     with pytest.raises(RuntimeError, match="did not pass through the model's own loss"):
         run.train()
-    assert run.state.global_step == 0 and _unchanged(model, start)
+    assert run.state.global_step == 0 and unchanged(model, start)
