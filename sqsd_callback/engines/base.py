@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..directions import DirectionBank
 from ..layers import Target
@@ -141,8 +140,8 @@ def example_mean_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 HEAD_CHUNK_BYTES = 2**28
-"""Scored positions' logits (fp32) are formed at most this many bytes at a time (recomputed in the backward), so
-offline scoring's memory does not grow with scored tokens × vocabulary."""
+"""Scored positions' logits (fp32) are formed at most this many bytes at a time, so offline scoring's memory does not
+grow with scored tokens × vocabulary."""
 
 
 def summed_example_losses(model: nn.Module, batch: Batch, head: nn.Module | None = None,
@@ -151,7 +150,7 @@ def summed_example_losses(model: nn.Module, batch: Batch, head: nn.Module | None
     the examples' batch-size-1 gradients). With ``head`` (the model's output layer, when no scored parameter is in
     it), that layer runs only at the scored positions: it is most of a small model's compute, and prompt and
     padding positions need none of it; ``chunked`` (where the model's logits are the layer's output unchanged:
-    ``output_layer`` says) forms their logits a chunk at a time."""
+    ``output_layer`` says) takes the loss and its gradient a chunk of positions at a time (:class:`_HeadLoss`)."""
     scored = nn.functional.pad(targets_scored(batch.labels), (0, 1))  # at the positions whose logits are scored
     rows, cols = scored.nonzero(as_tuple=True)
     hidden = []
@@ -171,16 +170,37 @@ def summed_example_losses(model: nn.Module, batch: Batch, head: nn.Module | None
         return example_mean_losses(logits, batch.labels).sum()
     target, weight = batch.labels[rows, cols + 1], 1.0 / batch.n_scored[rows]
     if not chunked:
-        return _weighted_loss(logits[0], target, weight)
-    step = max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
-    if len(target) <= step:
-        return _weighted_loss(head(hidden[0]), target, weight)
-    return sum(checkpoint(lambda h, t, w: _weighted_loss(head(h), t, w), hidden[0][a:a + step], target[a:a + step],
-                          weight[a:a + step], use_reentrant=False) for a in range(0, len(target), step))
+        return (nn.functional.cross_entropy(logits[0].float(), target, reduction="none") * weight).sum()
+    return _HeadLoss.apply(hidden[0], head, target, weight.float())
 
 
-def _weighted_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (nn.functional.cross_entropy(logits.float(), target, reduction="none") * weight).sum()
+class _HeadLoss(torch.autograd.Function):
+    """Σ_j w_j·CE(head(h_j), t_j) over the scored positions, with its gradient for h formed in the forward, a chunk
+    of positions at a time (dCE/dlogits = softmax − one-hot, sent back through the head): a chunk's logits are
+    freed before the next is formed and the backward recomputes nothing. The head's own backward is used, so any
+    output layer (quantized ones too) works."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, head: nn.Module, target: torch.Tensor, weight: torch.Tensor):
+        step = max(1, HEAD_CHUNK_BYTES // (4 * getattr(head, "out_features", head.weight.shape[0])))
+        grad, total = torch.empty_like(hidden), hidden.new_zeros((), dtype=torch.float32)
+        for a in range(0, len(target), step):
+            h, t, w = hidden[a:a + step].detach().requires_grad_(), target[a:a + step], weight[a:a + step]
+            with torch.enable_grad():
+                logits = head(h)
+            logp = torch.log_softmax(logits.detach().float(), -1)
+            total -= (w * logp.gather(-1, t[:, None])[:, 0]).sum()
+            p = logp.exp_()
+            p[torch.arange(len(t), device=p.device), t] -= 1
+            # the head acts on each position alone, so w scales its backward's rows after the fact
+            grad[a:a + step] = torch.autograd.grad(logits, h, p.to(logits.dtype))[0].float() * w[:, None]
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return g * grad, None, None, None
 
 
 def output_layer(model: nn.Module, targets: dict[str, Target]) -> tuple[nn.Module | None, bool]:
