@@ -14,6 +14,7 @@ model's creation to the run's end, direction sets included, from the profiler's 
     python benchmarks/overhead.py --full-ft --dir-rank 0           # full fine-tuning, full-rank directions
     python benchmarks/overhead.py --full-ft --dir-rank 64 --engines hooks,hooks:16   # + θ_0 kept at 1 entry in 16
     python benchmarks/overhead.py --shape narrow --seq 64          # per-operation overhead (GPU-like regime)
+    python benchmarks/overhead.py --dir-dtype bfloat16             # direction sets held in bf16 (half the memory)
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def random_sets(model, rank: int | None) -> tuple[list, list]:
-    """The benchmarks' direction sets: 2 danger + 1 safety random sets of ``rank`` (None: dense), fixed seeds."""
-    sets = [random_set(model, kind, name, rank=rank, seed=seed)
+def random_sets(model, rank: int | None, dtype: str = "float32") -> tuple[list, list]:
+    """The benchmarks' direction sets: 2 danger + 1 safety random sets of ``rank`` (None: dense), fixed seeds, held
+    in ``dtype``."""
+    sets = [random_set(model, kind, name, rank=rank, seed=seed).to(dtype=getattr(torch, dtype))
             for kind, name, seed in (("danger", "d1", 1), ("danger", "d2", 2), ("safety", "s1", 3))]
     return sets[:2], sets[2:]
 
@@ -99,7 +101,7 @@ def build(opts, variant: str | None, out_dir: str):
     callbacks = []
     if variant is not None:
         engine, _, sample = variant.partition(":")
-        danger, safety = random_sets(model, opts.dir_rank or None)  # 0: full-rank (dense) directions
+        danger, safety = random_sets(model, opts.dir_rank or None, opts.dir_dtype)  # dir_rank 0: dense
         callbacks.append(SQSDCallback(danger=danger, safety=safety, engine=engine, drift_sample=int(sample or 1)))
     callbacks.append(timer)  # last: callbacks run in list order, so the step it times includes the others'
     args = SFTConfig(output_dir=out_dir, max_steps=opts.steps_per_round, per_device_train_batch_size=opts.batch,
@@ -121,7 +123,7 @@ def peak_memory(opts, engine: str | None) -> float:
     """Peak memory (MiB) of a short run of one variant, in a fresh process."""
     cmd = [sys.executable, __file__, "--_memory-of", engine or "none", "--layers", str(opts.layers), "--batch",
            str(opts.batch), "--seq", str(opts.seq), "--shape", opts.shape, "--rank", str(opts.rank),
-           "--dir-rank", str(opts.dir_rank)]
+           "--dir-rank", str(opts.dir_rank), "--dir-dtype", opts.dir_dtype]
     cmd += ["--bf16"] * opts.bf16 + ["--full-ft"] * opts.full_ft
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -171,6 +173,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--full-ft", action="store_true", help="train every linear weight instead of LoRA")
     p.add_argument("--dir-rank", type=int, default=16, help="rank of the random directions (0: full rank)")
+    p.add_argument("--dir-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the direction sets are held in (DirectionSet.to): bf16 takes half the memory")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory runs")
     p.add_argument("--out", default="benchmarks/results/overhead.json")

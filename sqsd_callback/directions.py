@@ -57,16 +57,21 @@ class Direction:
         return len(mine) == len(theirs) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs))
 
     def materialize(self) -> torch.Tensor:
-        """Dense V (out×in). For oracles and small models only."""
-        return self.dense if self.dense is not None else self.B @ self.A
+        """Dense V (out×in), at least fp32 (a product of bf16 factors is formed in fp32). For oracles and small
+        models only."""
+        return self.dense.float() if self.dense is not None else self.B.float() @ self.A.float()
 
     def times_right(self, M: torch.Tensor) -> torch.Tensor:
-        """V @ M for M (in×r), through the factors when V is low-rank."""
-        return self.dense @ M if self.dense is not None else self.B @ (self.A @ M)
+        """V @ M for M (in×r), through the factors when V is low-rank; in M's dtype."""
+        if self.dense is not None:
+            return self.dense.to(M.dtype) @ M
+        return self.B.to(M.dtype) @ (self.A.to(M.dtype) @ M)
 
     def times_left(self, M: torch.Tensor) -> torch.Tensor:
-        """M @ V for M (r×out), through the factors when V is low-rank."""
-        return M @ self.dense if self.dense is not None else (M @ self.B) @ self.A
+        """M @ V for M (r×out), through the factors when V is low-rank; in M's dtype."""
+        if self.dense is not None:
+            return M @ self.dense.to(M.dtype)
+        return (M @ self.B.to(M.dtype)) @ self.A.to(M.dtype)
 
     def to(self, device=None, dtype=None) -> Direction:
         def move(t):
@@ -84,9 +89,25 @@ class DirectionSet:
             raise ValueError(f"Direction set {name!r} ({source or 'in memory'}) holds no module directions.")
         self.modules: dict[str, Direction] = {canonical_name(k): v for k, v in modules.items()}
         self.kind, self.name, self.source = kind, name, source
+        self.energy_kept: dict[str, float] = {}  # from_weight_diff(rank=k): the fraction of ‖V‖² kept per module
 
     def __repr__(self) -> str:
         return f"DirectionSet(kind={self.kind!r}, name={self.name!r}, modules={len(self.modules)})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the directions are held in (as stored: fp32, or bf16/fp16 for a half-precision file)."""
+        return next(iter(self.modules.values())).tensors()[0].dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> DirectionSet:
+        """The set on ``device`` and/or in ``dtype`` (a new set). ``torch.bfloat16`` halves the memory fp32
+        directions take during training (SQSD holds every set beside the model: at LoRA rank r a set of rank r is
+        as large as the adapter) at the cost of rounding them to bf16; scores are exact for the rounded
+        directions, computed in fp32."""
+        moved = DirectionSet({m: d.to(device, dtype) for m, d in self.modules.items()}, self.kind, self.name,
+                             self.source)
+        moved.energy_kept = dict(self.energy_kept)
+        return moved
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -127,7 +148,7 @@ class DirectionSet:
             for part in ("lora_A", "lora_B"):
                 marker = f".{part}."
                 if marker in key and key.endswith("weight") and value.dim() == 2:
-                    factors.setdefault(key.split(marker)[0], {})[part] = value.float()
+                    factors.setdefault(key.split(marker)[0], {})[part] = _as_stored(value)
         return cls(_low_rank(factors, weights_file), kind, name or path.name, source=str(path))
 
     @classmethod
@@ -141,9 +162,9 @@ class DirectionSet:
         for key, value in _load_safetensors(path).items():
             stem, _, suffix = key.rpartition(".")
             if suffix == "weight" and value.dim() == 2:
-                modules[stem] = Direction(dense=value.float())
+                modules[stem] = Direction(dense=_as_stored(value))
             elif suffix in ("lora_A", "lora_B") and value.dim() == 2:
-                pending.setdefault(stem, {})[suffix] = value.float()
+                pending.setdefault(stem, {})[suffix] = _as_stored(value)
             else:
                 raise ValueError(
                     f"{path}: key {key!r} (shape {tuple(value.shape)}) is not '<module>.weight' (2-D) or "
@@ -241,6 +262,12 @@ class DirectionSet:
         return common
 
 
+def _as_stored(t: torch.Tensor) -> torch.Tensor:
+    """A loaded direction tensor in its stored dtype where that is fp32, bf16 or fp16 (half-precision files stay
+    half the memory); any other dtype as fp32."""
+    return t if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t.float()
+
+
 def _low_rank(factors: dict[str, dict[str, torch.Tensor]], source) -> dict[str, Direction]:
     """``{module: {"lora_A", "lora_B"}}`` → low-rank Directions; a module with one factor only is an error."""
     out = {}
@@ -292,9 +319,10 @@ class DirectionBank:
         self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device) -> DirectionBank:
-        """Move every direction to ``device`` (fp32) once, before the first step."""
+        """Move every direction to ``device`` once, before the first step, in its set's dtype (the engines compute in
+        fp32: a bf16 set takes half the memory of an fp32 one)."""
         for m, dirs in self.per_module.items():
-            self.per_module[m] = [None if d is None else d.to(device, torch.float32) for d in dirs]
+            self.per_module[m] = [None if d is None else d.to(device) for d in dirs]
         self._stacks = {}
         return self
 

@@ -147,6 +147,14 @@ def dense_drift_cosines(delta: dict[str, torch.Tensor], sets) -> dict[str, float
     return out
 
 
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    """Each scored module's trained weight as out×in, formed densely: s·B A for LoRA, W itself in full
+    fine-tuning."""
+    from sqsd_callback.layers import LoraTarget, find_targets
+    return {m: (t.scaling * t.B @ t.A if isinstance(t, LoraTarget) else t.weight_oi).detach().clone()
+            for m, t in find_targets(model).items()}
+
+
 def assert_final_drift_is_dense(out: Path, delta: dict[str, torch.Tensor], sets, rel: float = 1e-4) -> None:
     """The last drift.jsonl row's cosine with each set equals ``dense_drift_cosines(delta)`` (rel tolerance)."""
     drift = read_jsonl(out / "sqsd" / "drift.jsonl")[-1]

@@ -42,6 +42,25 @@ def test_safetensors_dense_and_low_rank_round_trip(tmp_path):
             assert (back.modules[m].dense is None) == (rank is not None)
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float64])
+def test_directions_keep_a_half_precision_file_in_its_dtype(tmp_path, stored):
+    """A bf16 or fp16 file (a PEFT adapter or a directions file) loads in its own dtype, half the memory of fp32,
+    with the values as stored; fp64 loads as fp32. The bank keeps each set's dtype."""
+    model = tiny_lora("llama")
+    want = torch.float32 if stored == torch.float64 else stored
+    ds = random_set(model, "danger", "d", rank=2, seed=1).to(dtype=stored)
+    ds.save(tmp_path / "d.safetensors")
+    adapter = tiny_lora("llama", seed=3).to(stored)
+    adapter.save_pretrained(tmp_path / "adapter")
+    for back in (DirectionSet.from_safetensors(tmp_path / "d.safetensors", kind="danger"),
+                 DirectionSet.from_peft_adapter(tmp_path / "adapter", kind="danger")):
+        assert back.dtype == want
+        assert DirectionBank([back], _shapes(model)).to("cpu").per_module[next(iter(back.modules))][0].B.dtype == want
+    back = DirectionSet.from_safetensors(tmp_path / "d.safetensors", kind="danger")
+    for m, d in ds.modules.items():
+        assert torch.equal(back.modules[m].B, d.B.to(want)) and torch.equal(back.modules[m].A, d.A.to(want))
+
+
 def test_weight_diff_full_and_truncated_svd():
     base, aligned = tiny_base("llama", seed=0), tiny_base("llama", seed=1)
     full = DirectionSet.from_weight_diff(aligned, base, kind="safety")

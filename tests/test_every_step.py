@@ -15,7 +15,14 @@ from sqsd_callback.layers.lora import LoraHooks
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_full_ft, tiny_lora
 
-from helpers import ThetaEachStep, assert_every_step_matches_loop, assert_steps_equal_kept_only, trainer
+from helpers import (
+    ThetaEachStep,
+    assert_every_step_matches_loop,
+    assert_final_drift_is_dense,
+    assert_steps_equal_kept_only,
+    trained_weights,
+    trainer,
+)
 
 STEPS = 3
 OPTIMS = ["default", "adamw_torch", "adamw_torch_foreach", "sgd", "adafactor", "adamw_bnb_8bit"]
@@ -75,6 +82,27 @@ def test_lora_taps_reduced_a_few_layers_at_a_time_every_step(tmp_path, monkeypat
     per_pass = 3 * -(-5 // flush_every)  # q, v, down_proj groups of 5 modules
     assert max(flushes) == flush_every and len(flushes) == STEPS * 2 * per_pass
     assert_every_step_matches_loop(start, samples, tmp_path, thetas, danger, safety, steps=STEPS)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bf16_direction_sets_are_held_in_bf16_and_every_step_equals_the_loop(tmp_path, mode):
+    """Sets rounded to bf16 (``DirectionSet.to(dtype=torch.bfloat16)``, half the memory of fp32) stay bf16 in the
+    engine's stacks and the drift's, and are used in fp32: under the default optimizer with accumulation 2, every
+    step's rows equal the loop at that step's θ for the same rounded sets (1e-5), and the final drift equals the
+    dense computation (1e-4)."""
+    model = MODES[mode]()
+    danger, safety = (([s.to(dtype=torch.bfloat16) for s in sets]) for sets in _sets(model, mode))
+    samples = random_samples(12, seed=33)
+    start, thetas = copy.deepcopy(model), ThetaEachStep()
+    callback = SQSDCallback(danger, safety)
+    trainer(model, samples, tmp_path, [callback, thetas], accum=2, steps=STEPS).train()
+    stacks = [t for g in callback.engine.groups + callback.drift.groups if g.low for t in (g.VB, g.VAt)]
+    assert stacks and all(t.dtype == torch.bfloat16 for t in stacks)
+    assert all(d is None or all(t.dtype == torch.bfloat16 for t in d.tensors())
+               for dirs in callback.bank.per_module.values() for d in dirs)
+    assert_every_step_matches_loop(start, samples, tmp_path, thetas, danger, safety, steps=STEPS)
+    before, after = trained_weights(start), trained_weights(model)
+    assert_final_drift_is_dense(tmp_path, {m: after[m] - before[m] for m in after}, [*danger, *safety])
 
 
 @pytest.mark.parametrize("mode", list(MODES))

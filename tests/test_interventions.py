@@ -152,10 +152,12 @@ def test_drift_stop_fires_at_the_expected_step_and_saves_the_last_safe_adapter(t
 
 
 # ------------------------------------------------------------------- anchor
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [None, 3])
-def test_anchor_penalty_and_gradient_equal_dense_asft(rank):
+def test_anchor_penalty_and_gradient_equal_dense_asft(rank, dtype):
+    """Also with the set held in bf16 (the reference then uses the same rounded V, formed in fp32)."""
     model = tiny_lora("llama")
-    ds = random_set(model, "safety", "aligned", rank=rank, seed=4)
+    ds = random_set(model, "safety", "aligned", rank=rank, seed=4).to(dtype=dtype)
     anchor = Anchor(ds, lam=0.7)
     anchor.bind(lora_targets(model))
     params = [p for n, p in model.named_parameters() if "lora_" in n]

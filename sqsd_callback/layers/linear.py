@@ -111,9 +111,9 @@ class LinearHooks(HookGroup):
             self.buf = x.new_zeros(L, n, self.Q + len(self.dense) + 1)
         row, Q = self.buf[i], self.Q
         if self.low:
-            row[:, :Q] = ((delta @ self.VB[i]) * (x @ self.VAt[i])).sum(1)
+            row[:, :Q] = ((delta @ self.VB[i].float()) * (x @ self.VAt[i].float())).sum(1)  # bf16 sets: fp32 math
         for j, k in enumerate(self.dense):
-            row[:, Q + j] = (delta * (x @ self.dirs[i][k].dense.T)).sum((1, 2))
+            row[:, Q + j] = (delta * (x @ self.dirs[i][k].dense.float().T)).sum((1, 2))
         T, (out, inp) = x.shape[1], self.targets[i].shape
         if 2 * T * T <= inp * out:
             row[:, -1] = (self.engine.gram(x_in, x) * (delta @ delta.transpose(1, 2))).sum((1, 2))
