@@ -29,7 +29,7 @@ from .layers import find_targets, shared_start
 from .policies import Anchor, DriftStop, DropPolicy
 from .recorder import MicroBatch, Recorder, refuse_losses
 from .scoring import project, riskiest, rows
-from .sinks import RunFiles, TensorBoardSink, WandbSink, iter_jsonl, start_run_dir, truncate_jsonl
+from .sinks import RunFiles, TensorBoardSink, WandbSink, iter_jsonl, set_aside, start_run_dir, truncate_jsonl
 from .state import STATE_FILE, history_digest, load_state, save_state, split
 
 _TEXT_CHARS = 600
@@ -84,6 +84,9 @@ class SQSDCallback(TrainerCallback):
                              "safety=[...] direction sets.")
         if not self.sets and anchor is None:
             raise ValueError("SQSDCallback needs at least one direction set: danger=[...] and/or safety=[...].")
+        if anchor is None and cfg.changed("anchor_lambda"):
+            raise ValueError(f"anchor_lambda={cfg.anchor_lambda} needs anchor=DirectionSet(...) (the aligned "
+                             f"directions the AsFT anchor keeps the update to).")
         self.anchor = Anchor(anchor, cfg.anchor_lambda) if anchor is not None else None
         self.policies = [p for p in (self.drop, self.stop, self.anchor) if p is not None]
         self._initial = {p.name: p.state_dict() for p in self.policies}  # what a new run starts from
@@ -127,15 +130,20 @@ class SQSDCallback(TrainerCallback):
         self._window, self._last_drift = _LogWindow(), {}
         for p in self.policies:  # a callback passed to a second run (hyperparameter search) starts it afresh
             p.load_state_dict(self._initial[p.name])
-        if state.global_step > 0:
-            self._resume(args, state)
-        elif self.main:
-            start_run_dir(self.out)
+        try:  # before any step: a folder that cannot be written is refused here, with what to do
+            if state.global_step > 0:
+                self._resume(args, state)
+            elif self.main:
+                start_run_dir(self.out)
+            self.sinks = self._sinks(args) if self.main else []
+        except OSError as err:
+            raise OSError(err.errno, f"SQSDCallback cannot write its files in {self.out} ({err.strerror or err}): "
+                                     f"free space there, or point SQSDConfig(output_dir=...) at a writable folder "
+                                     f"with room.") from err
         if state.global_step == 0 and self.last_safe is not None:  # θ_0, where the run starts, is safe
             self.last_safe.keep()
         if state.global_step == 0 and self.main:
             self._warn_shared_start()
-        self.sinks = self._sinks(args) if self.main else []
         self.edits = StepEdits(self.drop, self.anchor, self.engine, self.procs, self.params)
         self.recorder = Recorder(self.engine, self._after_backward)
         self.recorder.attach(model)
@@ -361,6 +369,22 @@ class SQSDCallback(TrainerCallback):
             truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
             truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)
             truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)
+            self._set_aside_later_stop(state.global_step)
+
+    def _set_aside_later_stop(self, step: int) -> None:
+        """A drift stop recorded after the resumed checkpoint (stop.json and its last_safe/) belongs to the run
+        this one replaces: moved to previous-<k>/, not left beside this run's files as if it were its own."""
+        stop = self.out / "stop.json"
+        try:
+            stopped_at = json.loads(stop.read_text())["step"] if stop.is_file() else None
+        except (ValueError, KeyError, OSError):  # a torn or foreign stop.json is set aside too
+            stopped_at = step + 1
+        if stopped_at is None or stopped_at <= step:
+            return
+        items = [p for p in (stop, self.out / "last_safe") if p.exists()]
+        dest = set_aside(items)
+        logger.warning(f"sqsd: resuming at step {step}, before the drift stop recorded at step {stopped_at}: its "
+                       f"stop.json and last-safe adapter were moved to {dest}.")
 
     def _saved_state(self, args, state) -> tuple[dict, dict]:
         """The state saved with the checkpoint being resumed: the Trainer does not say which folder that is, so the

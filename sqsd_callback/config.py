@@ -38,12 +38,14 @@ class SQSDConfig:
                 "examples in the first steps are not let through a warm-up (needs drop_zscore_above)."})
     drop_min_history: int = field(default=32, metadata={
         "help": "Examples to see before the z-score policy acts (≥ 2); the robust z-score counts the micro-batch it "
-                "judges, so with a micro-batch at least this large it acts from the first step."})
+                "judges, so with a micro-batch at least this large it acts from the first step (needs "
+                "drop_zscore_above)."})
     exclude_dropped: bool = field(default=False, metadata={
         "help": "A dropped example is dropped again whenever it comes back (needs a drop policy)."})
     stop_drift_above: float | None = field(default=None, metadata={
         "help": "Stop the run once sqsd/drift exceeds this value for stop_patience optimizer steps."})
-    stop_patience: int = field(default=1, metadata={"help": "Consecutive steps above stop_drift_above (≥ 1)."})
+    stop_patience: int = field(default=1, metadata={
+        "help": "Consecutive steps above stop_drift_above (≥ 1; needs stop_drift_above)."})
     save_last_safe: bool = field(default=False, metadata={
         "help": "On a drift stop, save the trained weights of the last step below the threshold to "
                 "<sqsd dir>/last_safe (needs stop_drift_above)."})
@@ -52,7 +54,8 @@ class SQSDConfig:
                 "exact copy (memory: one more copy of the trained weights); above 1, drift projections stay exact "
                 "and ‖θ_t − θ_0‖, so the drift cosines, is estimated from the kept entries. LoRA keeps θ_0 as its "
                 "small factors either way."})
-    anchor_lambda: float = field(default=1.0, metadata={"help": "λ of the AsFT anchor penalty (> 0)."})
+    anchor_lambda: float = field(default=1.0, metadata={
+        "help": "λ of the AsFT anchor penalty (> 0; needs SQSDCallback(anchor=...))."})
     top_k: int = field(default=20, metadata={"help": "Riskiest examples in the wandb table (≥ 1)."})
     wandb_every: int = field(default=10, metadata={
         "help": "Logging steps between refreshes of the wandb table and drift heatmap (≥ 1)."})
@@ -62,6 +65,8 @@ class SQSDConfig:
         check_engine(self.engine)
         if self.output_dir is not None and not isinstance(self.output_dir, (str, Path)):
             raise TypeError(f"output_dir must be a path (str), got {type(self.output_dir).__name__}.")
+        if isinstance(self.output_dir, Path):  # kept as str, so that the config round-trips through JSON and YAML
+            self.output_dir = str(self.output_dir)
         _number("drop_above", self.drop_above)
         _number("drop_top_fraction", self.drop_top_fraction, low=0, high=1, open_ends=True)
         _number("drop_zscore_above", self.drop_zscore_above, low=0, open_ends=True)
@@ -80,9 +85,19 @@ class SQSDConfig:
             raise ValueError("drop_zscore_robust=True needs drop_zscore_above (the threshold, in robust z-scores).")
         if self.save_last_safe and self.stop_drift_above is None:
             raise ValueError("save_last_safe=True needs stop_drift_above.")
+        if self.changed("stop_patience") and self.stop_drift_above is None:
+            raise ValueError(f"stop_patience={self.stop_patience} needs stop_drift_above (the drift threshold it "
+                             f"counts steps above).")
+        if self.changed("drop_min_history") and self.drop_zscore_above is None:
+            raise ValueError(f"drop_min_history={self.drop_min_history} needs drop_zscore_above (it is the z-score "
+                             f"policy's warm-up).")
         if self.drops and self.engine != "hooks":
             raise ValueError(f"Dropping examples edits the step's own gradients, which only engine='hooks' "
                              f"sees; got engine={self.engine!r}.")
+
+    def changed(self, name: str) -> bool:
+        """Whether option ``name`` differs from its default (set by the user)."""
+        return getattr(self, name) != next(f.default for f in fields(self) if f.name == name)
 
     @property
     def drops(self) -> bool:

@@ -84,11 +84,19 @@ def start_run_dir(path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     old = [p for p in path.iterdir() if p.is_file() or p.name in ("last_safe", "report")]
     if any(p.name == "scores.jsonl" for p in old):
-        ks = [int(p.name[9:]) for p in path.iterdir() if p.is_dir() and re.fullmatch(r"previous-\d+", p.name)]
-        dest = path / f"previous-{max(ks, default=0) + 1}"
-        dest.mkdir()
-        for p in old:
-            p.rename(dest / p.name)
+        set_aside(old)
+
+
+def set_aside(items: list[Path]) -> Path:
+    """Move ``items`` (files or folders of one run folder) into its next ``previous-<k>/`` (k past every earlier
+    one); return that folder."""
+    path = items[0].parent
+    ks = [int(p.name[9:]) for p in path.iterdir() if p.is_dir() and re.fullmatch(r"previous-\d+", p.name)]
+    dest = path / f"previous-{max(ks, default=0) + 1}"
+    dest.mkdir()
+    for p in items:
+        p.rename(dest / p.name)
+    return dest
 
 
 class Sink:

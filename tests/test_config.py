@@ -2,6 +2,7 @@
 message that names the option and the fix."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,21 @@ def test_round_trips_through_dict_json_and_yaml():
     assert SQSDConfig.from_json(cfg.to_json()) == cfg
     assert SQSDConfig.from_yaml(cfg.to_yaml()) == cfg
     assert SQSDConfig.from_yaml("") == SQSDConfig()
+    as_path = SQSDConfig(output_dir=Path("runs") / "sqsd")  # a Path is kept as str: JSON and YAML can hold it
+    assert SQSDConfig.from_json(as_path.to_json()) == as_path and as_path.output_dir == str(Path("runs") / "sqsd")
+    assert SQSDConfig.from_yaml(as_path.to_yaml()) == as_path
+
+
+def test_an_option_of_a_policy_that_is_off_is_refused_not_ignored():
+    """anchor_lambda without an anchor set (the callback's argument, so checked there); the config-only cases are
+    in test_bad_options_fail_when_built."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    with pytest.raises(ValueError, match=r"anchor_lambda=0.5 needs anchor=DirectionSet"):
+        SQSDCallback(danger, safety, anchor_lambda=0.5)
+    SQSDCallback(danger, safety, anchor=safety[0], anchor_lambda=0.5)
+    SQSDCallback(danger, safety, stop_drift_above=0.1, stop_patience=3)
+    SQSDCallback(danger, safety, drop_zscore_above=2.0, drop_min_history=8)
 
 
 @pytest.mark.parametrize("options,error,message", [
@@ -39,6 +55,8 @@ def test_round_trips_through_dict_json_and_yaml():
     ({"engine": "loop", "drop_above": 0.1}, ValueError, "only engine='hooks'"),
     ({"drop_zscore_robust": True}, ValueError, "drop_zscore_robust=True needs drop_zscore_above"),
     ({"drift_sample": 0}, ValueError, "drift_sample must be at least 1, got 0"),
+    ({"stop_patience": 3}, ValueError, "stop_patience=3 needs stop_drift_above"),
+    ({"drop_min_history": 8, "drop_above": 0.1}, ValueError, "drop_min_history=8 needs drop_zscore_above"),
 ])
 def test_bad_options_fail_when_built(options, error, message):
     model = tiny_lora("llama")

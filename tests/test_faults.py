@@ -13,7 +13,7 @@ from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.state import STATE_FILE, load_state
 from sqsd_callback.testing import random_samples, three_sets, tiny_lora
 
-from helpers import trainer
+from helpers import trainable, trainer, unchanged
 
 
 def _run(out, steps=2, resume=None, **kw):
@@ -96,6 +96,24 @@ def test_a_score_log_that_cannot_be_finished_warns_at_close(tmp_path):
     writer._f = Full()
     with pytest.warns(UserWarning, match="could not finish .*scores.jsonl"):
         writer.close()
+
+
+def test_a_full_disk_at_train_begin_is_refused_before_any_step_with_what_to_do(tmp_path, monkeypatch):
+    """The old code raised the bare OSError of its first write (run.json), naming neither the folder's owner nor
+    the fix."""
+    from sqsd_callback import callback
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(callback, "start_run_dir", full)
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    start = trainable(model)
+    with pytest.raises(OSError, match=r"SQSDCallback cannot write its files in .*sqsd \(No space left on device\): "
+                                      r"free space there, or point SQSDConfig\(output_dir=...\)") as info:
+        trainer(model, random_samples(4, seed=1), tmp_path, [SQSDCallback(danger, safety)], steps=2).train()
+    assert info.value.errno == errno.ENOSPC and unchanged(model, start)
 
 
 def test_a_new_run_moves_every_result_of_the_last_one_past_the_highest_previous_folder(tmp_path):

@@ -293,6 +293,29 @@ def test_a_full_disk_when_the_drift_stop_fires_still_stops_the_run(tmp_path, mon
     assert run.state.global_step == 1 and not model._forward_hooks
 
 
+def test_a_resume_before_a_recorded_drift_stop_sets_that_stop_aside(tmp_path):
+    """The old code left stop.json and last_safe/ of a stop at step 3 beside the files of a run resumed from step 2
+    that never stopped, as if they were its own. They now move to previous-1/, and the resumed run's files are
+    its own."""
+    samples = random_samples(8, seed=4)
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    stopping = SQSDCallback(danger, safety, stop_drift_above=-1e9, stop_patience=3, save_last_safe=True)
+    run = _trainer(model, samples, tmp_path, [stopping], steps=4, save_strategy="steps", save_steps=2)
+    run.train()
+    out = tmp_path / "sqsd"
+    assert run.state.global_step == 3 and json.loads((out / "stop.json").read_text())["step"] == 3
+    assert (out / "last_safe").is_dir()
+    model = tiny_lora("llama")
+    resumed = _trainer(model, samples, tmp_path, [SQSDCallback(danger, safety)], steps=4, save_strategy="steps",
+                       save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert not (out / "stop.json").exists() and not (out / "last_safe").exists()
+    assert sorted(p.name for p in (out / "previous-1").iterdir()) == ["last_safe", "stop.json"]
+    assert [d["step"] for d in read_jsonl(out / "drift.jsonl")] == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------- bad input
 def test_contradictory_and_incomplete_options_fail_before_training():
     model = tiny_lora("llama")
