@@ -130,9 +130,11 @@ class SQSDCallback(TrainerCallback):
         self._window, self._last_drift = _LogWindow(), {}
         for p in self.policies:  # a callback passed to a second run (hyperparameter search) starts it afresh
             p.load_state_dict(self._initial[p.name])
+        if state.global_step > 0:
+            self._resume(*self._saved_state(args, state))
         try:  # before any step: a folder that cannot be written is refused here, with what to do
-            if state.global_step > 0:
-                self._resume(args, state)
+            if self.main and state.global_step > 0:
+                self._cut_back(state.global_step)
             elif self.main:
                 start_run_dir(self.out)
             self.sinks = self._sinks(args) if self.main else []
@@ -350,9 +352,8 @@ class SQSDCallback(TrainerCallback):
                 "history": history_digest(state.log_history)}
         return tensors, meta
 
-    def _resume(self, args, state) -> None:
-        """Restore the state saved with the checkpoint training resumes from and cut the logs back to it."""
-        tensors, saved = self._saved_state(args, state)
+    def _resume(self, tensors: dict, saved: dict) -> None:
+        """Restore the state saved with the checkpoint training resumes from (``_saved_state``)."""
         if self.sets:
             self.drift.load_state_tensors(split("drift", tensors))
         for p in self.policies:
@@ -364,27 +365,33 @@ class SQSDCallback(TrainerCallback):
         self._top = saved.get("top", [])
         if saved["has_safe"] and self.last_safe is not None:
             self.last_safe.tensors = split("safe", tensors)
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)  # a resume into a new output_dir
-            truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < state.global_step)
-            truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= state.global_step)
-            truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)
-            self._set_aside_later_stop(state.global_step)
+
+    def _cut_back(self, step: int) -> None:
+        """Cut the run's files back to the checkpoint at optimizer step ``step`` that training resumes from."""
+        self.out.mkdir(parents=True, exist_ok=True)  # a resume into a new output_dir
+        truncate_jsonl(self.out / "scores.jsonl", lambda r: r["step"] < step)
+        truncate_jsonl(self.out / "drift.jsonl", lambda r: r["step"] <= step)
+        truncate_jsonl(self.out / "examples.jsonl", lambda r: r["index"] in self._seen)
+        self._set_aside_later_stop(step)
 
     def _set_aside_later_stop(self, step: int) -> None:
         """A drift stop recorded after the resumed checkpoint (stop.json and its last_safe/) belongs to the run
         this one replaces: moved to previous-<k>/, not left beside this run's files as if it were its own."""
         stop = self.out / "stop.json"
-        try:
-            stopped_at = json.loads(stop.read_text())["step"] if stop.is_file() else None
-        except (ValueError, KeyError, OSError):  # a torn or foreign stop.json is set aside too
-            stopped_at = step + 1
-        if stopped_at is None or stopped_at <= step:
+        if not stop.is_file():
             return
-        items = [p for p in (stop, self.out / "last_safe") if p.exists()]
-        dest = set_aside(items)
-        logger.warning(f"sqsd: resuming at step {step}, before the drift stop recorded at step {stopped_at}: its "
-                       f"stop.json and last-safe adapter were moved to {dest}.")
+        try:
+            recorded = json.loads(stop.read_text())
+        except ValueError:  # torn
+            recorded = None
+        stopped_at = recorded.get("step") if isinstance(recorded, dict) else None
+        if isinstance(stopped_at, int) and stopped_at <= step:
+            return  # a stop in the history this run resumes: still its own
+        dest = set_aside([p for p in (stop, self.out / "last_safe") if p.exists()])
+        which = f"the drift stop recorded at step {stopped_at}" if isinstance(stopped_at, int) else \
+            "an unreadable stop.json"
+        logger.warning(f"sqsd: resuming at step {step}, before {which}: its stop.json and last-safe adapter were "
+                       f"moved to {dest}.")
 
     def _saved_state(self, args, state) -> tuple[dict, dict]:
         """The state saved with the checkpoint being resumed: the Trainer does not say which folder that is, so the

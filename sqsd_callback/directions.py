@@ -317,6 +317,7 @@ class DirectionBank:
             dtype=torch.float64,
         )
         self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warned_mixed = False
 
     def to(self, device) -> DirectionBank:
         """Move every direction to ``device`` once, before the first step, in its set's dtype (the engines compute in
@@ -333,6 +334,13 @@ class DirectionBank:
         (the sets' earlier tensors are freed where nothing else holds them)."""
         key = (tuple(modules), tuple(sets))
         if key not in self._stacks:
+            dtypes = {self.per_module[m][k].B.dtype for m in modules for k in sets}
+            if len(dtypes) > 1 and not self._warned_mixed:
+                self._warned_mixed = True
+                warnings.warn(f"Direction sets in different dtypes ({', '.join(sorted(map(str, dtypes)))}) are "
+                              f"stacked together in the widest, so the narrower sets take its memory (their own "
+                              f"tensors become views of the stack); give every set one dtype, e.g. "
+                              f"set.to(dtype=torch.bfloat16), to hold them in half precision.", stacklevel=3)
             VB = torch.stack([torch.cat([self.per_module[m][k].B for k in sets], 1) for m in modules])
             VAt = torch.stack([torch.cat([self.per_module[m][k].A.T for k in sets], 1) for m in modules])
             for m, b, at in zip(modules, VB, VAt):

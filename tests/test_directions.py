@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from sqsd_callback import DirectionSet, score_samples
 from sqsd_callback.directions import Direction, DirectionBank
 from sqsd_callback.layers import lora_targets
-from sqsd_callback.testing import random_set, tiny_base, tiny_lora
+from sqsd_callback.testing import random_samples, random_set, rel_err, tiny_base, tiny_lora
 
 
 def _shapes(model):
@@ -59,6 +59,19 @@ def test_directions_keep_a_half_precision_file_in_its_dtype(tmp_path, stored):
     back = DirectionSet.from_safetensors(tmp_path / "d.safetensors", kind="danger")
     for m, d in ds.modules.items():
         assert torch.equal(back.modules[m].B, d.B.to(want)) and torch.equal(back.modules[m].A, d.A.to(want))
+
+
+def test_sets_of_different_dtypes_in_one_bank_warn_and_score_like_the_loop():
+    """A bf16 set beside an fp32 one (a half-precision Hub adapter and a weight-difference set) is stacked in fp32:
+    a warning says so and how to hold both in bf16; the scores still equal the loop's (1e-5)."""
+    model = tiny_lora("llama")
+    danger = [random_set(model, "danger", "d1", rank=2, seed=1).to(dtype=torch.bfloat16)]
+    safety = [random_set(model, "safety", "s1", rank=2, seed=3)]
+    samples = random_samples(4, seed=2)
+    with pytest.warns(UserWarning, match=r"different dtypes \(torch.bfloat16, torch.float32\) are stacked"):
+        got = score_samples(model, samples, danger, safety, progress=False)
+    want = score_samples(model, samples, danger, safety, engine="loop", progress=False)
+    assert rel_err([r["sqsd"] for r in got], [r["sqsd"] for r in want]) < 1e-5
 
 
 def test_weight_diff_full_and_truncated_svd():

@@ -138,9 +138,9 @@ def test_output_layer_logits_in_chunks_score_like_the_loop(monkeypatch, chunk_by
 
 
 def test_a_bf16_model_scores_offline_like_the_loop_in_bf16():
-    """The chunked output-layer gradient in a bf16 model (logits bf16, softmax in fp32, the weighting in fp32):
-    the scores agree with the batch-size-1 loop run in bf16 to bf16's resolution (3e-2 relative: both take the
-    backward in bf16, in another order of summation; 1.1e-2 seen)."""
+    """The chunked output-layer gradient in a bf16 model (bf16 logits, softmax in fp32) runs and agrees with the
+    batch-size-1 loop run in bf16 to bf16's resolution: 3e-2 relative, 1.1e-2 seen (both take the backward in bf16,
+    summed in another order). It would catch a gross error, not the rounding of one product."""
     model = tiny_lora("llama").to(torch.bfloat16)
     danger, safety = three_sets(model)
     samples = random_samples(6, seed=23)

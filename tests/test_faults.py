@@ -116,6 +116,40 @@ def test_a_full_disk_at_train_begin_is_refused_before_any_step_with_what_to_do(t
     assert info.value.errno == errno.ENOSPC and unchanged(model, start)
 
 
+def test_a_resume_whose_state_is_missing_says_so_not_that_the_disk_is_full(tmp_path):
+    """The missing state is a FileNotFoundError naming the file, raised before any step; the train-begin guard for
+    unwritable folders must not turn it into advice about free space."""
+    samples = random_samples(4, seed=1)
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    trainer(model, samples, tmp_path, [SQSDCallback(danger, safety)], steps=2, save_strategy="steps",
+            save_steps=2).train()
+    (tmp_path / "checkpoint-2" / STATE_FILE).unlink()
+    model = tiny_lora("llama")
+    resumed = trainer(model, samples, tmp_path, [SQSDCallback(danger, safety)], steps=3, save_strategy="steps",
+                      save_steps=2)
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint-2/{STATE_FILE} is missing") as info:
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "free space" not in str(info.value)
+
+
+@pytest.mark.parametrize("recorded,moved", [('{"step": 1}', False), ('{"step": 5}', True), ('{"step": 3', True),
+                                            ("[]", True), ("null", True), ('{"step": "3"}', True)])
+def test_a_resume_sets_aside_a_later_or_unreadable_stop_record(tmp_path, recorded, moved):
+    """A stop.json from after the resumed step, torn or foreign goes to previous-1/ with the last-safe adapter
+    (the old code raised TypeError on foreign contents); one from before it is the resumed history's own."""
+    model = tiny_lora("llama")
+    cb = SQSDCallback(*three_sets(model))
+    cb.out = tmp_path
+    (tmp_path / "stop.json").write_text(recorded)
+    (tmp_path / "last_safe").mkdir()
+    cb._set_aside_later_stop(2)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == (["previous-1"] if moved else ["last_safe", "stop.json"])
+    if moved:
+        assert sorted(p.name for p in (tmp_path / "previous-1").iterdir()) == ["last_safe", "stop.json"]
+
+
 def test_a_new_run_moves_every_result_of_the_last_one_past_the_highest_previous_folder(tmp_path):
     """The old code moved files only (a stale last_safe/ stayed beside the new run's files) and numbered the folder
     by counting, so a deleted previous-1 made the next run fail on an existing previous-2."""
