@@ -75,10 +75,14 @@ class StepEdits:
         skip the step (no gradient at all) when nothing is left."""
         step = [mb for mb in micro_batches if mb.rows is not None]
         weights = [float(mb.weight.mean()) for mb in step if mb.weight is not None]
-        if len(weights) != len(step) or max(weights) - min(weights) > 1e-4 * max(abs(w) for w in weights):
-            raise RuntimeError("Exact drops need the loss normalised by the step's scored-token count "
-                               "(num_items_in_batch, the Trainer's and SFTTrainer's default); this run's "
-                               "micro-batches weight tokens differently.")
+        ranks = self.procs.gather([(len(weights) == len(step), weights)])  # every rank, so all decide alike
+        every = [w for _, ws in ranks for w in ws]
+        spread = bool(every) and max(every) - min(every) > 1e-4 * max(abs(w) for w in every)
+        if spread or not all(read for read, _ in ranks):
+            raise RuntimeError("Exact drops need the loss normalised by the step's scored-token count over every "
+                               "process (num_items_in_batch, the Trainer's and SFTTrainer's default, with "
+                               "TrainingArguments(average_tokens_across_devices=True) when training on several "
+                               "processes); this run's micro-batches or processes weight tokens differently.")
         counts = torch.tensor([sum(int(mb.batch.n_scored.sum()) for mb in step),
                                sum(mb.kept_tokens for mb in step)], dtype=torch.float64)
         total, kept = (int(c) for c in self.procs.sum([counts])[0])

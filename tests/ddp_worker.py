@@ -26,6 +26,8 @@ RUNS = {  # name: (callback options, trainer options)
     "zscore": (dict(drop_zscore_above=0.3, drop_min_history=4, exclude_dropped=True), {}),
     "above": (dict(drop_above=0.0), {}),
 }
+# each rank's loss normalised by its own tokens: a drop cannot be removed exactly after DDP has averaged the ranks
+REFUSED = {"local_tokens": (dict(drop_top_fraction=0.5), dict(average_tokens_across_devices=False))}
 
 
 def anchor_set(model):
@@ -47,7 +49,24 @@ def run(out: Path, name: str) -> None:
     (out / name / f"drop-rank{rank}.json").write_text(json.dumps(cb.drop.state_dict()))
 
 
+def refused(out: Path, name: str) -> None:
+    """A run that must stop before its first optimizer step: each rank writes the error and whether θ moved."""
+    options, extra = REFUSED[name]
+    model = tiny_lora("llama")
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        trainer(model, SAMPLES, out / name, [SQSDCallback(*three_sets(model), **options)], **TRAIN, **extra).train()
+        error = None
+    except RuntimeError as err:
+        error = str(err)
+    moved = any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+    (out / name / f"refused-rank{torch.distributed.get_rank()}.json").write_text(json.dumps(
+        {"error": error, "moved": moved}))
+
+
 if __name__ == "__main__":
     for name in RUNS:
         run(Path(sys.argv[1]), name)
+    for name in REFUSED:
+        refused(Path(sys.argv[1]), name)
     finish_worker()

@@ -13,7 +13,7 @@ from sqsd_callback.policies import DropPolicy
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import three_sets, tiny_lora
 
-from ddp_worker import RUNS, SAMPLES, STEPS, TRAIN, anchor_set
+from ddp_worker import REFUSED, RUNS, SAMPLES, STEPS, TRAIN, anchor_set
 from helpers import ThetaEachStep, assert_every_step_matches_loop, assert_steps_equal_kept_only, dense_asft, launch
 
 
@@ -66,3 +66,14 @@ def test_two_processes_every_step(ddp_runs, tmp_path, name):
         dirs = {m: d.materialize() for m, d in anchor_set(model).modules.items()}
         penalty = lambda m: dense_asft(m, dirs, RUNS[name][0]["anchor_lambda"])  # noqa: E731
     assert_steps_equal_kept_only(tiny_lora("llama"), SAMPLES, rows, tmp_path, thetas, penalty=penalty, **TRAIN)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_drops_under_per_rank_token_normalisation_are_refused_before_the_first_step(ddp_runs, name):
+    """average_tokens_across_devices=False: each rank divides its loss by its own scored tokens, so after DDP has
+    averaged the ranks no rescaling of the sum gives the step without the dropped examples. The old code rescaled
+    by the tokens over every process, silently inexact; now every rank refuses at the first step, θ unchanged."""
+    for rank in (0, 1):
+        result = json.loads((ddp_runs / name / f"refused-rank{rank}.json").read_text())
+        assert result["error"] and "average_tokens_across_devices=True" in result["error"], result
+        assert not result["moved"]
