@@ -25,6 +25,8 @@ RUNS = {  # name: (callback options, trainer options)
     "top_anchor": (dict(drop_top_fraction=0.5, anchor_lambda=0.5), {}),
     "zscore": (dict(drop_zscore_above=0.3, drop_min_history=4, exclude_dropped=True), {}),
     "above": (dict(drop_above=0.0), {}),
+    # each rank's loss normalised by its own tokens: scores read each rank's own loss weights
+    "local_tokens_monitor": (dict(metric="projection"), dict(average_tokens_across_devices=False)),
 }
 # each rank's loss normalised by its own tokens: a drop cannot be removed exactly after DDP has averaged the ranks
 REFUSED = {"local_tokens": (dict(drop_top_fraction=0.5), dict(average_tokens_across_devices=False))}
