@@ -51,6 +51,11 @@ class Group:
             self._scale = torch.tensor([t.scaling for t in self.targets], device=device)
         return self._scale
 
+    def low_factors(self, modules: int | list[int] | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``VB``, ``VAt`` of ``modules`` in fp32, the dtype the math runs in (a bf16 or fp16 set is held in its
+        own dtype and upcast here, as it is used)."""
+        return self.VB[modules].float(), self.VAt[modules].float()
+
     def block_sums(self, x: torch.Tensor) -> torch.Tensor:
         """(…×Q) → (…×low sets): the sum over each low-rank set's columns."""
         return torch.stack([x[..., c].sum(-1) for c in self.cols], -1)

@@ -22,7 +22,7 @@ from sqsd_callback.testing import (
     word_tokenizer,
 )
 
-from helpers import SCORE_KEYS, trainable, trainer, unchanged
+from helpers import SCORE_KEYS, trainable, trained_weights, trainer, unchanged
 
 
 def _train(model, samples, cb, tmp_path, side="right", steps=2, **kw):
@@ -65,11 +65,11 @@ def test_drift_and_logged_scalars_match_dense_math(tmp_path, zero_start):
             for m, t in targets.items():
                 if "layers.0." in m or "q_proj" in m:
                     t.B.zero_()
-    start = {m: (t.scaling * t.B.detach() @ t.A.detach()).clone() for m, t in targets.items()}
+    start = trained_weights(model)
     trainer = _train(model, random_samples(8, seed=2), SQSDCallback(danger, safety), tmp_path, steps=3)
     drift = read_jsonl(tmp_path / "sqsd" / "drift.jsonl")
     assert [d["step"] for d in drift] == [1, 2, 3]
-    deltas = {m: t.scaling * t.B.detach() @ t.A.detach() - start[m] for m, t in targets.items()}
+    deltas = {m: w - start[m] for m, w in trained_weights(model).items()}
     cos = {}
     for s in danger + safety:
         num = sum(float((deltas[m] * d.materialize()).sum()) for m, d in s.modules.items())

@@ -12,12 +12,20 @@ from safetensors.torch import load_file
 
 from sqsd_callback import SQSDCallback
 from sqsd_callback.distributed import Processes
-from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import three_sets, tiny_lora
 
 from deepspeed_worker import SAMPLES, STAGES, STEPS
-from helpers import ThetaEachStep, assert_every_step_matches_loop, at, dense_drift_cosines, launch, trainable, trainer
+from helpers import (
+    ThetaEachStep,
+    assert_every_step_matches_loop,
+    at,
+    dense_drift_cosines,
+    launch,
+    trainable,
+    trained_weights,
+    trainer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +45,6 @@ def fsdp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     launch(Path(__file__).with_name("fsdp_worker.py"), out)
     return out
-
-
-def lora_deltas(model, theta) -> dict[str, torch.Tensor]:
-    """Every merged delta s·B A at parameters ``theta``, formed densely."""
-    with torch.no_grad():
-        return {m: t.scaling * t.B @ t.A for m, t in lora_targets(at(model, theta)).items()}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -70,7 +72,7 @@ def assert_sharded_run_matches(out: Path) -> None:
     drift = read_jsonl(out / "sqsd" / "drift.jsonl")
     assert [d["step"] for d in drift] == list(range(1, STEPS + 1))
     for d in drift:
-        d0, dt = lora_deltas(model, thetas.theta[0]), lora_deltas(model, thetas.theta[d["step"]])
+        d0, dt = trained_weights(at(model, thetas.theta[0])), trained_weights(at(model, thetas.theta[d["step"]]))
         want = dense_drift_cosines({m: dt[m] - d0[m] for m in dt}, danger + safety)
         assert {k: d[k] for k in want} == pytest.approx(want, rel=1e-4, abs=1e-7), d["step"]
 

@@ -111,7 +111,8 @@ class LinearHooks(HookGroup):
             self.buf = x.new_zeros(L, n, self.Q + len(self.dense) + 1)
         row, Q = self.buf[i], self.Q
         if self.low:
-            row[:, :Q] = ((delta @ self.VB[i].float()) * (x @ self.VAt[i].float())).sum(1)  # bf16 sets: fp32 math
+            VB, VAt = self.low_factors(i)
+            row[:, :Q] = ((delta @ VB) * (x @ VAt)).sum(1)
         for j, k in enumerate(self.dense):
             row[:, Q + j] = (delta * (x @ self.dirs[i][k].dense.float().T)).sum((1, 2))
         T, (out, inp) = x.shape[1], self.targets[i].shape

@@ -249,7 +249,7 @@ class LoraHooks(HookGroup):
         self.pending = {}
         # modules arrive layer after layer, so idx is usually a run: a slice selects it without copying
         sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] == len(idx) - 1 else idx
-        VB, VAt = (self.VB[sel].float(), self.VAt[sel].float()) if self.low else (None, None)  # bf16 sets: fp32 math
+        VB, VAt = self.low_factors(sel) if self.low else (None, None)
         c = self.constants(idx, VB, VAt)
         (L, n, r) = gBt.shape[:3]
         gb, ga = gBt.flatten(1, 2), gA.flatten(1, 2)
@@ -282,7 +282,8 @@ def lora_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
         P = torch.cat([P, -torch.stack([torch.zeros_like(p) if s is None else s[0] for s, p in zip(start, P)])], 2)
         Q = torch.cat([Q, torch.stack([torch.zeros_like(q) if s is None else s[1] for s, q in zip(start, Q)])], 1)
     Pt = P.transpose(1, 2)
-    dots = [group.block_sums(((Pt @ group.VB.float()) * (Q @ group.VAt.float())).sum(1))] if group.low else []
+    VB, VAt = group.low_factors() if group.low else (None, None)
+    dots = [group.block_sums(((Pt @ VB) * (Q @ VAt)).sum(1))] if group.low else []
     dots += [torch.stack([(q * d[k].times_left(p.T)).sum() for p, q, d in zip(P, Q, group.dirs)])[:, None]
              for k in group.dense]
     return torch.cat(dots, 1), ((Pt @ P) * (Q @ Q.transpose(1, 2))).sum((1, 2))
