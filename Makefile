@@ -5,6 +5,11 @@ VENV ?= .venv
 MIN_VENV ?= .venv-min
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# Flaky networks: pip retries each connection and resumes an interrupted download (the last needs pip >= 25.1,
+# which the first step installs; older pips ignore it).
+export PIP_RETRIES := 10
+export PIP_TIMEOUT := 60
+export PIP_RESUME_RETRIES := 50
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
