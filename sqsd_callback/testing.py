@@ -18,18 +18,20 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 """LlamaConfig arguments of SmolLM2-135M's shape, for benchmarks with random weights."""
 
 
-def tiny_base(arch: str = "llama", seed: int = 0, attn: str = "eager", layers: int = 2):
+def tiny_base(arch: str = "llama", seed: int = 0, attn: str = "eager", layers: int = 2, hidden: int = 32,
+              intermediate: int = 48):
     """A ``layers``-layer causal LM with random weights and ``attn`` attention: ``llama``, ``qwen2`` or ``gpt2``
     (GPT-2's Conv1D layers store their weights in×out; its dropout is off, as the others', so a training step is the
-    oracles' deterministic pass)."""
+    oracles' deterministic pass). ``hidden`` wide, with 4 heads (2 key/value heads) and an ``intermediate``-wide MLP
+    (GPT-2's is 4 × ``hidden``)."""
     torch.manual_seed(seed)
     if arch == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
                                           pad_token_id=0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
                                           attn_implementation=attn, resid_pdrop=0.0,
                                           embd_pdrop=0.0, attn_pdrop=0.0))
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, attn_implementation=attn)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
@@ -44,16 +46,36 @@ def tiny_lora(arch: str = "llama", targets=("q_proj", "v_proj", "down_proj"), r:
     return _nonzero_b(model, seed + 1)
 
 
+QLORA_SIZES = dict(hidden=64, intermediate=128)
+"""tiny_qlora's widths. Every Linear it quantizes is then out × in with out a multiple of 32 (32, 64, 128) and in a
+multiple of 64 (64, 128), bitsandbytes' 4-bit block size, as each of its CPU 4-bit paths needs: the AVX512-BF16
+repacking of a weight into its [K/blocksize, N] scales and 32-row tiles (functional._convert_weight_packed_for_cpu:
+N % 32 == 0, absmax reshaped to N × K // blocksize; 32 inputs gave "shape '[32, 0]' is invalid for input of size
+16"), the packed gemm's loop over K in blocksize groups, and the AVX-512 dequantization that reads row r's scales at
+absmax[r · (K // blocksize)] (csrc/cpu_ops.cpp), wrong for K not a multiple of the block size."""
+
+
 def tiny_qlora(folder, bits: int = 4, targets=("q_proj", "v_proj", "down_proj"), r: int = 4, seed: int = 0):
-    """``tiny_lora``'s model with its base weights quantized by bitsandbytes as QLoRA loads them (4-bit NF4 with
-    fp32 compute, or LLM.int8), through a checkpoint written to ``folder``; the same seed gives the same model."""
+    """``tiny_lora``'s model, ``QLORA_SIZES`` wide, with its base weights quantized by bitsandbytes as QLoRA loads
+    them (4-bit NF4 with fp32 compute, or LLM.int8), through a checkpoint written to ``folder``; the same seed gives
+    the same model.
+
+    Its 4-bit layers dequantize and multiply in fp32 on every CPU. On a CPU with AVX512-BF16, bitsandbytes would
+    otherwise repack a Linear4bit's weight in place the first time the layer runs in eval mode on an input that needs
+    no gradient (``Linear4bit.forward``), after which every forward, training's too, runs a bf16 kernel
+    (``bitsandbytes::gemv_4bit``) with no backward: the scoring engines' eval-mode passes would then round to bf16
+    where training does not, and lose the gradient through the base weights. The tests compare engines and the
+    training step at 1e-5, so they pin the one kernel every CPU has."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     if not (folder / "config.json").is_file():
-        tiny_base("llama", seed).save_pretrained(folder)
+        tiny_base("llama", seed, **QLORA_SIZES).save_pretrained(folder)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4") \
         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
     base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu",
                                                 dtype=torch.float32)
+    for module in base.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # Linear4bit, where bitsandbytes has the AVX512-BF16 path
+            module.support_avx512bf16_for_cpu = False
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
     return _nonzero_b(model, seed + 1)
@@ -140,15 +162,49 @@ def pack_collator():
     return collate
 
 
-def rel_err(a, b) -> float:
-    """max |a − b| / max |b| over paired score rows (None must pair with None)."""
+def rel_err(a, b, scale: float | None = None) -> float:
+    """max |a − b| over paired values (None must pair with None), relative to ``scale``, the magnitude the values
+    are judged against: max |b| unless given. A score formed from other scores (``sqsd`` = danger − safety; ``danger``
+    and ``safety``, means over sets) is judged against its terms (``score_scale``, ``score_err``), not its own max |·|,
+    which cancellation can make arbitrarily small. ``a`` and ``b`` must have the same length."""
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"rel_err: {len(a)} values against {len(b)} reference values; they must pair one to one")
     num = den = 0.0
     for x, y in zip(a, b):
         if x is None or y is None:
             assert x is None and y is None, (x, y)
             continue
         num, den = max(num, abs(x - y)), max(den, abs(y))
+    if scale is not None:
+        den = scale
     return num / den if den else num
+
+
+def _max_abs(rows, key: str) -> float:
+    return max((abs(r[key]) for r in rows if r.get(key) is not None), default=0.0)
+
+
+def score_scale(rows, key: str) -> float:
+    """The magnitude ``key``'s deviations from the reference ``rows`` are judged against: max |·| for a set's own
+    score (``danger/d1``); for ``danger`` or ``safety``, the mean over that kind's sets of their max |·| (the kind's
+    score is their mean); for ``sqsd`` = danger − safety, the sum of danger's and safety's scales. So where every term
+    is within tol × its scale, the combination is within tol × its scale, however much the terms cancel. A key whose
+    terms the rows do not carry falls back to its own max |·|."""
+    if key == "sqsd":
+        scale = score_scale(rows, "danger") + score_scale(rows, "safety")
+    elif key in ("danger", "safety"):
+        sets = sorted({k for r in rows for k in r if k.startswith(key + "/")})
+        scale = sum(_max_abs(rows, k) for k in sets) / len(sets) if sets else 0.0
+    else:
+        scale = 0.0
+    return scale or _max_abs(rows, key)
+
+
+def score_err(got, want, key: str) -> float:
+    """``rel_err`` of score ``key`` between paired rows ``got`` and reference rows ``want``, relative to
+    ``score_scale(want, key)``: max |got − want| / that scale."""
+    return rel_err([r[key] for r in got], [r[key] for r in want], score_scale(want, key))
 
 
 def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:

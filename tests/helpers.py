@@ -22,7 +22,7 @@ from sqsd_callback import score_samples
 from sqsd_callback.distributed import full_parameters
 from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pad_collator, rel_err
+from sqsd_callback.testing import pad_collator, score_err
 
 SCORE_KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
 
@@ -120,7 +120,9 @@ def at(model, theta: dict[str, torch.Tensor]):
 def assert_every_step_matches_loop(model, samples, out, thetas: ThetaEachStep, danger, safety, metric="cosine",
                                    steps=3, tol=1e-5, keys=SCORE_KEYS) -> dict[int, float]:
     """Every row of ``<out>/sqsd/scores.jsonl`` equals the batch-size-1 loop at the parameters its step used:
-    per step and key, max |row − loop| ≤ tol × max |loop|. Returns the worst relative error per step."""
+    per step and key, max |row − loop| ≤ tol × the key's scale over the step's loop rows (``score_scale``: max |loop|
+    for a set's score, the mean of its sets' scales for danger and safety, danger's plus safety's for sqsd = danger −
+    safety, whose own max |·| cancellation can make small). Returns the worst relative error per step."""
     rows = read_jsonl(out / "sqsd" / "scores.jsonl")
     assert sorted({r["step"] for r in rows}) == list(range(steps)), "a step has no rows"
     worst = {}
@@ -128,7 +130,7 @@ def assert_every_step_matches_loop(model, samples, out, thetas: ThetaEachStep, d
         got = [r for r in rows if r["step"] == s]
         want = score_samples(at(model, thetas.theta[s]), [dict(samples[r["index"]], index=r["index"]) for r in got],
                              danger, safety, metric=metric, engine="loop", progress=False)
-        errs = {k: rel_err([r[k] for r in got], [w[k] for w in want]) for k in keys}
+        errs = {k: score_err(got, want, k) for k in keys}
         worst[s] = max(errs.values())
         assert worst[s] <= tol, f"step {s}: {errs}"
     print(f"agreement {os.environ.get('PYTEST_CURRENT_TEST', '')}: {max(worst.values()):.2e}")  # for the README

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from sqsd_callback import DirectionSet, score_samples
 from sqsd_callback.directions import Direction, DirectionBank
 from sqsd_callback.layers import lora_targets
-from sqsd_callback.testing import random_samples, random_set, rel_err, tiny_base, tiny_lora
+from sqsd_callback.testing import random_samples, random_set, score_err, tiny_base, tiny_lora
 
 
 def _shapes(model):
@@ -71,7 +71,7 @@ def test_sets_of_different_dtypes_in_one_bank_warn_and_score_like_the_loop():
     with pytest.warns(UserWarning, match=r"different dtypes \(torch.bfloat16, torch.float32\) are stacked"):
         got = score_samples(model, samples, danger, safety, progress=False)
     want = score_samples(model, samples, danger, safety, engine="loop", progress=False)
-    assert rel_err([r["sqsd"] for r in got], [r["sqsd"] for r in want]) < 1e-5
+    assert score_err(got, want, "sqsd") < 1e-5
 
 
 def test_weight_diff_full_and_truncated_svd():
@@ -160,7 +160,7 @@ def test_weight_diff_of_gpt2_conv1d_layers_is_oriented_like_lora():
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sqsd_callback.testing import random_samples, rel_err
+    from sqsd_callback.testing import random_samples, score_err
 
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64))
@@ -184,7 +184,7 @@ def test_weight_diff_of_gpt2_conv1d_layers_is_oriented_like_lora():
     samples = random_samples(4, seed=2)
     got = score_samples(lora, samples, [], [covered], progress=False)
     want = score_samples(lora, samples, [], [covered], engine="loop", progress=False)
-    assert rel_err([r["safety"] for r in got], [r["safety"] for r in want]) < 1e-5
+    assert score_err(got, want, "safety") < 1e-5
 
 
 def test_stacked_factors_are_the_one_copy_the_sets_and_bank_hold():

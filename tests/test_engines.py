@@ -1,6 +1,7 @@
 """The fast hooks engine against the two oracles (torch.func per-example gradients, batch-size-1 loop).
 
-Tolerance: per score key, max |hooks − oracle| over examples ≤ 1e-5 × max |oracle| (fp32 models)."""
+Tolerance: per score key, max |hooks − oracle| over examples ≤ 1e-5 × the key's scale (fp32 models):
+max |oracle| for a set's score; danger, safety and sqsd = danger − safety against their terms' (testing.score_scale)."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from sqsd_callback.directions import DirectionBank
 from sqsd_callback.engines import make_engine
 from sqsd_callback.engines.base import collate
 from sqsd_callback.layers import lora_targets
-from sqsd_callback.testing import VOCAB, random_samples, random_set, rel_err, three_sets, tiny_lora
+from sqsd_callback.testing import VOCAB, random_samples, random_set, score_err, three_sets, tiny_lora
 
 from helpers import SCORE_KEYS
 
@@ -22,7 +23,7 @@ def _agree(model, danger, safety, samples, metric, keys=SCORE_KEYS, batch_size=8
                             batch_size=batch_size, progress=False)
         assert [r["index"] for r in got] == [r["index"] for r in ref]
         for k in keys:
-            err = rel_err([r[k] for r in got], [r[k] for r in ref])
+            err = score_err(got, ref, k)
             assert err < 1e-5, (engine, metric, k, err)
     return ref
 
@@ -108,8 +109,7 @@ def test_output_layer_sees_only_scored_positions_and_a_batch_with_none_scores_nu
     assert seen[0] == torch.Size([1, 1, hidden])  # the one-token check that the logits are the layer's own
     assert [s for s in seen[1:] if s.numel()] == [torch.Size([scored, hidden])]
     loop = score_samples(model, samples, danger, safety, engine="loop", progress=False)
-    assert rel_err([r["sqsd"] for r in rows if r["sqsd"] is not None],
-                   [r["sqsd"] for r in loop if r["sqsd"] is not None]) < 1e-5
+    assert score_err(rows, loop, "sqsd") < 1e-5
     none = score_samples(model, [samples[1]], danger, safety, progress=False)[0]
     assert all(none[k] is None for k in SCORE_KEYS)
 
@@ -147,7 +147,7 @@ def test_a_bf16_model_scores_offline_like_the_loop_in_bf16():
     got = score_samples(model, samples, danger, safety, batch_size=6, progress=False)
     want = score_samples(model, samples, danger, safety, engine="loop", progress=False)
     for k in SCORE_KEYS:
-        assert rel_err([r[k] for r in got], [r[k] for r in want]) < 3e-2, k
+        assert score_err(got, want, k) < 3e-2, k
 
 
 def test_a_scored_output_layer_and_soft_capped_logits_score_like_the_loop():
@@ -229,7 +229,7 @@ def test_rows_come_back_in_input_order_whatever_the_length_grouping():
     got = score_samples(model, samples, danger, safety, batch_size=4, progress=False)
     assert [r["index"] for r in got] == list(range(9))
     for k in SCORE_KEYS:
-        assert rel_err([r[k] for r in got], [r[k] for r in alone]) < 1e-5, k
+        assert score_err(got, alone, k) < 1e-5, k
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -313,4 +313,4 @@ def test_token_budget_changes_batches_not_scores():
     samples = random_samples(8, seed=5, min_len=6, max_len=30)
     whole = score_samples(model, samples, danger, safety, progress=False)
     budget = score_samples(model, samples, danger, safety, progress=False, max_tokens=40)
-    assert rel_err([r["sqsd"] for r in budget], [r["sqsd"] for r in whole]) < 1e-5
+    assert score_err(budget, whole, "sqsd") < 1e-5

@@ -3,7 +3,8 @@ at the parameters θ_s that step used, and a step with drops equals a step on th
 
 The Trainer's default optimizer (fused AdamW) and bitsandbytes' 8-bit AdamW update parameters in place without
 bumping autograd's version counters, so any per-step constant the engine caches from the live parameters goes
-stale at step 1. Tolerance: per step and score key, max |row − loop| ≤ 1e-5 × max |loop| (fp32)."""
+stale at step 1. Tolerance: per step and score key, max |row − loop| ≤ 1e-5 × the key's scale (fp32): max |loop|
+for a set's score; danger, safety and sqsd = danger − safety against their terms' (testing.score_scale)."""
 
 import copy
 

@@ -1,5 +1,5 @@
 """The axolotl plugin and the shared YAML path: SQSDCallback built from a framework's config keys, checked by a
-training run whose every step equals the batch-size-1 loop (tolerance 1e-5 × max |loop|, as test_every_step)."""
+training run whose every step equals the batch-size-1 loop (tolerance 1e-5 × each key's scale, as test_every_step)."""
 
 import copy
 

@@ -6,7 +6,7 @@ import torch
 from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.engines.base import Segments
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pack_collator, random_samples, rel_err, three_sets, tiny_base, tiny_lora
+from sqsd_callback.testing import pack_collator, random_samples, score_err, three_sets, tiny_base, tiny_lora
 
 from helpers import SCORE_KEYS, trainer
 
@@ -41,7 +41,7 @@ def test_packed_rows_score_like_the_unpacked_examples(tmp_path, metric, kind, en
     rows = read_jsonl(tmp_path / "sqsd" / "scores.jsonl")
     assert sorted(r["index"] for r in rows) == list(range(8))
     for k in SCORE_KEYS:
-        assert rel_err([r[k] for r in rows], [expected[r["index"]][k] for r in rows]) < 1e-5, k
+        assert score_err(rows, [expected[r["index"]] for r in rows], k) < 1e-5, k
 
 
 

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, random_set, rel_err, three_sets, tiny_base, tiny_qlora
+from sqsd_callback.testing import random_samples, random_set, score_err, three_sets, tiny_base, tiny_qlora
 
 from helpers import (
     SCORE_KEYS,
@@ -38,7 +38,7 @@ def test_quantized_lora_layers_are_targets(tmp_path, bits):
     got = score_samples(model, samples, danger, safety, progress=False)
     want = score_samples(model, samples, danger, safety, engine="loop", progress=False)
     for k in SCORE_KEYS:
-        assert rel_err([r[k] for r in got], [r[k] for r in want]) < 1e-5, k
+        assert score_err(got, want, k) < 1e-5, k
 
 
 @pytest.fixture
