@@ -62,6 +62,18 @@ class CrashAtStep3(TrainerCallback):
             raise RuntimeError("simulated crash")
 
 
+class CrashAt(TrainerCallback):
+    """Raises at the end of optimizer step ``step``, after the callbacks before it in the Trainer's list have seen
+    that step and before its checkpoint is written, as a killed run would (the last checkpoint is ``step`` − 1)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
 class ThetaEachStep(TrainerCallback):
     """Records θ_s, the trainable parameters optimizer step s starts from (θ_0 at train begin, θ_s after step s),
     whole where FSDP2 or ZeRO-3 shard them."""

@@ -15,7 +15,7 @@ from sqsd_callback.policies import Anchor
 from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_base, tiny_lora
 
-from helpers import CrashAtStep3, dense_asft, trainer
+from helpers import CrashAtStep3, ThetaEachStep, assert_steps_equal_kept_only, dense_asft, trainer
 
 
 def _trainer(model, samples, tmp_path, callbacks=(), batch=2, accum=1, steps=1, optim="sgd", **kw):
@@ -99,6 +99,40 @@ def test_robust_zscore_is_not_blinded_by_the_outliers_it_should_drop():
     assert restored.decide([{"index": 8, "sqsd": 0.8}]) == robust.decide([{"index": 8, "sqsd": 0.8}]) == [True]
     fresh = DropPolicy(zscore_above=2.0, min_history=6, zscore_robust=True)  # without the restored history:
     assert fresh.decide([{"index": 8, "sqsd": 0.8}]) == [False]  # too few scores to judge
+
+
+def test_exclude_dropped_drops_an_example_again_in_the_next_epoch_and_trains_on_the_kept_only(tmp_path):
+    """Two epochs (num_train_epochs=2, no max_steps) of drop_above with exclude_dropped, the default optimizer: the
+    rows number the optimizer steps of both epochs, each epoch seeing every example once; every example dropped in
+    the first epoch is dropped again in the second (one of them scoring below the threshold there, so only the
+    exclusion drops it); every decision is "above the threshold or dropped before"; and θ after every step equals a
+    hand-written loop's on that step's kept examples alone."""
+    samples, threshold, batch = random_samples(12, seed=5), 0.03, 3
+    per_epoch = len(samples) // batch
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    thetas = ThetaEachStep()
+    cb = SQSDCallback(danger, safety, drop_above=threshold, exclude_dropped=True)
+    run = trainer(model, samples, tmp_path / "run", [cb, thetas], batch=batch, steps=-1, num_train_epochs=2)
+    run.train()
+    assert run.state.global_step == 2 * per_epoch
+    rows = read_jsonl(tmp_path / "run" / "sqsd" / "scores.jsonl")
+    assert [r["step"] for r in rows] == [s for s in range(2 * per_epoch) for _ in range(batch)]
+    assert all(r["epoch"] == pytest.approx((r["step"] + 1) / per_epoch) for r in rows)  # 0.25 … 2.0
+    epochs = [[r for r in rows if r["step"] // per_epoch == e] for e in (0, 1)]
+    assert all(sorted(r["index"] for r in rs) == list(range(len(samples))) for rs in epochs)
+
+    first = {r["index"] for r in epochs[0] if r["dropped"]}
+    again = {r["index"] for r in epochs[1] if r["dropped"]}
+    assert first and first <= again and again != set(range(len(samples)))
+    assert any(r["index"] in first and r["sqsd"] <= threshold for r in epochs[1])  # only the exclusion drops it
+    before = set()
+    for r in rows:  # the decisions by hand
+        assert r["dropped"] == (r["sqsd"] > threshold or r["index"] in before), r
+        before |= {r["index"]} if r["dropped"] else set()
+    assert all(any(not r["dropped"] for r in rows if r["step"] == s) for s in range(2 * per_epoch))  # none skipped
+    assert_steps_equal_kept_only(tiny_lora("llama"), samples, rows, tmp_path / "ref", thetas, steps=2 * per_epoch,
+                                 batch=batch)
 
 
 # --------------------------------------------------------------------- stop
