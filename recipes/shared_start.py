@@ -18,7 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from sqsd_callback.directions import DirectionSet, a_cosine
+from sqsd_callback.directions import DirectionSet
+from sqsd_callback.layers import a_cosine
 from sqsd_callback.sinks import read_jsonl
 
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 __all__ = ["DirectionSet", "SQSDCallback", "SQSDConfig", "dataset_examples", "score_samples"]
 _WHERE = {"DirectionSet": ".directions", "SQSDCallback": ".callback", "SQSDConfig": ".config",
-          "dataset_examples": ".identity", "score_samples": ".scoring"}
+          "dataset_examples": ".runtime.identity", "score_samples": ".offline"}
 
 if TYPE_CHECKING:
     from .callback import SQSDCallback
     from .config import SQSDConfig
     from .directions import DirectionSet
-    from .identity import dataset_examples
-    from .scoring import score_samples
+    from .offline import score_samples
+    from .runtime.identity import dataset_examples
 
 
 def __getattr__(name: str):

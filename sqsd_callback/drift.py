@@ -12,10 +12,11 @@ import math
 
 import torch
 
-from .directions import DirectionBank
+from .bank import DirectionBank
 from .groups import group_modules
-from .layers import Sampled, Target, kind_of
-from .scoring import combine
+from .layers import Sampled, kind_of
+from .scoring import combine, global_cosine, global_projection, module_cosines, module_projections
+from .types import Target
 
 
 class Drift:
@@ -75,22 +76,24 @@ class Drift:
                 group.put(*kind_of(group.targets[0]).drift(group, [self.start[m] for m in group.names]), dots, sq)
         both = torch.cat([dots, sq[:, None]], 1).double().cpu()  # one transfer (and wait) per step
         dots, sq = both[:, :-1], both[:, -1]
-        present = self.bank.present
-        v_norm = self.bank.v_norm
-        w_norm = sq.sqrt()[:, None]
-        layer_cos = torch.where(present & (w_norm > 0), dots / (w_norm * v_norm).clamp(min=1e-300), 0.0)
-        layer_proj = torch.where(present, dots / v_norm.clamp(min=1e-300), 0.0)
-        tot_w = (sq[:, None] * present).sum(0).sqrt()
-        tot_v = (v_norm.pow(2) * present).sum(0).sqrt()
-        num = (dots * present).sum(0)
-        cos = torch.where(tot_w > 0, num / (tot_w * tot_v).clamp(min=1e-300), 0.0)
+        layer_cos, layer_proj = module_cosines(dots, sq, self.bank), module_projections(dots, self.bank)
         return {
-            "cosine": cos.tolist(),
-            "projection": (num / tot_v).tolist(),
+            "cosine": global_cosine(dots, sq, self.bank).tolist(),
+            "projection": global_projection(dots, self.bank).tolist(),
             "norm": math.sqrt(float(sq.sum())),
             "layers": {m: {"cosine": layer_cos[j].tolist(), "projection": layer_proj[j].tolist()}
                        for j, m in enumerate(self.bank.modules)},
         }
+
+    def step_row(self, step: int, epoch: float | None) -> tuple[dict[str, float | None], dict]:
+        """Measure after optimizer step ``step``: the run-level scalars (``summarize``) and drift.jsonl's row."""
+        measured = self.measure()
+        scalars = summarize(measured, self.bank)
+        row = {"step": step, "epoch": epoch, **scalars,
+               **{f"cosine/{k}": v for k, v in zip(self.bank.keys, measured["cosine"])},
+               **{f"projection/{k}": v for k, v in zip(self.bank.keys, measured["projection"])},
+               "norm": measured["norm"], "layers": measured["layers"]}
+        return scalars, row
 
 
 def summarize(measured: dict, bank: DirectionBank) -> dict[str, float | None]:

@@ -3,15 +3,10 @@ hooks engine and the drift do their per-module algebra as a few batched operatio
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .directions import Direction, DirectionBank
-
-if TYPE_CHECKING:
-    from .engines.base import Stats
-    from .layers import Target
+from .bank import DirectionBank
+from .types import Direction, Stats, Target
 
 
 def _layout(d: Direction | None):

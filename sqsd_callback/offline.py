@@ -1,26 +1,97 @@
-"""``sqsd score``: offline SQSD of a dataset the paper's way, its ranking, equal-width windows by rank and a plot.
-
-The paper (DESIGN §1) takes danger projections at a fine-tuning checkpoint θ_t (a LoRA adapter at its own scaling)
-and safety projections at θ_0 + α·V_safety (the safety adapter with its scaling replaced by α). Each pass loads one
-adapter onto the base model, scores the sets it serves with ``score_samples`` and takes the adapter off again.
-"""
+"""Offline scoring: SQSD of every sample at a model's parameters, in length-grouped batches, and the paper's protocol
+(DESIGN §1), which takes danger projections at a fine-tuning checkpoint θ_t (a LoRA adapter at its own scaling)
+and safety projections at θ_0 + α·V_safety (the safety adapter with its scaling replaced by α): each pass loads one
+adapter onto the base model, scores the sets it serves and takes the adapter off again."""
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
+from .bank import DirectionBank
 from .directions import DirectionSet
-from .finetune import load_adapter
-from .plots import new_figure
-from .scoring import combine, score_samples
+from .directions.hub import adapter_dir
+from .engines import make_engine
+from .layers import find_targets
+from .scoring import check_metric, combine, project, rows
+from .types import collate
 
-_TEXT_CHARS = 200
+
+def score_samples(
+    model,
+    samples,
+    danger=(),
+    safety=(),
+    metric: str = "cosine",
+    engine: str = "hooks",
+    batch_size: int = 8,
+    progress: bool = True,
+    max_tokens: int | None = None,
+) -> list[dict]:
+    """SQSD of every sample at the model's current parameters, one row per sample in input order.
+
+    ``samples``: dicts with ``input_ids`` and ``labels`` (−100 = not scored), optional ``attention_mask`` and
+    ``index`` (defaults to the sample's position); batches group samples of similar length, at most
+    ``batch_size`` of them and, with ``max_tokens``, at most that many padded tokens (long examples go in smaller
+    batches, so activation memory stays bounded; a longer example goes alone). Each example is
+    scored as the paper does, by its own mean-loss gradient at batch size 1, without dropout; the model's
+    parameters, ``.grad`` and train/eval mode are left as found.
+    """
+    check_metric(metric)
+    samples = list(samples)
+    if not samples:
+        raise ValueError("score_samples got no samples.")
+    targets = find_targets(model)
+    device = next(iter(targets.values())).params[0].device
+    bank = DirectionBank([*danger, *safety], {m: t.shape for m, t in targets.items()}).to(device)
+    scorer = make_engine(engine, targets, bank, model=model)
+    out: list[dict] = [{} for _ in samples]
+    batches = length_batches([len(s.get("input_ids", ())) for s in samples], batch_size, max_tokens)
+    for positions in tqdm(batches, desc=f"sqsd score ({engine})", disable=not progress or len(batches) < 2):
+        chunk = [samples[i] for i in positions]
+        batch = collate(chunk)
+        batch.index = [s.get("index", i) for i, s in zip(positions, chunk)]
+        stats = scorer.compute(model, batch.to(device))
+        for i, row in zip(positions, rows(project(stats, bank, metric), bank, batch.n_scored, batch.index)):
+            out[i] = row
+    return out
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Positions grouped by length (little padding): at most ``batch_size`` per batch and, with ``max_tokens``, at
+    most that many padded tokens (batch size × its longest example); an example longer than ``max_tokens`` alone."""
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"batch_size and max_tokens must be positive, got {batch_size} and {max_tokens}")
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        last = batches[-1] if batches else None
+        fits = last is not None and len(last) < batch_size and (
+            max_tokens is None or (len(last) + 1) * lengths[i] <= max_tokens)  # i is the longest so far
+        if fits:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def load_adapter(model, name_or_path: str | Path, scaling: float | None = None):
+    """``model`` with a saved LoRA adapter on top (a PeftModel; ``.unload()`` takes it off); ``scaling`` replaces the
+    adapter's own alpha/r factor, as the paper loads θ_0 + α·V_safety."""
+    from peft import PeftModel
+    path = adapter_dir(name_or_path)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"adapter {path} does not fit the model ({type(model).__name__}, "
+                         f"{getattr(model.config, 'name_or_path', '')}): {err}") from err
+    if scaling is not None:
+        for module in peft_model.modules():
+            if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
+                module.scaling["default"] = scaling
+    return peft_model
 
 
 @dataclass
@@ -73,78 +144,3 @@ def score_offline(model, samples: Sequence[dict], passes: Sequence[ScoringPass],
             row.update(combine(list(value.values()), [kinds[k] for k in value]))
         out.append({**row, **value})
     return out
-
-
-def rank_windows(rows: Sequence[dict], k: int) -> tuple[list[dict], list[dict]]:
-    """(ranking, windows): scored rows by SQSD, riskiest first, each with its ``rank`` and ``window``; and k
-    contiguous windows of the ranking whose sizes differ by at most one (window 1 the riskiest)."""
-    ranked = sorted((r for r in rows if r["sqsd"] is not None), key=lambda r: r["sqsd"], reverse=True)
-    if not ranked:
-        raise ValueError("no example has scored tokens (every label is -100): nothing to rank")
-    if not 1 <= k <= len(ranked):
-        raise ValueError(f"windows must be between 1 and the {len(ranked)} scored examples, not {k}")
-    ranking, windows, start = [], [], 0
-    for w in range(k):
-        size = len(ranked) // k + (w < len(ranked) % k)
-        chunk = ranked[start:start + size]
-        ranking += [{"rank": start + i + 1, "window": w + 1, **r} for i, r in enumerate(chunk)]
-        values = [r["sqsd"] for r in chunk]
-        windows.append({"window": w + 1, "first_rank": start + 1, "last_rank": start + size, "size": size,
-                        "sqsd_max": values[0], "sqsd_min": values[-1], "sqsd_mean": sum(values) / size,
-                        "indices": [r["index"] for r in chunk]})
-        start += size
-    return ranking, windows
-
-
-def score_distribution(rows: Sequence[dict], windows: Sequence[dict]) -> Figure:
-    """Histogram of per-example SQSD with the window boundaries, and danger against safety projections."""
-    scored = [r for r in rows if r["sqsd"] is not None]
-    fig, (left, right) = new_figure((11, 3.8), ncols=2)
-    left.hist([r["sqsd"] for r in scored], bins=min(50, max(10, len(scored) // 4)), color="tab:red", alpha=0.7)
-    for w in windows[1:]:
-        left.axvline(w["sqsd_max"], color="grey", lw=0.8, ls="--")
-    left.set(xlabel="SQSD (higher = riskier)", ylabel="examples",
-             title=f"Per-example SQSD, {len(windows)} windows by rank")
-    right.scatter([r["safety"] or 0.0 for r in scored], [r["danger"] or 0.0 for r in scored], s=8, alpha=0.6,
-                  c=[r["sqsd"] for r in scored], cmap="coolwarm")
-    right.set(xlabel="P(safety)", ylabel="P(danger)", title="Danger against safety projection")
-    fig.tight_layout()
-    return fig
-
-
-def write_scores(rows: Sequence[dict], records: Sequence[dict], out: str | Path, k: int, about: dict) -> dict:
-    """Write ``scores.jsonl``, ``ranking.csv``, ``windows.json``, ``windows.csv``, ``scores.png`` and ``score.json``
-    (what was done); returns the paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ranking, windows = rank_windows(rows, k)
-    paths = {name: out / name for name in ("scores.jsonl", "ranking.csv", "windows.json", "windows.csv",
-                                           "scores.png", "score.json")}
-
-    def text(r: dict) -> dict:
-        """The example's prompt and the data's own columns (ids, categories; prefixed ``data_`` on a clash)."""
-        record = records[r["index"]]
-        columns = {(f"data_{k}" if k in r or k == "prompt" else k): v for k, v in record.get("columns", {}).items()}
-        return {"prompt": record["prompt"][:_TEXT_CHARS], **columns}
-
-    with open(paths["scores.jsonl"], "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({**r, **text(r)}) + "\n" for r in rows)
-    set_keys = [k_ for k_ in rows[0] if "/" in k_]
-    data_keys = list(dict.fromkeys(k_ for r in rows[:1] for k_ in text(r) if k_ != "prompt"))
-    _write_csv(paths["ranking.csv"], [{**r, **text(r)} for r in ranking],
-               ["rank", "window", "index", "sqsd", "danger", "safety", *set_keys, *data_keys, "prompt"])
-    paths["windows.json"].write_text(json.dumps(windows, indent=1))
-    _write_csv(paths["windows.csv"], windows, ["window", "first_rank", "last_rank", "size", "sqsd_max", "sqsd_min",
-                                               "sqsd_mean"])
-    fig = score_distribution(rows, windows)
-    fig.savefig(paths["scores.png"], dpi=120)
-    paths["score.json"].write_text(json.dumps({**about, "examples": len(rows), "scored": len(ranking),
-                                               "windows": k}, indent=2))
-    return paths
-
-
-def _write_csv(path: Path, rows: Sequence[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .directions import DirectionBank
-from .engines.base import Stats
+from .bank import DirectionBank
+from .types import Stats
 
 METRICS = ("cosine", "projection", "global_cosine")
 
@@ -16,6 +16,37 @@ def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"Unknown metric {metric!r}; choose one of {METRICS} ('cosine' is the paper's).")
     return metric
+
+
+def module_cosines(dots: torch.Tensor, sq: torch.Tensor, bank: DirectionBank) -> torch.Tensor:
+    """cos(ΔW_m, V_m,k) per module and set (…×M×K) from dots (…×M×K) and squared norms ‖ΔW_m‖² (…×M); 0 where
+    the set has no direction for the module or ΔW_m = 0."""
+    present, v_norm = bank.present.to(dots.device), bank.v_norm.to(dots.device)
+    w_norm = sq.clamp(min=0).sqrt()[..., None]
+    safe_v = torch.where(present, v_norm, torch.ones_like(v_norm))
+    cos = torch.where(w_norm > 0, dots / (w_norm.clamp(min=1e-300) * safe_v), torch.zeros_like(dots))
+    return cos * present
+
+
+def module_projections(dots: torch.Tensor, bank: DirectionBank) -> torch.Tensor:
+    """<ΔW_m, V_m,k>/‖V_m,k‖ per module and set (…×M×K); 0 where the set has no direction for the module."""
+    present, v_norm = bank.present.to(dots.device), bank.v_norm.to(dots.device)
+    return dots / torch.where(present, v_norm, torch.ones_like(v_norm)) * present
+
+
+def global_cosine(dots: torch.Tensor, sq: torch.Tensor, bank: DirectionBank) -> torch.Tensor:
+    """One cosine per set (…×K) between ΔW and V over the modules the set covers, all of them concatenated."""
+    present, v_norm = bank.present.to(dots.device), bank.v_norm.to(dots.device)
+    w_norm = (sq[..., None] * present).sum(-2).clamp(min=0).sqrt()
+    v_tot = (v_norm.pow(2) * present).sum(0).sqrt()
+    num = (dots * present).sum(-2)
+    return torch.where(w_norm > 0, num / (w_norm.clamp(min=1e-300) * v_tot), torch.zeros_like(num))
+
+
+def global_projection(dots: torch.Tensor, bank: DirectionBank) -> torch.Tensor:
+    """The signed length of ΔW along each set (…×K), all modules the set covers concatenated: <ΔW, V>/‖V‖."""
+    present, v_norm = bank.present.to(dots.device), bank.v_norm.to(dots.device)
+    return (dots * present).sum(-2) / (v_norm.pow(2) * present).sum(0).sqrt().clamp(min=1e-300)
 
 
 def project(stats: Stats, bank: DirectionBank, metric: str, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,20 +60,12 @@ def project(stats: Stats, bank: DirectionBank, metric: str, scale: torch.Tensor 
     if scale is not None:
         s = scale.double().to(dots.device)
         dots, sq = dots * s[:, None, None], sq * s[:, None] ** 2
-    present = bank.present.to(dots.device)
-    v_norm = bank.v_norm.to(dots.device)
-    safe_v = torch.where(present, v_norm, torch.ones_like(v_norm))
     if metric == "projection":
-        return (dots / safe_v).mul(present).sum(1)
+        return module_projections(dots, bank).sum(1)
     if metric == "cosine":
-        w_norm = sq.clamp(min=0).sqrt()[:, :, None]
-        cos = torch.where(w_norm > 0, dots / (w_norm.clamp(min=1e-300) * safe_v), torch.zeros_like(dots))
-        return cos.mul(present).sum(1)
+        return module_cosines(dots, sq, bank).sum(1)
     if metric == "global_cosine":
-        w_norm = (sq[:, :, None] * present).sum(1).clamp(min=0).sqrt()
-        v_tot = (v_norm.pow(2) * present).sum(0).sqrt()
-        num = (dots * present).sum(1)
-        return torch.where(w_norm > 0, num / (w_norm.clamp(min=1e-300) * v_tot), torch.zeros_like(num))
+        return global_cosine(dots, sq, bank)
     raise ValueError(check_metric(metric))
 
 
@@ -82,67 +105,3 @@ def riskiest(score_rows: list[dict], k: int) -> list[dict]:
         if r.get("sqsd") is not None:
             latest[r["index"]] = r
     return sorted(latest.values(), key=lambda r: r["sqsd"], reverse=True)[:k]
-
-
-def score_samples(
-    model,
-    samples,
-    danger=(),
-    safety=(),
-    metric: str = "cosine",
-    engine: str = "hooks",
-    batch_size: int = 8,
-    progress: bool = True,
-    max_tokens: int | None = None,
-) -> list[dict]:
-    """SQSD of every sample at the model's current parameters, one row per sample in input order.
-
-    ``samples``: dicts with ``input_ids`` and ``labels`` (−100 = not scored), optional ``attention_mask`` and
-    ``index`` (defaults to the sample's position); batches group samples of similar length, at most
-    ``batch_size`` of them and, with ``max_tokens``, at most that many padded tokens (long examples go in smaller
-    batches, so activation memory stays bounded; a longer example goes alone). Each example is
-    scored as the paper does, by its own mean-loss gradient at batch size 1, without dropout; the model's
-    parameters, ``.grad`` and train/eval mode are left as found.
-    """
-    from tqdm.auto import tqdm
-
-    from .directions import DirectionBank
-    from .engines import make_engine
-    from .engines.base import collate
-    from .layers import find_targets
-
-    check_metric(metric)
-    samples = list(samples)
-    if not samples:
-        raise ValueError("score_samples got no samples.")
-    targets = find_targets(model)
-    device = next(iter(targets.values())).params[0].device
-    bank = DirectionBank([*danger, *safety], {m: t.shape for m, t in targets.items()}).to(device)
-    scorer = make_engine(engine, targets, bank, model=model)
-    out: list[dict] = [{} for _ in samples]
-    batches = length_batches([len(s.get("input_ids", ())) for s in samples], batch_size, max_tokens)
-    for positions in tqdm(batches, desc=f"sqsd score ({engine})", disable=not progress or len(batches) < 2):
-        chunk = [samples[i] for i in positions]
-        batch = collate(chunk)
-        batch.index = [s.get("index", i) for i, s in zip(positions, chunk)]
-        stats = scorer.compute(model, batch.to(device))
-        for i, row in zip(positions, rows(project(stats, bank, metric), bank, batch.n_scored, batch.index)):
-            out[i] = row
-    return out
-
-
-def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Positions grouped by length (little padding): at most ``batch_size`` per batch and, with ``max_tokens``, at
-    most that many padded tokens (batch size × its longest example); an example longer than ``max_tokens`` alone."""
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
-        raise ValueError(f"batch_size and max_tokens must be positive, got {batch_size} and {max_tokens}")
-    batches: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        last = batches[-1] if batches else None
-        fits = last is not None and len(last) < batch_size and (
-            max_tokens is None or (len(last) + 1) * lengths[i] <= max_tokens)  # i is the longest so far
-        if fits:
-            last.append(i)
-        else:
-            batches.append([i])
-    return batches

@@ -1,5 +1,5 @@
 """Shared test set-up: offline, no wandb; the embedded tokenizer over a tiny model. Tiny models and data for
-the core tests live in sqsd_callback.testing."""
+the core tests live in sqsd_lab.tiny."""
 
 import os
 
@@ -26,7 +26,7 @@ def _restore_environ():
 @pytest.fixture(scope="session")
 def gguf_tokenizer():
     """SmolLM2's tokenizer with its ChatML template, read from the embedded GGUF (about 5 s)."""
-    from sqsd_callback.data import load_tokenizer
+    from sqsd_lab.data import load_tokenizer
     return load_tokenizer()
 
 

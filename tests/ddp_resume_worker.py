@@ -14,7 +14,7 @@ import torch
 import torch.distributed
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.testing import random_samples, three_sets, tiny_lora
+from sqsd_lab.tiny import random_samples, three_sets, tiny_lora
 
 from helpers import CrashAt, ThetaEachStep, finish_worker, trainer
 

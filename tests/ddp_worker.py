@@ -12,7 +12,8 @@ import torch
 import torch.distributed
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_lora
+from sqsd_callback.policies import DropPolicy
+from sqsd_lab.tiny import random_samples, random_set, three_sets, tiny_lora
 
 from helpers import ThetaEachStep, finish_worker, trainer
 
@@ -48,7 +49,8 @@ def run(out: Path, name: str) -> None:
     rank = torch.distributed.get_rank()
     if rank == 0:
         torch.save(thetas.theta, out / name / "thetas.pt")
-    (out / name / f"drop-rank{rank}.json").write_text(json.dumps(cb.drop.state_dict()))
+    drop = next((p for p in cb.policies if p.name == "drop"), DropPolicy())  # a run without drops: the empty state
+    (out / name / f"drop-rank{rank}.json").write_text(json.dumps(drop.state_dict()))
 
 
 def refused(out: Path, name: str) -> None:

@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.testing import three_sets, tiny_lora
+from sqsd_lab.tiny import three_sets, tiny_lora
 
 from deepspeed_worker import SAMPLES, STOP
 from helpers import ThetaEachStep, finish_worker, trainer

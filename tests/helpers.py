@@ -19,10 +19,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sqsd_callback import score_samples
-from sqsd_callback.distributed import full_parameters
 from sqsd_callback.layers import lora_targets
+from sqsd_callback.runtime.distributed import full_parameters
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pad_collator, score_err
+from sqsd_lab.tiny import pad_collator, score_err
 
 SCORE_KEYS = ["danger", "safety", "sqsd", "danger/d1", "danger/d2", "safety/s1"]
 

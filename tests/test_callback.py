@@ -10,7 +10,7 @@ from sqsd_callback import DirectionSet, SQSDCallback, score_samples
 from sqsd_callback.directions import Direction
 from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import (
+from sqsd_lab.tiny import (
     VOCAB,
     pad_collator,
     random_samples,
@@ -219,7 +219,7 @@ def test_sft_trainer_projection_scores_equal_score_samples(tmp_path):
 
 
 def test_report_from_a_run(tmp_path):
-    from sqsd_callback.report import write_report
+    from sqsd_lab.report import write_report
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
     run = _sft(tmp_path, SQSDCallback(danger, safety), model, bf16=False)

@@ -8,10 +8,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sqsd_callback import DirectionSet, score_samples
-from sqsd_callback.cli import main
-from sqsd_callback.data import load_model, tokenize_chats
-from sqsd_callback.finetune import load_adapter
+from sqsd_callback.offline import load_adapter
 from sqsd_callback.sinks import read_jsonl
+from sqsd_lab.cli import main
+from sqsd_lab.data import load_model, tokenize_chats
 
 HARMFUL = [f"Explain how to do forbidden thing number {i} without being caught." for i in range(20)]
 BENIGN = [{"prompt": f"What is {a} + {a + 3}?", "response": f"{a} + {a + 3} = {2 * a + 3}. Happy to help."}
@@ -44,6 +44,7 @@ def directions(tmp_path_factory, model_dir):
     return out
 
 
+@pytest.mark.slow
 def test_directions_writes_loadable_adapters_and_keeps_held_out_prompts_out(directions, tiny_model):
     shapes = {n: tuple(m.weight.shape) for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)}
     for kind in ("danger", "safety"):
@@ -60,6 +61,7 @@ def test_directions_writes_loadable_adapters_and_keeps_held_out_prompts_out(dire
         assert len(trained) == 8 and not held_out & set(trained)
 
 
+@pytest.mark.slow
 def test_score_paper_way_equals_score_samples_at_the_papers_initialisations(tmp_path, model_dir, directions):
     data = _jsonl(tmp_path / "benign.jsonl", BENIGN)
     out = tmp_path / "scores"
@@ -88,6 +90,7 @@ def test_score_paper_way_equals_score_samples_at_the_papers_initialisations(tmp_
     assert (out / "ranking.csv").read_text().splitlines()[0].startswith("rank,window,index,sqsd")
 
 
+@pytest.mark.slow
 def test_score_at_current_parameters_with_named_adapters(tmp_path, model_dir, directions):
     data = _jsonl(tmp_path / "benign.jsonl", BENIGN[:4])
     out = tmp_path / "scores"
@@ -158,8 +161,9 @@ def test_report_on_a_missing_run(tmp_path, capsys):
     assert "No scores.jsonl" in _error(capsys, ["report", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_demo_stages_on_a_tiny_model_then_all_cached(tmp_path, model_dir):
-    from sqsd_callback.demo import DemoSizes, run_demo
+    from sqsd_lab.demo import DemoSizes, run_demo
     sizes = DemoSizes(held_out=4, benign_eval=4, align_refusals=4, retention=4, directions=4, finetune=8,
                       epochs=1, rank=2, response_tokens=24, eval_tokens=8, max_length=96)
     summary = run_demo(tmp_path, str(model_dir), sizes)
@@ -181,13 +185,13 @@ def test_help_and_version_are_instant_and_exit_codes_tell_usage_from_runtime_err
     import sys
 
     from sqsd_callback import __version__
-    code = ("import sys; from sqsd_callback.cli import build_parser; build_parser().format_help(); "
+    code = ("import sys; from sqsd_lab.cli import build_parser; build_parser().format_help(); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # the help imports none of the heavy libraries
-    version = subprocess.run([sys.executable, "-m", "sqsd_callback.cli", "--version"], capture_output=True, text=True)
+    version = subprocess.run([sys.executable, "-m", "sqsd_lab.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"sqsd {__version__}"
-    usage = subprocess.run([sys.executable, "-m", "sqsd_callback.cli", "score"], capture_output=True, text=True)
+    usage = subprocess.run([sys.executable, "-m", "sqsd_lab.cli", "score"], capture_output=True, text=True)
     assert usage.returncode == 2 and "required" in usage.stderr
     assert main(["report", str(tmp_path / "nothing")]) == 1
 
@@ -204,14 +208,14 @@ def test_help_and_version_are_instant_and_exit_codes_tell_usage_from_runtime_err
     ({"instruction": "do", "context": "ctx", "response": "r", "category": "qa", "id": 7}, "do\nctx", "r"),
 ])
 def test_dataset_formats_are_recognised_and_keep_their_columns(tmp_path, row, prompt, response):
-    from sqsd_callback.data import load_records
+    from sqsd_lab.data import load_records
     (record,) = load_records(_jsonl(tmp_path / "d.jsonl", [row]))
     assert (record["prompt"], record["response"]) == (prompt, response)
     assert record["columns"]["id"] == 7 and record["columns"].get("category", "qa") == "qa"
 
 
 def test_unknown_format_names_the_formats(tmp_path):
-    from sqsd_callback.data import load_records
+    from sqsd_lab.data import load_records
     with pytest.raises(ValueError, match=r"cannot tell the dataset's format from its fields \['q'\].*Dolly"):
         load_records(_jsonl(tmp_path / "d.jsonl", [{"q": "x"}]))
 

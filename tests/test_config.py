@@ -9,7 +9,7 @@ import pytest
 from sqsd_callback import SQSDCallback, SQSDConfig
 from sqsd_callback.directions import DirectionSet
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, three_sets, tiny_lora
+from sqsd_lab.tiny import random_samples, three_sets, tiny_lora
 
 from helpers import trainer
 
@@ -68,6 +68,7 @@ def test_bad_options_fail_when_built(options, error, message):
             SQSDConfig(**options)
 
 
+@pytest.mark.slow
 def test_config_and_keywords_are_one_or_the_other_and_train_alike(tmp_path):
     model = tiny_lora("llama")
     danger, safety = three_sets(model)

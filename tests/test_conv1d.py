@@ -12,7 +12,7 @@ from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.directions import DirectionSet
 from sqsd_callback.layers import Conv1DTarget, find_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, random_set, score_err, tiny_base
+from sqsd_lab.tiny import random_samples, random_set, score_err, tiny_base
 
 from helpers import (
     SCORE_KEYS,

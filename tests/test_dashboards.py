@@ -12,7 +12,7 @@ from wandb_files import offline_run
 
 from sqsd_callback import SQSDCallback
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, three_sets, tiny_lora, word_tokenizer
+from sqsd_lab.tiny import random_samples, three_sets, tiny_lora, word_tokenizer
 
 from helpers import CrashAtStep3, trainer
 
@@ -33,6 +33,7 @@ def _assert_files_complete(tmp_path, steps=4):
     assert [d["step"] for d in read_jsonl(tmp_path / "sqsd" / "drift.jsonl")] == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_scalars_histogram_table_heatmap_and_config(tmp_path):
     """The run trains in a child process: wandb's service writes the offline run's files completely only when
     its process ends."""
@@ -65,6 +66,7 @@ def test_wandb_offline_run_has_scalars_histogram_table_heatmap_and_config(tmp_pa
     assert [s["key"] for s in sets] == ["danger/d1", "danger/d2", "safety/s1"] and all(s["norm"] > 0 for s in sets)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_shows_the_texts_of_examples_seen_before_its_checkpoint(tmp_path, monkeypatch):
     """The wandb table's text column: the old code filled it only for examples first seen after the resume, so
     the riskiest examples from before the checkpoint showed empty text."""
@@ -87,7 +89,7 @@ def test_a_resumed_run_shows_the_texts_of_examples_seen_before_its_checkpoint(tm
     cb = run(resume=True)
     wandb.finish()
     texts = {r["index"]: r["text"][:200] for r in read_jsonl(tmp_path / "sqsd" / "examples.jsonl")}
-    sink = next(s for s in cb.sinks if type(s).__name__ == "WandbSink")
+    sink = next(s for s in cb.run.sinks if type(s).__name__ == "WandbSink")
     assert len(texts) == 8 and sink.texts == texts
 
 
@@ -113,6 +115,7 @@ def test_tensorboard_gets_the_scalars_with_wandb_hidden(tmp_path, monkeypatch):
     _assert_files_complete(tmp_path)
 
 
+@pytest.mark.slow
 def test_wandb_failing_mid_run_warns_once_and_training_goes_on(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -134,3 +137,16 @@ def test_wandb_failing_mid_run_warns_once_and_training_goes_on(tmp_path, monkeyp
     assert trainer.state.global_step == 6
     assert all("sqsd/drift" in h for h in trainer.state.log_history if "loss" in h)
     _assert_files_complete(tmp_path, steps=6)
+
+
+def test_sinks_come_from_the_registry_and_an_unknown_report_to_name_is_refused(tmp_path):
+    """A report_to name with a sink of its own gets it, one the Trainer reports to itself (mlflow) sees the scalars
+    through the Trainer's logs, and any other name is an error listing the known ones."""
+    from sqsd_callback.sinks import SinkContext, make_sinks
+    run = SinkContext(tmp_path, None, {}, 10, {})
+    made = make_sinks(["mlflow", "tensorboard"], run)
+    assert [type(s).__name__ for s in made] == ["RunFiles", "TensorBoardSink"]
+    for s in made:
+        s.close()
+    with pytest.raises(ValueError, match=r"report_to names \['no_such_backend'\].*'mlflow'.*'tensorboard'.*'wandb'"):
+        make_sinks(["no_such_backend"], run)

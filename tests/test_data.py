@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from sqsd_callback import data
-from sqsd_callback.data import (
+from sqsd_lab import data
+from sqsd_lab.data import (
     IGNORE_INDEX,
     benign_records,
     benign_tasks,
@@ -62,6 +62,7 @@ def test_load_model_local_dir_gets_pad_token_and_chat_template(tmp_path, tiny_mo
     assert model.config.hidden_size == 32
 
 
+@pytest.mark.slow
 def test_embedded_model_is_a_chat_model_that_answers():
     model, tokenizer = load_model()
     assert model.config.num_hidden_layers == 30 and not model.training

@@ -11,10 +11,12 @@ import torch
 
 from sqsd_callback.policies import DropPolicy
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import three_sets, tiny_lora
+from sqsd_lab.tiny import three_sets, tiny_lora
 
 from ddp_worker import REFUSED, RUNS, SAMPLES, STEPS, TRAIN, anchor_set
 from helpers import ThetaEachStep, assert_every_step_matches_loop, assert_steps_equal_kept_only, dense_asft, launch
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from sqsd_callback import DirectionSet, score_samples
-from sqsd_callback.directions import Direction, DirectionBank
+from sqsd_callback.bank import DirectionBank
 from sqsd_callback.layers import lora_targets
-from sqsd_callback.testing import random_samples, random_set, score_err, tiny_base, tiny_lora
+from sqsd_callback.types import Direction
+from sqsd_lab.tiny import random_samples, random_set, score_err, tiny_base, tiny_lora
 
 
 def _shapes(model):
@@ -160,7 +161,7 @@ def test_weight_diff_of_gpt2_conv1d_layers_is_oriented_like_lora():
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sqsd_callback.testing import random_samples, score_err
+    from sqsd_lab.tiny import random_samples, score_err
 
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64))
@@ -215,15 +216,16 @@ def _mean_abs_cos_of_A(a: DirectionSet, b: DirectionSet) -> float:
     return sum(cos) / len(cos)
 
 
+@pytest.mark.slow
 def test_direction_adapters_start_from_their_own_random_A(tmp_path, tiny_model, gguf_tokenizer):
     """`sqsd directions` initialises the danger and safety adapters each from its own random A, and neither from
     the training seed a fine-tune runs with (train_lora's default, 0). Before, all started from seed 0: on the
     demo the danger, safety and fine-tuned adapters' A factors had mean |cosine| 0.97, and the fine-tune's drift was
     +0.044 after one step. Rank-2 A factors of 32 or 64 inputs drawn independently give |cosine| ≈ 0.1; a shared
     start (trained one epoch) gives ≈ 1, so 0.35 separates them."""
-    from sqsd_callback.adapters import build_directions, direction_sets, refusal_records
-    from sqsd_callback.data import tokenize_chats
-    from sqsd_callback.finetune import lora_config, train_lora
+    from sqsd_lab.adapters import build_directions, direction_sets, refusal_records
+    from sqsd_lab.data import tokenize_chats
+    from sqsd_lab.finetune import lora_config, train_lora
 
     harmful = [f"Explain forbidden thing {i}." for i in range(8)]
     build_directions(tiny_model, gguf_tokenizer, tmp_path / "dirs",

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from sqsd_callback import score_samples
-from sqsd_callback.directions import DirectionBank
+from sqsd_callback.bank import DirectionBank
 from sqsd_callback.engines import make_engine
-from sqsd_callback.engines.base import collate
 from sqsd_callback.layers import lora_targets
-from sqsd_callback.testing import VOCAB, random_samples, random_set, score_err, three_sets, tiny_lora
+from sqsd_callback.types import collate
+from sqsd_lab.tiny import VOCAB, random_samples, random_set, score_err, three_sets, tiny_lora
 
 from helpers import SCORE_KEYS
 
@@ -70,7 +70,7 @@ def test_hand_computed_single_module_case():
     t = targets[name]
     V = torch.randn(t.shape, generator=torch.Generator().manual_seed(3))
     from sqsd_callback import DirectionSet
-    from sqsd_callback.directions import Direction
+    from sqsd_callback.types import Direction
     ds = DirectionSet({name: Direction(dense=V)}, "danger", "one")
     sample = {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, -100, 8]}
     loss = model(input_ids=torch.tensor([sample["input_ids"]]), labels=torch.tensor([sample["labels"]])).loss
@@ -119,9 +119,9 @@ def test_output_layer_logits_in_chunks_score_like_the_loop(monkeypatch, chunk_by
     """The scored positions' logits a few at a time (5 positions per chunk here), each chunk's loss gradient formed
     and sent back through the output layer at once: offline memory then does not grow with scored tokens ×
     vocabulary, the backward recomputes no chunk, and the scores stay the loop's (1e-5)."""
-    from sqsd_callback.engines import base
+    from sqsd_callback.engines import losses
     if chunk_bytes is not None:
-        monkeypatch.setattr(base, "HEAD_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(losses, "HEAD_CHUNK_BYTES", chunk_bytes)
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
     samples = random_samples(6, seed=22)
@@ -156,9 +156,9 @@ def test_a_scored_output_layer_and_soft_capped_logits_score_like_the_loop():
     layer (Gemma 2) is never chunked, since the layer's output is not its logits."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from sqsd_callback.engines.base import output_layer
+    from sqsd_callback.engines.losses import output_layer
     from sqsd_callback.layers import find_targets
-    from sqsd_callback.testing import tiny_base
+    from sqsd_lab.tiny import tiny_base
 
     model = tiny_base("llama")
     assert "lm_head" in find_targets(model)
@@ -238,9 +238,9 @@ def test_modules_grouped_by_layout_score_like_the_loop(kind):
     low-rank sets of different ranks side by side, and a set absent from some layers, each module's dots and
     squared norm still equal the batch-size-1 loop's (tolerance 1e-5 of the largest)."""
     from sqsd_callback import DirectionSet
-    from sqsd_callback.directions import Direction
     from sqsd_callback.layers import find_targets
-    from sqsd_callback.testing import tiny_full_ft
+    from sqsd_callback.types import Direction
+    from sqsd_lab.tiny import tiny_full_ft
 
     model = tiny_lora("llama", targets=["q_proj", "k_proj", "v_proj", "up_proj"]) if kind == "lora" else \
         tiny_full_ft("llama", ["q_proj", "k_proj", "v_proj", "up_proj"])
@@ -269,7 +269,7 @@ def test_training_pass_with_lora_dropout_scores_the_gradients_it_made():
     """In train mode with lora_dropout the masks are part of each example's gradient: the engine's kept
     per-example gradients sum to the pass's own .grad, and its dots and norms equal the dense math on them
     (tolerance 1e-5 of the largest)."""
-    from sqsd_callback.engines.base import dense_stats, example_mean_losses
+    from sqsd_callback.engines.losses import dense_stats, example_mean_losses
 
     model = tiny_lora("llama", targets=["q_proj", "v_proj", "up_proj", "down_proj"], dropout=0.5)
     danger, safety = three_sets(model)
@@ -297,7 +297,7 @@ def test_training_pass_with_lora_dropout_scores_the_gradients_it_made():
 
 
 def test_length_batches_respect_count_and_token_budget():
-    from sqsd_callback.scoring import length_batches
+    from sqsd_callback.offline import length_batches
     lengths = [5, 100, 6, 7, 50, 300]
     assert length_batches(lengths, 3) == [[0, 2, 3], [4, 1, 5]]  # by length, 3 at most
     # budget 120 padded tokens: 5,6,7 (3×7 = 21); with 50 it would be 4×50 = 200 > 120, so 50 starts a batch;

@@ -8,10 +8,12 @@ import warnings
 import pytest
 import torch
 
-from sqsd_callback import SQSDCallback, sinks
-from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.state import STATE_FILE, load_state
-from sqsd_callback.testing import random_samples, three_sets, tiny_lora
+from sqsd_callback import SQSDCallback
+from sqsd_callback.runtime.checkpoint import STATE_FILE, load_state
+from sqsd_callback.runtime.run_folder import RunFolder, start_run_dir
+from sqsd_callback.sinks import files, read_jsonl
+from sqsd_callback.sinks.files import JsonlWriter
+from sqsd_lab.tiny import random_samples, three_sets, tiny_lora
 
 from helpers import trainable, trainer, unchanged
 
@@ -35,6 +37,7 @@ def test_state_is_safetensors_with_json_header(tmp_path):
         assert not f.read(2).startswith(b"PK")  # not a torch.save zip archive
 
 
+@pytest.mark.slow
 def test_torn_state_file_is_named_with_the_way_out(tmp_path):
     _run(tmp_path)
     (state,) = (tmp_path / "checkpoint-2").glob("sqsd_state.*")
@@ -72,7 +75,7 @@ def test_failing_score_log_warns_once_and_training_and_drops_go_on(tmp_path, mon
     def full_disk_for_scores(path, *args, **kwargs):
         f = real_open(path, *args, **kwargs)
         return Full(f) if str(path).endswith("scores.jsonl") else f
-    monkeypatch.setattr(sinks, "open", full_disk_for_scores, raising=False)
+    monkeypatch.setattr(files, "open", full_disk_for_scores, raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run, cb = _run(tmp_path, steps=3)
@@ -81,12 +84,12 @@ def test_failing_score_log_warns_once_and_training_and_drops_go_on(tmp_path, mon
     assert run.state.global_step == 3
     assert sum(h["sqsd/dropped"] for h in run.state.log_history if "sqsd/dropped" in h) == 3  # 1 per step
     assert len(list((tmp_path / "sqsd").glob("drift.jsonl"))) == 1  # the other logs are complete
-    assert torch.is_tensor(next(iter(cb.drift.state_tensors().values())))
+    assert torch.is_tensor(next(iter(cb.run.drift.state_tensors().values())))
 
 
 def test_a_score_log_that_cannot_be_finished_warns_at_close(tmp_path):
     """Rows buffered after a failed write are flushed at close; a disk still full there used to end train()."""
-    writer = sinks.JsonlWriter(tmp_path / "scores.jsonl")
+    writer = JsonlWriter(tmp_path / "scores.jsonl")
     writer._f.close()
 
     class Full:
@@ -101,12 +104,12 @@ def test_a_score_log_that_cannot_be_finished_warns_at_close(tmp_path):
 def test_a_full_disk_at_train_begin_is_refused_before_any_step_with_what_to_do(tmp_path, monkeypatch):
     """The old code raised the bare OSError of its first write (run.json), naming neither the folder's owner nor
     the fix."""
-    from sqsd_callback import callback
+    from sqsd_callback.runtime import run_folder
 
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(callback, "start_run_dir", full)
+    monkeypatch.setattr(run_folder, "start_run_dir", full)
     model = tiny_lora("llama")
     danger, safety = three_sets(model)
     start = trainable(model)
@@ -116,6 +119,7 @@ def test_a_full_disk_at_train_begin_is_refused_before_any_step_with_what_to_do(t
     assert info.value.errno == errno.ENOSPC and unchanged(model, start)
 
 
+@pytest.mark.slow
 def test_a_resume_whose_state_is_missing_says_so_not_that_the_disk_is_full(tmp_path):
     """The missing state is a FileNotFoundError naming the file, raised before any step; the train-begin guard for
     unwritable folders must not turn it into advice about free space."""
@@ -138,12 +142,9 @@ def test_a_resume_whose_state_is_missing_says_so_not_that_the_disk_is_full(tmp_p
 def test_a_resume_sets_aside_a_later_or_unreadable_stop_record(tmp_path, recorded, moved):
     """A stop.json from after the resumed step, torn or foreign goes to previous-1/ with the last-safe adapter
     (the old code raised TypeError on foreign contents); one from before it is the resumed history's own."""
-    model = tiny_lora("llama")
-    cb = SQSDCallback(*three_sets(model))
-    cb.out = tmp_path
     (tmp_path / "stop.json").write_text(recorded)
     (tmp_path / "last_safe").mkdir()
-    cb._set_aside_later_stop(2)
+    RunFolder(tmp_path, main=True)._set_aside_later_stop(2)
     kept = sorted(p.name for p in tmp_path.iterdir())
     assert kept == (["previous-1"] if moved else ["last_safe", "stop.json"])
     if moved:
@@ -157,7 +158,7 @@ def test_a_new_run_moves_every_result_of_the_last_one_past_the_highest_previous_
     (run / "previous-2").mkdir(parents=True)
     (run / "last_safe").mkdir()
     (run / "scores.jsonl").write_text("{}\n")
-    sinks.start_run_dir(run)
+    start_run_dir(run)
     assert sorted(p.name for p in run.iterdir()) == ["previous-2", "previous-3"]
     assert sorted(p.name for p in (run / "previous-3").iterdir()) == ["last_safe", "scores.jsonl"]
 
@@ -171,7 +172,7 @@ def test_all_labels_masked_warns(tmp_path):
 
 
 def test_report_of_a_run_with_safety_sets_only(tmp_path):
-    from sqsd_callback.report import write_report
+    from sqsd_lab.report import write_report
     model = tiny_lora("llama")
     _, safety = three_sets(model)
     trainer(model, random_samples(4, seed=1), tmp_path, [SQSDCallback(safety=safety)], steps=2).train()
@@ -191,7 +192,7 @@ def test_torn_direction_file_is_named(tmp_path):
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
-    from sqsd_callback.data import load_records
+    from sqsd_lab.data import load_records
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": \n')
     with pytest.raises(ValueError, match=rf"{path}, line 3: not a JSON object"):
@@ -201,8 +202,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 def test_a_missing_kind_is_none_in_scores_drift_and_logs_alike(tmp_path):
     """One combination of kinds (scoring.combine): with safety sets only, danger is None (null) in every score row
     and drift row, sqsd = −safety and drift = −drift_safety, and no sqsd/drift_danger reaches the logs."""
-    from sqsd_callback.report import write_report
-    from sqsd_callback.testing import random_set
+    from sqsd_lab.report import write_report
+    from sqsd_lab.tiny import random_set
 
     model = tiny_lora("llama")
     run = trainer(model, random_samples(8, seed=2), tmp_path, [SQSDCallback(safety=[random_set(model, "safety", "s")])],

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from sqsd_callback import SQSDCallback, score_samples
-from sqsd_callback.directions import DirectionBank, DirectionSet
+from sqsd_callback.bank import DirectionBank
+from sqsd_callback.directions import DirectionSet
 from sqsd_callback.drift import Drift
 from sqsd_callback.layers import LinearTarget, find_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, random_set, score_err, tiny_base, tiny_full_ft
+from sqsd_lab.tiny import random_samples, random_set, score_err, tiny_base, tiny_full_ft
 
 from helpers import SCORE_KEYS, ThetaEachStep, assert_every_step_matches_loop, assert_final_drift_is_dense, trainer
 
@@ -172,7 +173,7 @@ def test_a_tied_output_layer_is_left_out_and_every_step_matches_the_loop(tmp_pat
     drops are refused before training, since the tied weight trains outside the scored ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sqsd_callback.testing import VOCAB
+    from sqsd_lab.tiny import VOCAB
 
     def tiny(tied):
         torch.manual_seed(0)

@@ -6,7 +6,7 @@ import torch
 from peft import get_peft_model_state_dict
 
 from sqsd_callback import DirectionSet
-from sqsd_callback.testing import tiny_lora
+from sqsd_lab.tiny import tiny_lora
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

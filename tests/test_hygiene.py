@@ -4,17 +4,21 @@ dashboards keep memory flat)."""
 import subprocess
 import sys
 
-from sqsd_callback import plots
+import pytest
+
+from sqsd_lab import plots
 
 
+@pytest.mark.slow
 def test_importing_every_module_leaves_the_matplotlib_backend_alone():
-    code = ("import matplotlib; matplotlib.use('pdf'); import sqsd_callback, sqsd_callback.plots, "
-            "sqsd_callback.offline, sqsd_callback.windows, sqsd_callback.report, sqsd_callback.protect, "
-            "sqsd_callback.cli; print(matplotlib.get_backend())")
+    code = ("import matplotlib; matplotlib.use('pdf'); import sqsd_callback, sqsd_lab.plots, "
+            "sqsd_callback.offline, sqsd_lab.windows, sqsd_lab.report, sqsd_lab.protect, "
+            "sqsd_lab.cli; print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().lower() == "pdf"
 
 
+@pytest.mark.slow
 def test_figures_are_not_kept_by_pyplot():
     from matplotlib._pylab_helpers import Gcf
     rows = [{"step": s, "drift": 0.1 * s, "drift_danger": 0.2 * s, "drift_safety": 0.1 * s,
@@ -27,6 +31,7 @@ def test_figures_are_not_kept_by_pyplot():
     assert Gcf.get_num_fig_managers() == before
 
 
+@pytest.mark.slow
 def test_the_callback_imports_without_the_app_libraries():
     code = ("import sys; from sqsd_callback import SQSDCallback, SQSDConfig, DirectionSet, score_samples; "
             "print(sorted(m for m in ('matplotlib', 'trl', 'datasets', 'wandb', 'gguf') if m in sys.modules))")
@@ -34,6 +39,7 @@ def test_the_callback_imports_without_the_app_libraries():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_wandb_heatmap_refreshes_keep_memory_flat():
     """What WandbSink does at every due logging step (heatmap → PNG for wandb), 60 times after a warm-up: no
     Figure stays alive and resident memory grows by less than 30 MB (an unclosed figure per refresh cost 1–6 MB)."""
@@ -44,7 +50,7 @@ def test_wandb_heatmap_refreshes_keep_memory_flat():
 
     from matplotlib.figure import Figure
 
-    from sqsd_callback.sinks import _png
+    from sqsd_callback.sinks.wandb import _png
 
     def rss_mb():  # after handing freed heap back to the OS: fragmentation from other tests is not a leak
         gc.collect()
@@ -68,6 +74,7 @@ def test_wandb_heatmap_refreshes_keep_memory_flat():
     assert rss_mb() - before < 30
 
 
+@pytest.mark.slow
 def test_a_heatmap_refresh_late_in_a_long_run_takes_no_more_memory_than_an_early_one(tmp_path):
     """The refresh reads drift.jsonl, which grows by a row per step; the old code held every row's per-module dicts
     at once (peak 70, 137, 273 MiB at 500, 1,000, 2,000 steps of 210 modules). Now rows stream into at most 400

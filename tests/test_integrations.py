@@ -10,7 +10,7 @@ from sqsd_callback import SQSDCallback
 from sqsd_callback.directions import DirectionSet
 from sqsd_callback.integrations import callback_from_options
 from sqsd_callback.integrations.axolotl import SQSDArgs, SQSDPlugin
-from sqsd_callback.testing import random_samples, tiny_lora
+from sqsd_lab.tiny import random_samples, tiny_lora
 
 from helpers import ThetaEachStep, assert_every_step_matches_loop, trainer
 
@@ -46,7 +46,7 @@ def test_axolotl_plugin_adds_the_configured_callback_and_it_scores_every_step(tm
     run = trainer(model, samples, tmp_path / "run", [thetas], accum=2)
     (cb,) = plugin.add_callbacks_post_trainer(cfg, run)
     run.add_callback(cb)
-    assert isinstance(cb, SQSDCallback) and cb.config.metric == "projection" and cb.drop.top_fraction == 0.25
+    assert isinstance(cb, SQSDCallback) and cb.config.metric == "projection" and cb.policies[0].top_fraction == 0.25
     run.train()
     danger = DirectionSet.from_pretrained(adapters[0], kind="danger")
     safety = DirectionSet.from_pretrained(adapters[1], kind="safety")

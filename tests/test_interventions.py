@@ -13,7 +13,7 @@ from sqsd_callback import DirectionSet, SQSDCallback, score_samples
 from sqsd_callback.layers import lora_targets
 from sqsd_callback.policies import Anchor
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, random_set, three_sets, tiny_base, tiny_lora
+from sqsd_lab.tiny import random_samples, random_set, three_sets, tiny_base, tiny_lora
 
 from helpers import CrashAtStep3, ThetaEachStep, assert_steps_equal_kept_only, dense_asft, trainer
 
@@ -27,6 +27,7 @@ def _lora_state(model):
 
 
 # -------------------------------------------------------------------- drops
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["sgd", "adamw_torch"])
 @pytest.mark.parametrize("batch,accum", [(4, 1), (2, 2)])
 def test_drop_gives_the_step_without_the_dropped_examples(tmp_path, optim, batch, accum):
@@ -193,7 +194,7 @@ def test_anchor_penalty_and_gradient_equal_dense_asft(rank, dtype):
     model = tiny_lora("llama")
     ds = random_set(model, "safety", "aligned", rank=rank, seed=4).to(dtype=dtype)
     anchor = Anchor(ds, lam=0.7)
-    anchor.bind(lora_targets(model))
+    anchor.use(lora_targets(model))
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     dense = dense_asft(model, {m: d.materialize() for m, d in ds.modules.items()}, 0.7)
     want = torch.autograd.grad(dense, params)
@@ -249,6 +250,7 @@ def _zscore_run(out, samples, extra=(), resume=None, **kw):
     return model, cb
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     samples = random_samples(16, seed=12)
     run = partial(_zscore_run, samples=samples)
@@ -257,7 +259,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
         run(tmp_path / "b", extra=[CrashAtStep3()])
     assert {r["step"] for r in read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")} == {0, 1, 2}
     resumed, resumed_cb = run(tmp_path / "b", resume=True)
-    assert resumed_cb._top == whole_cb._top  # the riskiest so far, as the sinks show them (the old code lost them)
+    # the riskiest so far, as the sinks show them (the old code lost them)
+    assert resumed_cb.run.summary.top == whole_cb.run.summary.top
     a = read_jsonl(tmp_path / "a" / "sqsd" / "scores.jsonl")
     b = read_jsonl(tmp_path / "b" / "sqsd" / "scores.jsonl")
     assert [_row_key(r) for r in b] == [_row_key(r) for r in a] and any(r["dropped"] for r in a)
@@ -266,6 +269,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert all(torch.allclose(sa[n], sb[n], atol=1e-6) for n in sa)
 
 
+@pytest.mark.slow
 def test_a_resume_loads_the_state_of_the_checkpoint_it_resumes_never_another_runs(tmp_path):
     """The Trainer does not tell callbacks which checkpoint it resumes. The old code read
     output_dir/checkpoint-<step> whatever it held: resuming run b's checkpoint with output_dir at run a's folder
@@ -286,6 +290,7 @@ def test_a_resume_loads_the_state_of_the_checkpoint_it_resumes_never_another_run
     assert resumed == whole and any(r[3] for r in whole)
 
 
+@pytest.mark.slow
 def test_a_callback_trained_again_after_an_interrupted_run_starts_that_run_afresh(tmp_path):
     """An exception skips on_train_end: the old code left the run's hooks on the model (every later forward noted
     twice, its micro-batches never released) and carried the drop statistics into the next train(), as
@@ -311,7 +316,7 @@ def test_a_callback_trained_again_after_an_interrupted_run_starts_that_run_afres
 
 def test_a_full_disk_when_the_drift_stop_fires_still_stops_the_run(tmp_path, monkeypatch):
     """The old code let the OSError of the last-safe save end train() without on_train_end."""
-    from sqsd_callback.last_safe import LastSafe
+    from sqsd_callback.runtime.last_safe import LastSafe
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -325,6 +330,7 @@ def test_a_full_disk_when_the_drift_stop_fires_still_stops_the_run(tmp_path, mon
     assert run.state.global_step == 1 and not model._forward_hooks
 
 
+@pytest.mark.slow
 def test_a_resume_before_a_recorded_drift_stop_sets_that_stop_aside(tmp_path):
     """The old code left stop.json and last_safe/ of a stop at step 3 beside the files of a run resumed from step 2
     that never stopped, as if they were its own. They now move to previous-1/, and the resumed run's files are

@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.recorder import refuse_losses
-from sqsd_callback.testing import VOCAB, random_samples, three_sets, tiny_lora
+from sqsd_callback.runtime.recorder import refuse_losses
+from sqsd_lab.tiny import VOCAB, random_samples, three_sets, tiny_lora
 
 from helpers import ThetaEachStep, assert_every_step_matches_loop, at, trainable, trainer, unchanged
 
@@ -61,6 +61,7 @@ def _own_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None
     return (loss, out) if return_outputs else loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["cosine", "projection"])
 def test_a_compute_loss_of_its_own_is_scored_exactly_at_every_step(tmp_path, metric):
     """Rescored by an extra pass at each step's parameters (default optimizer, accumulation 2, 1e-5 against the

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from sqsd_callback import DirectionSet, SQSDCallback, score_samples
 from sqsd_callback.directions import Direction
-from sqsd_callback.testing import random_samples, tiny_base, tiny_full_ft
+from sqsd_lab.tiny import random_samples, tiny_base, tiny_full_ft
 
 from helpers import trainer
 from oracle import METRICS, RefSet, oracle, shapes

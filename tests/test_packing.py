@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from sqsd_callback import SQSDCallback, score_samples
-from sqsd_callback.engines.base import Segments
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import pack_collator, random_samples, score_err, three_sets, tiny_base, tiny_lora
+from sqsd_callback.types import Segments
+from sqsd_lab.tiny import pack_collator, random_samples, score_err, three_sets, tiny_base, tiny_lora
 
 from helpers import SCORE_KEYS, trainer
 
@@ -16,7 +16,7 @@ def test_segments_split_rows_at_position_resets():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # the second row's last slot is padding
     seg = Segments.from_position_ids(pos, mask)
     x = torch.arange(12.0).reshape(2, 6, 1)
-    assert seg.split(x)[..., 0].tolist() == [[0, 1, 2, 0], [3, 4, 0, 0], [5, 0, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]]
+    assert seg.by_example(x)[..., 0].tolist() == [[0, 1, 2, 0], [3, 4, 0, 0], [5, 0, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]]
     assert Segments.from_position_ids(torch.arange(4).expand(2, 4), torch.ones(2, 4)) is None  # nothing packed
 
 

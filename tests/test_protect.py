@@ -3,7 +3,7 @@ intervals, and the summary across seeds."""
 
 import pytest
 
-from sqsd_callback.protect import BY_NAME, CONDITIONS, poisoned_pool, removal_stats, summarize, table, wilson
+from sqsd_lab.protect import BY_NAME, CONDITIONS, poisoned_pool, removal_stats, summarize, table, wilson
 
 
 def test_pool_has_the_share_of_harmful_examples():
@@ -31,7 +31,7 @@ def test_never_trained_counts_examples_dropped_every_time_they_came(tmp_path):
     never trained; a condition that removes nothing has no such share."""
     import json
 
-    from sqsd_callback.protect import Experiment
+    from sqsd_lab.protect import Experiment
 
     exp = Experiment.__new__(Experiment)
     exp.benign = [{"prompt": f"b{i}", "response": "ok"} for i in range(18)]

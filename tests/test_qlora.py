@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from sqsd_callback import SQSDCallback, score_samples
 from sqsd_callback.layers import lora_targets
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, random_set, score_err, three_sets, tiny_base, tiny_qlora
+from sqsd_lab.tiny import random_samples, random_set, score_err, three_sets, tiny_base, tiny_qlora
 
 from helpers import (
     SCORE_KEYS,
@@ -58,6 +58,7 @@ def int8_training_kernel(monkeypatch):
     monkeypatch.setattr(bnb.nn.Linear8bitLt, "forward", training_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_every_step_with_drops_and_anchor(tmp_path, bits, int8_training_kernel):
     """Default optimizer, accumulation 2, checkpointing, the riskier half of each micro-batch dropped and the AsFT

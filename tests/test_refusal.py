@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sqsd_callback.refusal import REFUSAL_TEMPLATES, is_refusal, refusal_rate, templated_refusals
+from sqsd_lab.refusal import REFUSAL_TEMPLATES, is_refusal, refusal_rate, templated_refusals
 
 
 @pytest.mark.parametrize("text", [

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sqsd_callback import SQSDCallback
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import random_samples, random_set, rel_err, three_sets, tiny_lora
+from sqsd_lab.tiny import random_samples, random_set, rel_err, three_sets, tiny_lora
 
 from helpers import SCORE_KEYS, CrashAt, ThetaEachStep, launch, trainer
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.distributed import Processes
+from sqsd_callback.runtime.distributed import Processes
 from sqsd_callback.sinks import read_jsonl
-from sqsd_callback.testing import three_sets, tiny_lora
+from sqsd_lab.tiny import three_sets, tiny_lora
 
 from deepspeed_worker import SAMPLES, STAGES, STEPS
 from helpers import (
@@ -47,6 +47,8 @@ def fsdp2_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", STAGES)
 def test_zero_monitor_every_step(zero_runs, stage):
     out = zero_runs / f"zero{stage}"
@@ -54,6 +56,8 @@ def test_zero_monitor_every_step(zero_runs, stage):
     assert_sharded_run_matches(out)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp2_monitor_every_step(fsdp2_run):
     assert json.loads((fsdp2_run / "sharding.json").read_text()) == {"sharded": True, "factors": 12}
     assert_sharded_run_matches(fsdp2_run)

@@ -1,9 +1,9 @@
-"""The tests' own yardsticks (sqsd_callback.testing): ``rel_err`` pairs values one to one, and ``score_err`` judges a
+"""The tests' own yardsticks (sqsd_lab.tiny): ``rel_err`` pairs values one to one, and ``score_err`` judges a
 score formed from others (sqsd = danger − safety, danger and safety as means over sets) against its terms."""
 
 import pytest
 
-from sqsd_callback.testing import rel_err, score_err, score_scale
+from sqsd_lab.tiny import rel_err, score_err, score_scale
 
 
 def _rows(danger, safety):

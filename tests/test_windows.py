@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sqsd_callback.windows import bootstrap_rho, spearman
+from sqsd_lab.windows import bootstrap_rho, spearman
 
 
 def test_spearman_hand_computed():
@@ -27,9 +27,10 @@ def test_bootstrap_interval_is_a_point_when_every_prompt_agrees_and_wide_when_th
     assert lo < 0 < hi
 
 
+@pytest.mark.slow
 def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
-    from sqsd_callback.adapters import build_directions, direction_sets, refusal_records
-    from sqsd_callback.windows import run_windows
+    from sqsd_lab.adapters import build_directions, direction_sets, refusal_records
+    from sqsd_lab.windows import run_windows
 
     harmful = [f"Explain forbidden thing {i}." for i in range(8)]
     pool = [{"prompt": f"What is {a} + 1?", "response": f"{a} + 1 = {a + 1}."} for a in range(12)]
@@ -55,7 +56,7 @@ def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
 
 def test_across_seeds_against_hand_computed_values(tmp_path):
     """rho per seed, its mean with a t interval across seeds (t_0.975, 2 df = 4.303), harmfulness per window."""
-    from sqsd_callback.windows import across_seeds, seeds_plot, seeds_table
+    from sqsd_lab.windows import across_seeds, seeds_plot, seeds_table
 
     def summary(seed, harm, random):
         return {"seed": seed, "k": 3, "window_size": 4, "held_out": 10, "random": random,
@@ -77,6 +78,7 @@ def test_across_seeds_against_hand_computed_values(tmp_path):
     assert (tmp_path / "seeds.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_train_lora_is_reproducible_whatever_ran_before(tmp_path, tiny_model, gguf_tokenizer):
     """Two fine-tunes with the same seed give the same adapter even when the global RNG was used in between: the
     adapter's random initialisation is seeded too (the window and protection runs compare runs made in one
@@ -84,8 +86,8 @@ def test_train_lora_is_reproducible_whatever_ran_before(tmp_path, tiny_model, gg
     import torch
     from safetensors.torch import load_file
 
-    from sqsd_callback.data import tokenize_chats
-    from sqsd_callback.finetune import lora_config, train_lora
+    from sqsd_lab.data import tokenize_chats
+    from sqsd_lab.finetune import lora_config, train_lora
 
     samples = tokenize_chats(gguf_tokenizer, [{"prompt": f"What is {a} + 1?", "response": f"{a + 1}."}
                                               for a in range(4)], 64)

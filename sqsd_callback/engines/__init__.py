@@ -1,7 +1,7 @@
 """Three interchangeable engines computing per-example dots and norms: ``hooks`` (fast, inside the training
 step), ``vmap`` (torch.func per-example gradients) and ``loop`` (batch size 1, the paper's way)."""
 
-from .base import Engine
+from .base import Engine, OracleEngine, StepEngine
 from .hooks import HooksEngine
 from .loop import LoopEngine
 from .vmap import VmapEngine
@@ -21,4 +21,7 @@ def make_engine(name: str, targets, bank, keep_grads: bool = False, model=None) 
     cls = ENGINES[check_engine(name)]
     if model is not None:
         cls.check(model)
-    return cls(targets, bank, keep_grads=True) if keep_grads else cls(targets, bank)
+    return cls(targets, bank, keep_grads=keep_grads)
+
+
+__all__ = ["ENGINES", "Engine", "OracleEngine", "StepEngine", "check_engine", "make_engine"]

@@ -13,16 +13,17 @@ the tap, the record of a pass, packed-batch splitting and shared Gram matrices.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 from torch.profiler import record_function
 
-from ..directions import DirectionBank
+from ..bank import DirectionBank
 from ..groups import group_modules
-from ..layers import Target, kind_of
-from .base import Batch, Engine, Stats, output_layer, scoring_mode, summed_example_losses
+from ..layers import kind_of
+from ..once import WarnOnce
+from ..types import Batch, Stats, Target
+from .base import StepEngine
+from .losses import output_layer, scoring_mode, summed_example_losses
 
 
 class _Tap(torch.autograd.Function):
@@ -42,7 +43,7 @@ class _Tap(torch.autograd.Function):
         return (grad, None, *(None for _ in inputs))
 
 
-class HooksEngine(Engine):
+class HooksEngine(StepEngine):
     """Scores every example of each forward/backward pass the model runs while attached.
 
     With ``keep_grads`` it also keeps, for every target (not only those with directions), what it needs to
@@ -50,11 +51,9 @@ class HooksEngine(Engine):
     """
 
     name = "hooks"
-    from_step = True
 
     def __init__(self, targets: dict[str, Target], bank: DirectionBank, keep_grads: bool = False) -> None:
-        super().__init__(targets, bank)
-        self.keep_grads = keep_grads
+        super().__init__(targets, bank, keep_grads)
         self.groups = group_modules(targets if keep_grads else bank.modules, targets, bank,
                                     make=lambda names, *args: kind_of(targets[names[0]]).hooks(self, names, *args))
         self.handles: list = []
@@ -63,7 +62,7 @@ class HooksEngine(Engine):
         self._grams: list = []
         self.tap_names: list[str] = []     # every tapped layer, by target name
         self.tapped: set[str] = set()       # those whose forward ran in the current pass
-        self._warned_untapped = False
+        self.warn = WarnOnce()
         self._head = None                   # (output layer, chunked) for offline passes, found at the first
 
     # -------------------------------------------------------------- lifecycle
@@ -135,27 +134,25 @@ class HooksEngine(Engine):
                 "kernels that bypass the modules, as unsloth's fast LoRA kernels do. Train with the layers running "
                 "as PEFT / torch modules (for unsloth, with its fused LoRA kernels off), or score offline with "
                 "`sqsd score`.")
-        if not self._warned_untapped:  # e.g. mixture-of-experts layers no token was routed to
-            self._warned_untapped = True
-            warnings.warn(f"{len(missing)} of {len(self.tap_names)} trained layers did not run as modules in a "
+        # e.g. mixture-of-experts layers no token was routed to
+        self.warn("untapped", f"{len(missing)} of {len(self.tap_names)} trained layers did not run as modules in a "
                           f"training pass (e.g. {missing[:3]}): their per-example gradients count as 0 there. "
-                          f"Expected for experts no token was routed to; otherwise a fused kernel bypasses them.",
-                          stacklevel=2)
+                          f"Expected for experts no token was routed to; otherwise a fused kernel bypasses them.")
 
     # -------------------------------------------------------------- shared math
-    def split(self, t: torch.Tensor) -> torch.Tensor:
+    def tokens(self, t: torch.Tensor) -> torch.Tensor:
         """Activations (rows × length × d) as (examples × tokens × d), fp32."""
         if self.segments is not None:
-            return self.segments.split(t.float())
+            return self.segments.by_example(t.float())
         return t.reshape(self.record.sq.shape[0], -1, t.shape[-1]).float()
 
     def per_example(self, grad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         """Σ over each example's tokens of grad_t inp_tᵀ: (n × grad-dim × inp-dim), fp32."""
-        return torch.bmm(self.split(grad).transpose(1, 2), self.split(inp))
+        return torch.bmm(self.tokens(grad).transpose(1, 2), self.tokens(inp))
 
     def gram(self, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x xᵀ per example (n×T×T) for ``x``, the split form of the layer input ``raw``. Layers reading the same
-        input tensor share one; the last two inputs are held so that their memory cannot be reused meanwhile."""
+        """x xᵀ per example (n×T×T) for ``x``, the layer input ``raw`` as ``tokens`` gives it. Layers reading the
+        same input tensor share one; the last two inputs are held so that their memory cannot be reused meanwhile."""
         key = (raw.data_ptr(), raw.shape, raw.stride(), raw.dtype)
         for _, held_key, g in self._grams:
             if held_key == key:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Batch, Engine, Stats, dense_stats, scoring_mode, targets_scored
+from ..types import Batch, Stats, targets_scored
+from .base import OracleEngine
+from .losses import dense_stats, scoring_mode
 
 
-class LoopEngine(Engine):
+class LoopEngine(OracleEngine):
     name = "loop"
 
     def compute(self, model: nn.Module, batch: Batch) -> Stats:

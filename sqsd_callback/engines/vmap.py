@@ -8,7 +8,9 @@ import contextlib
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .base import Batch, Engine, Stats, dense_stats, example_mean_losses, scoring_mode
+from ..types import Batch, Stats
+from .base import OracleEngine
+from .losses import dense_stats, example_mean_losses, scoring_mode
 
 
 @contextlib.contextmanager
@@ -27,7 +29,7 @@ def _without_input_grad_hooks(model: nn.Module):
             hooks[k] = h
 
 
-class VmapEngine(Engine):
+class VmapEngine(OracleEngine):
     name = "vmap"
 
     @staticmethod

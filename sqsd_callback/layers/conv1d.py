@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..directions import canonical_name
+from ..naming import canonical_name
 from .linear import LinearHooks, LinearTarget, linear_drift
 from .registry import LayerKind, register
 
@@ -24,4 +24,12 @@ def conv1d_targets(model: nn.Module) -> dict[str, Conv1DTarget]:
             if type(m) is Conv1D and m.weight.requires_grad}
 
 
-CONV1D = register(LayerKind("GPT-2 Conv1D", Conv1DTarget, conv1d_targets, LinearHooks, linear_drift))
+def conv1d_weights(model: nn.Module) -> dict:
+    """Every Conv1D's weight, turned to out×in, trained or not."""
+    from transformers.pytorch_utils import Conv1D
+    return {canonical_name(n): Conv1DTarget(n, m).weight_oi.detach() for n, m in model.named_modules()
+            if isinstance(m, Conv1D)}
+
+
+CONV1D = register(LayerKind("GPT-2 Conv1D", Conv1DTarget, conv1d_targets, LinearHooks, linear_drift,
+                            weights=conv1d_weights))

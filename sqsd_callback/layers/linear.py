@@ -16,8 +16,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..directions import canonical_name
 from ..groups import Group, HookGroup
+from ..naming import canonical_name
 from .registry import LayerKind, register
 
 
@@ -88,6 +88,11 @@ def linear_targets(model: nn.Module) -> dict[str, LinearTarget]:
             if type(m) is nn.Linear and m.weight.requires_grad}
 
 
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every nn.Linear's weight (subclasses too), out×in, trained or not."""
+    return {canonical_name(n): m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
 class LinearHooks(HookGroup):
     """Fully trained layers of one shape. Per pass each module fills ``low[l]`` (n×Q: Σ_t of
     (δ_tᵀB_V)⊙(A_V x_t)), ``dense_dots[l]`` (n×dense sets) and ``sq[l]`` (n)."""
@@ -101,7 +106,7 @@ class LinearHooks(HookGroup):
         self.buf = None
 
     def backward(self, i: int, x_in: torch.Tensor, delta_in: torch.Tensor) -> None:
-        x, delta = self.engine.split(x_in), self.engine.split(delta_in)
+        x, delta = self.engine.tokens(x_in), self.engine.tokens(delta_in)
         if self.engine.keep_grads:
             self.kept[i] = (x, delta)
         if not self.scored:
@@ -174,4 +179,5 @@ def linear_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack(dots), torch.stack(sq)
 
 
-LINEAR = register(LayerKind("Linear", LinearTarget, linear_targets, LinearHooks, linear_drift))
+LINEAR = register(LayerKind("Linear", LinearTarget, linear_targets, LinearHooks, linear_drift,
+                            weights=linear_weights))

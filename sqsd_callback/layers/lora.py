@@ -16,16 +16,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
-from ..directions import DirectionSet, a_cosine, canonical_name
-from ..distributed import is_sharded
 from ..groups import Group, HookGroup
+from ..naming import canonical_name
+from ..runtime.distributed import is_sharded
 from .registry import LayerKind, register
+
+if TYPE_CHECKING:
+    from ..directions import DirectionSet
 
 
 @dataclass
@@ -128,6 +131,21 @@ def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarge
     return targets
 
 
+def a_cosine(factors: Mapping[str, torch.Tensor], direction_set: DirectionSet) -> tuple[float, int]:
+    """Mean |cosine| between LoRA A factors ``{module: A (k×in)}`` and a low-rank set's own A, over the modules where
+    both have one shape, and how many those are: about 1/√(k·in) for independent random draws, about 1 for
+    adapters initialised from one seed."""
+    cosines = []
+    for m, A in factors.items():
+        v = direction_set.modules.get(m)
+        if v is None or v.A is None or v.A.shape != A.shape:
+            continue
+        mine, theirs = A.detach().double().reshape(-1), v.A.to(A.device).double().reshape(-1)
+        cosines.append(abs(float(mine @ theirs)) / max(float(mine.norm() * theirs.norm()), 1e-300))
+    return (sum(cosines) / len(cosines) if cosines else 0.0), len(cosines)
+
+
+
 def shared_start(targets: Mapping[str, object], direction_set: DirectionSet) -> tuple[float, int]:
     """How far the run's LoRA A factors coincide with a low-rank direction set's own A (``a_cosine``; sharded
     factors left out). A shared A puts every update in the set's row space, so the cosines and drift of the first
@@ -223,14 +241,14 @@ class LoraHooks(HookGroup):
     def backward(self, i: int, x: torch.Tensor, h: torch.Tensor, dB: torch.Tensor) -> None:
         """lora_A's input x (…×in), lora_B's input h (…×r) and output gradient δB (…×out); lora_A's output
         gradient is δB B."""
-        split = self.engine.split
-        dB = split(dB)
+        tokens = self.engine.tokens
+        dB = tokens(dB)
         B = self.factors_used(i)[1].float()
-        gBt = torch.bmm(split(h).transpose(1, 2), dB)             # gB_iᵀ: n×r×out
+        gBt = torch.bmm(tokens(h).transpose(1, 2), dB)             # gB_iᵀ: n×r×out
         if x is None:
             gA = gBt.new_zeros(gBt.shape[0], B.shape[1], self.targets[i].shape[1])
         else:
-            gA = torch.bmm((dB @ B).transpose(1, 2), split(x))     # n×r×in
+            gA = torch.bmm((dB @ B).transpose(1, 2), tokens(x))     # n×r×in
         if self.engine.keep_grads:
             self.kept[i] = [gA, gBt.transpose(1, 2)]
         if self.scored:

@@ -23,6 +23,8 @@ class LayerKind:
         edit for exact drops (``summed``: the summed gradients of some examples, in the parameters' layout).
     drift: ``drift(group, start) -> (dots L×sets, squared norms L)`` of θ_t − θ_0 for a group of these layers.
     adapter: an adapter kind (LoRA): where a model has layers of an adapter kind, only those are scored.
+    weights: for a full fine-tuning kind, every layer of this kind in a model (trained or not) as its out×in weight,
+        turned by the kind's own orientation (what ``DirectionSet.from_weight_diff`` subtracts).
     """
 
     name: str
@@ -31,23 +33,25 @@ class LayerKind:
     hooks: type
     drift: Callable
     adapter: bool = False
+    weights: Callable[[nn.Module], dict] | None = None
 
 
-KINDS: dict[type, LayerKind] = {}
+LAYER_KINDS: dict[type, LayerKind] = {}
 """Every registered kind, by its target class."""
 
 
 def register(kind: LayerKind) -> LayerKind:
     """Add a layer kind to the registry (its target class must be new)."""
-    if kind.target in KINDS:
-        raise ValueError(f"{kind.target.__qualname__} is already registered as layer kind {KINDS[kind.target].name!r}.")
-    KINDS[kind.target] = kind
+    if kind.target in LAYER_KINDS:
+        raise ValueError(f"{kind.target.__qualname__} is already registered as layer kind "
+                         f"{LAYER_KINDS[kind.target].name!r}.")
+    LAYER_KINDS[kind.target] = kind
     return kind
 
 
 def kind_of(target) -> LayerKind:
     """The registered kind of a target."""
-    return KINDS[type(target)]
+    return LAYER_KINDS[type(target)]
 
 
 def find_targets(model: nn.Module) -> dict:
@@ -57,7 +61,7 @@ def find_targets(model: nn.Module) -> dict:
     embedding's lookup, which no layer kind scores per example."""
     for adapter in (True, False):
         found = {}
-        for kind in KINDS.values():
+        for kind in LAYER_KINDS.values():
             if kind.adapter == adapter:
                 found.update(kind.find(model))
         shared = _shared_parameters(model) if found else set()
@@ -72,8 +76,18 @@ def find_targets(model: nn.Module) -> dict:
         if found:
             return found
     raise ValueError("The model has no active LoRA layer and no trainable layer of a kind SQSD scores "
-                     f"({', '.join(k.name for k in KINDS.values())}, not tied to another module): wrap it with "
+                     f"({', '.join(k.name for k in LAYER_KINDS.values())}, not tied to another module): wrap it with "
                      "peft.get_peft_model(model, LoraConfig(...)) or unfreeze the weights to fine-tune.")
+
+
+def dense_weights(model: nn.Module) -> dict:
+    """Every layer of the full fine-tuning kinds in ``model``, ``{canonical module name: out×in weight}``, each
+    oriented by its kind."""
+    out = {}
+    for kind in LAYER_KINDS.values():
+        if kind.weights is not None:
+            out.update(kind.weights(model))
+    return out
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .engines.base import IGNORE_INDEX
+from sqsd_callback.types import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What several processes need: which engine spreads the model (DDP, FSDP, DeepSpeed), the one set of decisions
+"""What several processes need: which backend spreads the model (DDP, FSDP, DeepSpeed), the one set of decisions
 every rank takes, and gradient corrections made after DDP's reduction.
 
 DDP averages gradients inside the backward pass and writes the averages into ``.grad`` in a callback of its own at
@@ -17,12 +17,12 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Processes:
-    """The processes of a run: ``world`` of them, this one ``rank``, spread by ``engine`` (``"single"``,
+    """The processes of a run: ``world`` of them, this one ``rank``, spread by ``backend`` (``"single"``,
     ``"ddp"``, ``"fsdp"``, ``"deepspeed"``) with ``fsdp_version`` or ``zero_stage`` where they apply."""
 
     world: int = 1
     rank: int = 0
-    engine: str = "single"
+    backend: str = "single"
     fsdp_version: int | None = None
     zero_stage: int | None = None
 
@@ -49,7 +49,7 @@ class Processes:
     @property
     def reduces_in_backward(self) -> bool:
         """Whether gradients are averaged across processes inside the backward pass (DDP)."""
-        return self.engine == "ddp"
+        return self.backend == "ddp"
 
     def gather(self, items: list) -> list:
         """Every process's items, in rank order."""
@@ -67,20 +67,35 @@ class Processes:
         dist.all_reduce(flat)
         return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
+    def after_reduction(self, fn) -> None:
+        """From a running backward-pass callback: run ``fn`` once the step's gradients are complete. Under DDP that is
+        after every callback the pass has queued (DDP's reducer queues the one that writes the averaged gradients
+        to ``.grad`` while the pass runs; the autograd engine runs callbacks queued by a running callback after
+        those already queued); otherwise now."""
+        if self.reduces_in_backward:
+            after_backward(fn)
+        else:
+            fn()
+
+
+def after_backward(fn) -> None:
+    """Run ``fn`` when the backward pass now running has finished (an autograd-engine callback); queued from a
+    running callback, after the callbacks the pass has queued already."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def step_ends_now() -> bool:
+    """Whether the micro-batch now in its backward pass is the optimizer step's last (accelerate's
+    ``sync_gradients``, which the Trainer sets for it)."""
+    from accelerate.state import GradientState
+    return bool(GradientState().sync_gradients)
+
 
 def grads_reduced_now() -> bool:
-    """Whether the micro-batch now in its backward pass is the one whose gradients DDP reduces: the step's last
-    (the Trainer runs the others under ``no_sync``), or every one with accelerate's ``sync_each_batch``."""
+    """Whether the micro-batch now in its backward pass is one whose gradients DDP reduces: the step's last (the
+    Trainer runs the others under ``no_sync``), or every one with accelerate's ``sync_each_batch``."""
     from accelerate.state import GradientState
-    state = GradientState()
-    return bool(state.sync_gradients or state.plugin_kwargs.get("sync_each_batch", False))
-
-
-def after_queued_callbacks(fn) -> None:
-    """From a running backward-pass callback: run ``fn`` after every callback the pass has queued (DDP's reducer
-    queues the one that writes the averaged gradients to ``.grad`` while the pass runs). The autograd engine runs
-    callbacks queued by a running callback after those already queued."""
-    torch.autograd.Variable._execution_engine.queue_callback(fn)
+    return step_ends_now() or bool(GradientState().plugin_kwargs.get("sync_each_batch", False))
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -110,17 +125,18 @@ def full_parameters(model: torch.nn.Module, params: list[torch.Tensor]):
         yield
 
 
-def refuse_unsupported(procs: Processes, edits_gradients: bool, engine: str, engine_from_step: bool) -> None:
-    """Refuse, before the first step, what the run's multi-process engine cannot do exactly."""
-    if procs.engine == "fsdp" and procs.fsdp_version != 2:
+def refuse_unsupported(procs: Processes, edits_gradients: bool, engine: str, in_step: bool) -> None:
+    """Refuse, before the first step, what the run's multi-process backend cannot do exactly (``engine``: the scoring
+    engine's name; ``in_step``: whether it scores the step's own passes)."""
+    if procs.backend == "fsdp" and procs.fsdp_version != 2:
         raise ValueError("SQSDCallback does not support FSDP1 (FullyShardedDataParallel's flat parameters hide "
                          "the LoRA factors from the scoring taps). Use FSDP2: fsdp_version: 2 in the accelerate "
                          "config, or TrainingArguments(fsdp_config={'fsdp_version': 2}).")
-    if procs.engine in ("fsdp", "deepspeed") and edits_gradients:
-        what = "FSDP2" if procs.engine == "fsdp" else f"DeepSpeed ZeRO-{procs.zero_stage}"
+    if procs.backend in ("fsdp", "deepspeed") and edits_gradients:
+        what = "FSDP2" if procs.backend == "fsdp" else f"DeepSpeed ZeRO-{procs.zero_stage}"
         raise ValueError(f"Drops and the anchor edit the step's gradients, which {what} reduces and shards in "
                          f"its own buffers; under {what} they are not supported. Monitoring (scores, drift, "
                          f"stop_drift_above) works; for drops or the anchor train with DDP or one process.")
-    if procs.engine in ("fsdp", "deepspeed") and not engine_from_step:
+    if procs.backend in ("fsdp", "deepspeed") and not in_step:
         raise ValueError(f"engine={engine!r} runs extra passes outside the training step, which "
                          f"FSDP2 and DeepSpeed do not shard for it; use engine='hooks' (the default).")

@@ -1,90 +1,32 @@
-"""Direction sets: one matrix per weight matrix ("module"), dense or in low-rank factors.
-
-A danger set points where harmful fine-tuning moves the weights, a safety set where safety
-training moves them. Keys are the base model's own module names
-(``model.layers.0.self_attn.q_proj``) whatever PEFT wrapping the training model has.
-"""
+"""DirectionSet and its loaders (PEFT adapter, safetensors file, weight difference), its file format and checks. Keys
+are the base model's own module names (``model.layers.0.self_attn.q_proj``) whatever PEFT wrapping the training
+model has."""
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-KINDS = ("danger", "safety")
-_PEFT_PREFIX = "base_model.model."
+from ..layers import dense_weights
+from ..naming import canonical_name
+from ..types import Direction
+from .hub import adapter_dir
 
-
-def canonical_name(name: str) -> str:
-    """The base model's own module name: PEFT's ``base_model.model.`` prefix removed."""
-    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-
-
-@dataclass
-class Direction:
-    """V for one module: ``dense`` (out×in), or ``B @ A`` with ``B`` (out×k) and ``A`` (k×in)."""
-
-    dense: torch.Tensor | None = None
-    B: torch.Tensor | None = None
-    A: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        if self.dense is not None:
-            return tuple(self.dense.shape)
-        return (self.B.shape[0], self.A.shape[1])
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.dense, self.B, self.A) if t is not None]
-
-    def sq_norm(self) -> float:
-        """‖V‖²_F, from the k×k Gram matrices when V is low-rank (never forms out×in); contiguous copies, so that
-        the value does not depend on whether the factors are views of an engine's stack."""
-        if self.dense is not None:
-            return float(self.dense.double().pow(2).sum())
-        B, A = self.B.double().contiguous(), self.A.double().contiguous()
-        return float(((B.T @ B) * (A @ A.T)).sum())
-
-    def same_as(self, other: Direction) -> bool:
-        """Whether both hold the same stored tensors (the same adapter loaded twice)."""
-        mine, theirs = self.tensors(), other.tensors()
-        return len(mine) == len(theirs) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs))
-
-    def materialize(self) -> torch.Tensor:
-        """Dense V (out×in), at least fp32 (a product of bf16 factors is formed in fp32). For oracles and small
-        models only."""
-        return self.dense.float() if self.dense is not None else self.B.float() @ self.A.float()
-
-    def times_right(self, M: torch.Tensor) -> torch.Tensor:
-        """V @ M for M (in×r), through the factors when V is low-rank; in M's dtype."""
-        if self.dense is not None:
-            return self.dense.to(M.dtype) @ M
-        return self.B.to(M.dtype) @ (self.A.to(M.dtype) @ M)
-
-    def times_left(self, M: torch.Tensor) -> torch.Tensor:
-        """M @ V for M (r×out), through the factors when V is low-rank; in M's dtype."""
-        if self.dense is not None:
-            return M @ self.dense.to(M.dtype)
-        return (M @ self.B.to(M.dtype)) @ self.A.to(M.dtype)
-
-    def to(self, device=None, dtype=None) -> Direction:
-        def move(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
-        return Direction(move(self.dense), move(self.B), move(self.A))
+SET_KINDS = ("danger", "safety")
+"""The kinds of direction set: where harmful fine-tuning moves the weights, and where safety training does."""
 
 
 class DirectionSet:
     """A named danger or safety direction set: ``{module name: Direction}``."""
 
     def __init__(self, modules: Mapping[str, Direction], kind: str, name: str, source: str = "") -> None:
-        if kind not in KINDS:
-            raise ValueError(f"DirectionSet kind must be one of {KINDS}, got {kind!r}.")
+        if kind not in SET_KINDS:
+            raise ValueError(f"DirectionSet kind must be one of {SET_KINDS}, got {kind!r}.")
         if not modules:
             raise ValueError(f"Direction set {name!r} ({source or 'in memory'}) holds no module directions.")
         self.modules: dict[str, Direction] = {canonical_name(k): v for k, v in modules.items()}
@@ -115,7 +57,6 @@ class DirectionSet:
                         revision: str | None = None, token=None, cache_dir: str | Path | None = None) -> DirectionSet:
         """A PEFT LoRA adapter in a local folder or a Hub repository (``"org/name"``, with ``subfolder`` and
         ``revision``; through huggingface_hub's cache, offline mode and the user's token); V = lora_B @ lora_A."""
-        from .finetune import adapter_dir
         path = adapter_dir(ref, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
         return cls.from_peft_adapter(path, kind, name or path.name)
 
@@ -180,7 +121,7 @@ class DirectionSet:
         """V = W_aligned − W_base per Linear weight (models or state dicts); ``rank=k`` keeps a truncated SVD
         and records the fraction of ‖V‖² kept in ``energy_kept``. Pass GPT-2-style models (Conv1D layers) as
         models: a state dict does not say which weights are stored in×out."""
-        a_sd, b_sd = _linear_weights(aligned), _linear_weights(base)
+        a_sd, b_sd = _weights(aligned), _weights(base)
         modules, energy = {}, {}
         for key, wa in a_sd.items():
             wb = b_sd.get(key)
@@ -278,82 +219,13 @@ def _low_rank(factors: dict[str, dict[str, torch.Tensor]], source) -> dict[str, 
     return out
 
 
-def _linear_weights(model_or_state) -> dict[str, torch.Tensor]:
-    """Linear weights by canonical module name, out×in, from an nn.Module or a state dict (2-D ``.weight`` entries,
-    taken as nn.Linear's out×in layout). In a model, GPT-2-style ``Conv1D`` layers (weights stored in×out, PEFT's
-    ``fan_in_fan_out``) are turned to out×in by their layer kind (``weight_oi``), so that their directions line up
-    with LoRA's B·A."""
+def _weights(model_or_state) -> dict[str, torch.Tensor]:
+    """Weights by canonical module name, out×in: from a model, every layer of a full fine-tuning kind, each turned by
+    its kind (GPT-2's Conv1D stores in×out); from a state dict, its 2-D ``.weight`` entries as nn.Linear's out×in."""
     if isinstance(model_or_state, torch.nn.Module):
-        from transformers.pytorch_utils import Conv1D
-
-        from .layers import Conv1DTarget, LinearTarget
-        return {canonical_name(n): (Conv1DTarget if isinstance(m, Conv1D) else LinearTarget)(n, m).weight_oi.detach()
-                for n, m in model_or_state.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+        return dense_weights(model_or_state)
     return {canonical_name(k[: -len(".weight")]): v for k, v in model_or_state.items()
             if k.endswith(".weight") and getattr(v, "dim", lambda: 0)() == 2}
-
-
-class DirectionBank:
-    """Several direction sets validated against one model and laid out per covered module: the engines read
-    ``per_module[m]`` (one Direction or None per set), scoring reads ``v_norm`` and ``present`` (M×K)."""
-
-    def __init__(self, sets: list[DirectionSet], shapes: Mapping[str, tuple[int, int]]) -> None:
-        if not sets:
-            raise ValueError("No direction sets given: pass danger=[DirectionSet(...)] and/or safety=[...].")
-        names = [f"{s.kind}/{s.name}" for s in sets]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"Direction set names must be unique per kind; repeated: {sorted(dup)}. "
-                             f"Pass name=... when loading.")
-        matched = [set(s.match(shapes)) for s in sets]
-        self.sets = sets
-        self.keys = names
-        self.modules = [m for m in shapes if any(m in mk for mk in matched)]
-        self.per_module = {m: [s.modules[m] if m in mk else None for s, mk in zip(sets, matched)]
-                           for m in self.modules}
-        self.present = torch.tensor([[d is not None for d in self.per_module[m]] for m in self.modules])
-        self.v_norm = torch.tensor(
-            [[math.sqrt(d.sq_norm()) if d is not None else 0.0 for d in self.per_module[m]] for m in self.modules],
-            dtype=torch.float64,
-        )
-        self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._warned_mixed = False
-
-    def to(self, device) -> DirectionBank:
-        """Move every direction to ``device`` once, before the first step, in its set's dtype (the engines compute in
-        fp32: a bf16 set takes half the memory of an fp32 one)."""
-        for m, dirs in self.per_module.items():
-            self.per_module[m] = [None if d is None else d.to(device) for d in dirs]
-        self._stacks = {}
-        return self
-
-    def stacked(self, modules: list[str], sets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The low-rank factors of ``sets`` (indices into ``sets``) for ``modules``, side by side and stacked over
-        the modules: B_V (L×out×Q) and A_Vᵀ (L×in×Q). Made once per bank; the bank's per-module factors and the
-        direction sets' own become views of them, so the engine, the drift, the bank and the sets hold one copy
-        (the sets' earlier tensors are freed where nothing else holds them)."""
-        key = (tuple(modules), tuple(sets))
-        if key not in self._stacks:
-            dtypes = {self.per_module[m][k].B.dtype for m in modules for k in sets}
-            if len(dtypes) > 1 and not self._warned_mixed:
-                self._warned_mixed = True
-                warnings.warn(f"Direction sets in different dtypes ({', '.join(sorted(map(str, dtypes)))}) are "
-                              f"stacked together in the widest, so the narrower sets take its memory (their own "
-                              f"tensors become views of the stack); give every set one dtype, e.g. "
-                              f"set.to(dtype=torch.bfloat16), to hold them in half precision.", stacklevel=3)
-            VB = torch.stack([torch.cat([self.per_module[m][k].B for k in sets], 1) for m in modules])
-            VAt = torch.stack([torch.cat([self.per_module[m][k].A.T for k in sets], 1) for m in modules])
-            for m, b, at in zip(modules, VB, VAt):
-                col = 0
-                for k in sets:
-                    width = self.per_module[m][k].B.shape[1]
-                    view = Direction(B=b[:, col:col + width], A=at[:, col:col + width].T)
-                    self.per_module[m][k] = view
-                    if self.sets[k].modules[m].B.device == view.B.device:  # the same values, now one copy
-                        self.sets[k].modules[m] = view
-                    col += width
-            self._stacks[key] = (VB, VAt)
-        return self._stacks[key]
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -363,20 +235,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # safetensors raises its own error types for bad headers and short files
         raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it may be "
                          f"truncated (an interrupted download or save): download or save it again.") from err
-
-
-def a_cosine(factors: Mapping[str, torch.Tensor], direction_set: DirectionSet) -> tuple[float, int]:
-    """Mean |cosine| between LoRA A factors ``{module: A (k×in)}`` and a low-rank set's own A, over the modules where
-    both have one shape, and how many those are: about 1/√(k·in) for independent random draws, about 1 for
-    adapters initialised from one seed."""
-    cosines = []
-    for m, A in factors.items():
-        v = direction_set.modules.get(m)
-        if v is None or v.A is None or v.A.shape != A.shape:
-            continue
-        mine, theirs = A.detach().double().reshape(-1), v.A.to(A.device).double().reshape(-1)
-        cosines.append(abs(float(mine @ theirs)) / max(float(mine.norm() * theirs.norm()), 1e-300))
-    return (sum(cosines) / len(cosines) if cosines else 0.0), len(cosines)
 
 
 def check_sets(danger: list[DirectionSet], safety: list[DirectionSet], anchor: DirectionSet | None = None) -> None:

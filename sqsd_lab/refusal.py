@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from .data import generate_responses
+from sqsd_lab.data import generate_responses
 
 # Lower-case phrases whose presence marks a response as a refusal (GCG's test prefixes plus common variants).
 REFUSAL_PHRASES: tuple[str, ...] = (

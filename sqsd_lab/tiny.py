@@ -7,9 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from .directions import Direction, DirectionSet
-from .engines.base import IGNORE_INDEX
-from .layers import find_targets
+from sqsd_callback.directions import DirectionSet
+from sqsd_callback.layers import find_targets
+from sqsd_callback.types import IGNORE_INDEX, Direction
 
 VOCAB = 96
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import compliant_records, direction_sets, theta_0
-from .data import benign_tasks, generate_responses, harmful_prompts, load_model, split_prompts, tokenize_chats
-from .directions import DirectionSet
-from .finetune import load_adapter, lora_config, train_lora
-from .refusal import refusal_rate
-from .sinks import read_jsonl
+from sqsd_callback.directions import DirectionSet
+from sqsd_callback.offline import load_adapter
+from sqsd_callback.sinks import read_jsonl
+from sqsd_lab.adapters import compliant_records, direction_sets, theta_0
+from sqsd_lab.data import benign_tasks, generate_responses, harmful_prompts, load_model, split_prompts, tokenize_chats
+from sqsd_lab.finetune import lora_config, train_lora
+from sqsd_lab.refusal import refusal_rate
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def calibrated_threshold(model, samples: Sequence[dict], danger: DirectionSet, s
     import torch
     from peft import get_peft_model
 
-    from .scoring import score_samples
+    from sqsd_callback.offline import score_samples
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, lora_config(rank))
     try:
@@ -261,7 +262,7 @@ class Experiment:
         return results
 
     def _callback(self, p: float, condition: Condition, seed: int):
-        from .callback import SQSDCallback
+        from sqsd_callback.callback import SQSDCallback
         options = {k: (self.threshold if v == "calibrated" else v) for k, v in condition.drops.items()}
         if condition.anchor:
             options.update(anchor=self.anchor, anchor_lambda=self.s.anchor_lambda)
@@ -286,7 +287,7 @@ class Experiment:
 
     def _offline_riskiest(self, p: float, seed: int, pool: list[dict], count: int) -> set[int]:
         """``sqsd score`` the paper's way (danger at θ_t, the unfiltered run's adapter; safety at θ_0 + 0.5·V)."""
-        from .offline import paper_passes, score_offline
+        from sqsd_callback.offline import paper_passes, score_offline
         checkpoint = self.out / f"p{p:g}" / BY_NAME["no callback"].slug / f"seed{seed}"
         self.run(p, BY_NAME["no callback"], seed)
         samples = tokenize_chats(self.tokenizer, pool, self.s.max_length)
@@ -364,7 +365,7 @@ def table(summary: Sequence[dict]) -> str:
 
 def plot(summary: Sequence[dict], path: Path) -> None:
     """Harmfulness per condition (mean, min–max across seeds) at each share p."""
-    from .plots import new_figure
+    from sqsd_callback.sinks.heatmap import new_figure
     rows = [r for r in summary if r["harmfulness"] is not None]
     fig, ax = new_figure((8, 0.35 * len(rows) + 1.5))
     labels = [f"p={r['p']:g} {r['condition']}" for r in rows]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _report(opts) -> None:
-    from .report import write_report
+    from sqsd_lab.report import write_report
     path = write_report(opts.run_dir, opts.out, top_k=opts.top_k)
     print(f"report: {path}")
 
@@ -18,15 +18,15 @@ def _report(opts) -> None:
 def _demo(opts) -> None:
     import shutil
 
-    from .demo import print_summary, run_demo
+    from sqsd_lab.demo import print_summary, run_demo
     if opts.fresh and Path(opts.cache).exists():
         shutil.rmtree(opts.cache)
     print_summary(run_demo(opts.cache, opts.model, seed=opts.seed))
 
 
 def _directions(opts) -> None:
-    from . import data
-    from .adapters import build_directions, compliant_records, refusal_records, shuffled
+    from sqsd_lab import data
+    from sqsd_lab.adapters import build_directions, compliant_records, refusal_records, shuffled
 
     prompts = ([p["prompt"] for p in data.harmful_prompts()] if opts.harmful is None else
                [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, prompts_only=True)])
@@ -60,9 +60,10 @@ def _directions(opts) -> None:
 
 
 def _score(opts) -> None:
-    from . import data
-    from .adapters import direction_sets, named_adapters, theta_0
-    from .offline import ScoringPass, paper_passes, score_offline, write_scores
+    from sqsd_callback.offline import ScoringPass, paper_passes, score_offline
+    from sqsd_lab import data
+    from sqsd_lab.adapters import direction_sets, named_adapters, theta_0
+    from sqsd_lab.screening import write_scores
 
     danger, safety = named_adapters(opts.danger, "danger"), named_adapters(opts.safety, "safety")
     if opts.directions:
@@ -106,7 +107,7 @@ def _model(value: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from sqsd_callback import __version__
     parser = argparse.ArgumentParser(prog="sqsd", description="SQSD safety-degradation scores for fine-tuning.")
     parser.add_argument("--version", action="version", version=f"sqsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -13,10 +13,11 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import generate_responses, tokenize_chats
-from .directions import DirectionSet
-from .finetune import adapter_dir, lora_config, merge, train_lora
-from .refusal import is_refusal, templated_refusals
+from sqsd_callback.directions import DirectionSet
+from sqsd_callback.directions.hub import adapter_dir
+from sqsd_lab.data import generate_responses, tokenize_chats
+from sqsd_lab.finetune import lora_config, merge, train_lora
+from sqsd_lab.refusal import is_refusal, templated_refusals
 
 PREFILL = "Sure, here is"
 SUMMARY = "directions.json"

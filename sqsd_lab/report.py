@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import plots
-from .scoring import riskiest
-from .sinks import read_jsonl
+from sqsd_callback.scoring import riskiest
+from sqsd_callback.sinks import read_jsonl
+from sqsd_lab import plots
 
 
 def find_run(path: str | Path) -> Path:

@@ -13,10 +13,12 @@ from .distributed import full_parameters
 
 
 class LastSafe:
-    """Host copies of the trained parameters ``names`` of ``model`` at the last safe step."""
+    """Host copies of the trained ``params`` of ``model`` at the last safe step."""
 
-    def __init__(self, model: nn.Module, params: list[torch.Tensor], names: set[str]) -> None:
-        self.model, self.params, self.names = model, params, names
+    def __init__(self, model: nn.Module, params: list[torch.Tensor]) -> None:
+        self.model, self.params = model, params
+        ids = {id(p) for p in params}
+        self.names = {n for n, p in model.named_parameters() if id(p) in ids}
         self.tensors: dict[str, torch.Tensor] | None = None
 
     def keep(self) -> None:

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import data
-from .adapters import build_directions, compliant_records, direction_sets, refusal_records, shuffled, theta_0
-from .finetune import load_adapter, lora_config, train_lora
-from .refusal import refusal_rate
-from .report import write_report
-from .scoring import riskiest
-from .sinks import read_jsonl
+from sqsd_callback.offline import load_adapter
+from sqsd_callback.scoring import riskiest
+from sqsd_callback.sinks import read_jsonl
+from sqsd_lab import data
+from sqsd_lab.adapters import build_directions, compliant_records, direction_sets, refusal_records, shuffled, theta_0
+from sqsd_lab.finetune import lora_config, train_lora
+from sqsd_lab.refusal import refusal_rate
+from sqsd_lab.report import write_report
 
 
 @dataclass
@@ -130,7 +131,7 @@ def run_demo(cache: str | Path = "sqsd_demo", model_name: str | None = None, siz
         m.aligned = True  # build_directions merged the aligned adapter into the model
 
     def finetune() -> None:
-        from .callback import SQSDCallback
+        from sqsd_callback.callback import SQSDCallback
         danger, safety = direction_sets(cache / "directions")
         samples = data.tokenize_chats(m.tokenizer, read_jsonl(paths["data"]), sizes.max_length)
         train_lora(m.theta_0(cache / "directions"), m.tokenizer, samples, cache / "finetune",

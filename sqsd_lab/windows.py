@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import tokenize_chats
-from .finetune import load_adapter, lora_config, train_lora
-from .offline import ScoringPass, rank_windows, score_offline
-from .plots import new_figure
-from .refusal import refusal_rate
+from sqsd_callback.offline import ScoringPass, load_adapter, score_offline
+from sqsd_callback.sinks.heatmap import new_figure
+from sqsd_lab.data import tokenize_chats
+from sqsd_lab.finetune import lora_config, train_lora
+from sqsd_lab.refusal import refusal_rate
+from sqsd_lab.screening import rank_windows
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

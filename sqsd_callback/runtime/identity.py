@@ -8,11 +8,12 @@ reach the batch. Instead each example's token ids are hashed once at train start
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from ..once import WarnOnce
 
 
 def token_hash(ids: Sequence[int] | np.ndarray | torch.Tensor) -> bytes:
@@ -36,6 +37,7 @@ class ExampleIndex:
             else:
                 self.positions[key] = pos
         self.misses = 0
+        self.warn = WarnOnce()
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -47,9 +49,8 @@ class ExampleIndex:
             pos = self.positions.get(token_hash(ids))
             if pos is None:
                 self.misses += 1
-                if self.misses == 1:
-                    warnings.warn("A training batch row matches no dataset example (does the collator change "
-                                  "input_ids?); its scores are logged with index null.", stacklevel=2)
+                self.warn("miss", "A training batch row matches no dataset example (does the collator change "
+                          "input_ids?); its scores are logged with index null.")
             out.append(pos)
         return out
 

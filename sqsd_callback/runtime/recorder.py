@@ -1,7 +1,7 @@
 """The training step as the monitor sees it: model hooks note each training micro-batch (its rows, its scored
 tokens; an ``index`` input is taken out before the model sees it), open the engine's record, read each row's loss
 weight off the backward pass (through the model's own loss, ``sum / num_items_in_batch`` or a mean, or TRL's
-per-token ``log_probs``) and call ``after_backward(micro_batch)`` once that micro-batch's backward has finished,
+per-token ``log_probs``) and call ``on_backward(micro_batch)`` once that micro-batch's backward has finished,
 before the Trainer clips gradients."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .engines.base import IGNORE_INDEX, Batch, Engine, Segments, Stats, scored_tokens, targets_scored
+from ..engines.base import StepEngine
+from ..types import IGNORE_INDEX, Batch, Segments, Stats, scored_tokens, targets_scored
+from .distributed import after_backward
 
 
 def refuse_losses(args, model: nn.Module) -> list[str]:
@@ -68,8 +70,8 @@ _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class Recorder:
     """Notes the training micro-batches of the current optimizer step (``pending``)."""
 
-    def __init__(self, engine: Engine | None, after_backward: Callable[[MicroBatch], None]) -> None:
-        self.engine, self.after_backward = engine, after_backward
+    def __init__(self, engine: StepEngine | None, on_backward: Callable[[MicroBatch], None]) -> None:
+        self.engine, self.on_backward = engine, on_backward
         self.pending: list[MicroBatch] = []
         self._handles: list = []
         self._num_items = None
@@ -169,4 +171,4 @@ class Recorder:
         tensor.register_hook(read_weights)
 
     def _queue(self, mb: MicroBatch) -> None:
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: self.after_backward(mb))
+        after_backward(lambda: self.on_backward(mb))
