@@ -100,3 +100,29 @@ def test_unknown_lora_layer_kind_is_refused_by_name():
     with pytest.raises(ValueError, match=r"embed_tokens is a LoRA layer of type peft\.tuners\.lora\.layer\.Embedding"
                                          r".*Leave this module out"):
         lora_targets(model)
+
+
+def test_scoring_keeps_4bit_layers_off_the_avx512_bf16_repack_and_a_repacked_layer_is_refused(tmp_path, monkeypatch):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place at its first eval-mode forward
+    on an input without gradient, after which no gradient flows through it. Offline scoring (and the oracle engines'
+    passes) run in eval mode: with the flag on, as bitsandbytes sets it on such a CPU, no layer may be repacked (the
+    repack is recorded instead of run, so this runs on any CPU); a layer already repacked is refused by name, where
+    the old code scored it silently without the gradient through its base weight."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    model = tiny_qlora(tmp_path / "base", bits=4)
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True
+    repacked = []
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu",
+                        lambda w, state: repacked.append(state) or (w, state))
+    danger, safety = three_sets(model)
+    score_samples(model, random_samples(4, seed=2), danger, safety, engine="hooks")
+    score_samples(model, random_samples(4, seed=2), danger, safety, engine="loop")
+    assert repacked == [] and all(m.support_avx512bf16_for_cpu for m in layers)  # restored for the user
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "base_layer"))
+    layer.get_base_layer().weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match=r"q_proj: bitsandbytes repacked this 4-bit layer.*Reload the model"):
+        score_samples(model, random_samples(4, seed=2), danger, safety)

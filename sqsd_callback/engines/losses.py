@@ -123,11 +123,19 @@ def dense_stats(grads: dict[str, tuple[torch.Tensor, ...]], targets: dict[str, T
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module, targets: dict[str, Target]):
     """Eval mode (no dropout, no checkpoint recomputation) with the targets' weights differentiable; restores the
-    model's modes and requires_grad flags on exit. Gradients are taken with autograd.grad, so ``.grad`` is untouched."""
+    model's modes and requires_grad flags on exit. Gradients are taken with autograd.grad, so ``.grad`` is untouched.
+
+    bitsandbytes' 4-bit layers are kept off their AVX512-BF16 inference path meanwhile: on a CPU that has it, a
+    Linear4bit repacks its weight in place at its first eval-mode forward on an input that needs no gradient, and
+    from then on every forward, training's included, runs a bf16 kernel with no backward, so gradients through
+    the base weights would be lost for the scores and for the training that follows."""
     modes = {m: m.training for m in model.modules()}
+    packing = {m: m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")}
     params = [p for t in targets.values() for p in t.params]
     flags = [p.requires_grad for p in params]
     model.eval()
+    for m in packing:
+        m.support_avx512bf16_for_cpu = False
     for p in params:
         p.requires_grad_(True)
     try:
@@ -137,5 +145,7 @@ def scoring_mode(model: nn.Module, targets: dict[str, Target]):
             p.requires_grad_(f)
         for m, mode in modes.items():
             m.training = mode
+        for m, flag in packing.items():
+            m.support_avx512bf16_for_cpu = flag
 
 

@@ -117,6 +117,13 @@ def lora_targets(model: nn.Module, required: bool = True) -> dict[str, LoraTarge
             variant = type(module.lora_variant[adapter]).__name__
             raise ValueError(f"{name}: adapter {adapter!r} is a LoRA variant ({variant}, e.g. DoRA) whose update "
                              f"is not scaling·B@A; use plain LoRA.")
+        if getattr(getattr(module.get_base_layer().weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise ValueError(f"{name}: bitsandbytes repacked this 4-bit layer's weight for its AVX512-BF16 inference "
+                             f"kernel (the layer ran in eval mode on an input without gradient, e.g. generate() "
+                             f"before training), and that kernel has no backward: gradients through it are lost, "
+                             f"for training and for SQSD alike. Reload the model, and set "
+                             f"support_avx512bf16_for_cpu = False on its Linear4bit layers before any eval-mode "
+                             f"forward.")
         if getattr(module, "merged", False):
             raise ValueError(f"{name}: the LoRA adapter is merged into the base weight; unmerge it "
                              f"(model.unmerge_adapter()) so its factors can be scored.")
