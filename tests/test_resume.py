@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from sqsd_callback import SQSDCallback
@@ -168,6 +169,9 @@ def robust_zscore_decisions(micro_steps: list[list[dict]], z: float, min_history
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason=(
+    "transformers < 5 resumes a multi-process CPU run's optimizer state with map_location=args.device ('cpu:0'), "
+    "which torch.load cannot restore; transformers 5 loads it to 'cpu'"))
 def test_ddp_resume_in_the_second_epoch_equals_the_uninterrupted_run(tmp_path):
     """2 processes (gloo), accumulation 2, robust z-score drops that exclude an example dropped before, two epochs,
     the default optimizer: killed at the end of step 5 and resumed from checkpoint-4, in the second epoch (a new
