@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 
 from .config import SQSDConfig
 from .directions import DirectionSet, check_sets
+from .once import WarnOnce
 from .policies import Anchor, build_policies
 from .runtime.distributed import step_ends_now
 from .runtime.recorder import MicroBatch
@@ -46,6 +47,7 @@ class SQSDCallback(TrainerCallback):
         if not self.sets and anchor is None:
             raise ValueError("SQSDCallback needs at least one direction set: danger=[...] and/or safety=[...].")
         self.initial = [p.state_dict() for p in self.policies]  # what each run starts from
+        self.warn = WarnOnce()  # each warning once per callback, also over a hyperparameter search's runs
         self.run: Run | None = None
 
     # ------------------------------------------------------------------ events
@@ -53,8 +55,8 @@ class SQSDCallback(TrainerCallback):
                        **kwargs):
         for p, initial in zip(self.policies, self.initial):  # a callback passed to a second run starts it afresh
             p.load_state_dict(initial)
-        self.run = start_run(self.config, self.sets, self.policies, self._after_backward, args, state, model,
-                             train_dataloader, processing_class)
+        self.run = start_run(self.config, self.sets, self.policies, self._after_backward, self.warn, args, state,
+                             model, train_dataloader, processing_class)
         self.run.recorder.attach(model)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -76,9 +78,9 @@ class SQSDCallback(TrainerCallback):
         for r in rows:
             r.update(step=state.global_step - 1, epoch=state.epoch)
         if rows and all(r["sqsd"] is None for r in rows):
-            run.warn("unscored", f"No example of optimizer step {state.global_step - 1} has a scored token (every "
-                     f"label is -100): nothing was trained or scored. Check the loss mask (e.g. "
-                     f"completion_only_loss / assistant_only_loss and the chat template).")
+            self.warn("unscored", f"No example of optimizer step {state.global_step - 1} has a scored token "
+                      f"(every label is -100): nothing was trained or scored. Check the loss mask (e.g. "
+                      f"completion_only_loss / assistant_only_loss and the chat template).")
         scalars, drift_row = run.drift.step_row(state.global_step, state.epoch) if run.drift else (None, None)
         run.summary.observe(rows, scalars)
         for sink in run.sinks:
@@ -132,6 +134,6 @@ class SQSDCallback(TrainerCallback):
                                "compute_loss that builds its own from the logits?), so drops and the anchor could "
                                "not act on its gradients before this optimizer step. Return the model's "
                                "outputs.loss from compute_loss, or train without drops and the anchor.")
-        self.run.warn("recomputed", "The training step's backward did not pass through the model's own loss (a "
-                      "compute_loss that builds its own?): SQSDCallback scores each micro-batch by an extra forward "
-                      "and backward pass at the step's parameters, exact but slower.")
+        self.warn("recomputed", "The training step's backward did not pass through the model's own loss (a "
+                  "compute_loss that builds its own?): SQSDCallback scores each micro-batch by an extra forward and "
+                  "backward pass at the step's parameters, exact but slower.")

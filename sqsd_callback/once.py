@@ -11,10 +11,8 @@ class WarnOnce:
     def __init__(self) -> None:
         self.given: set[str] = set()
 
-    def __call__(self, key: str, message: str, stacklevel: int = 2) -> bool:
-        """Warn with ``message`` unless ``key`` was warned about before; whether it warned now."""
-        if key in self.given:
-            return False
-        self.given.add(key)
-        warnings.warn(message, stacklevel=stacklevel + 1)
-        return True
+    def __call__(self, key: str, message: str, stacklevel: int = 2) -> None:
+        """Warn with ``message`` unless ``key`` was warned about before."""
+        if key not in self.given:
+            self.given.add(key)
+            warnings.warn(message, stacklevel=stacklevel + 1)

@@ -180,7 +180,6 @@ class Direction:
         return Direction(move(self.dense), move(self.B), move(self.A))
 
 
-
 def collate(samples: list[dict], pad_id: int = 0) -> Batch:
     """Right-pad samples (dicts with ``input_ids``, ``labels``, optional ``attention_mask`` and ``index``)."""
     for i, s in enumerate(samples):

@@ -152,7 +152,6 @@ def a_cosine(factors: Mapping[str, torch.Tensor], direction_set: DirectionSet) -
     return (sum(cosines) / len(cosines) if cosines else 0.0), len(cosines)
 
 
-
 def shared_start(targets: Mapping[str, object], direction_set: DirectionSet) -> tuple[float, int]:
     """How far the run's LoRA A factors coincide with a low-rank direction set's own A (``a_cosine``; sharded
     factors left out). A shared A puts every update in the set's row space, so the cosines and drift of the first

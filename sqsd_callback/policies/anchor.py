@@ -31,6 +31,7 @@ class Anchor(Policy):
         return {"set": self.directions.name, "lambda": self.lam}
 
     def bind(self, run: RunContext) -> None:
+        self.value = None  # a new run has added no penalty yet
         self.use(run.targets)
 
     def use(self, targets: dict) -> None:

@@ -61,8 +61,8 @@ class CheckpointState:
     the fingerprint of the Trainer history that checkpoint restores, so another run's state is refused, never
     loaded. Writing failures warn once and training goes on."""
 
-    def __init__(self) -> None:
-        self.warn = WarnOnce()
+    def __init__(self, warn: WarnOnce) -> None:
+        self.warn = warn
 
     def save(self, args, state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         ckpt = checkpoint_folder(args.output_dir, state.global_step)

@@ -17,8 +17,8 @@ class ExampleTexts:
     """The decoded start of each example the first time the run sees it (examples.jsonl, the wandb table), split
     at its first scored token into the end of its prompt and the start of its response."""
 
-    def __init__(self, tokenizer, seen: set[int] | None = None) -> None:
-        self.tokenizer, self.seen, self.new = tokenizer, set(seen or ()), []
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.seen, self.new = tokenizer, set(), []
 
     def note(self, index: list, ids: list, labels: list) -> None:
         if self.tokenizer is None:
@@ -45,17 +45,18 @@ class RowMaker:
     """Score rows of micro-batches, at batch-size-1 scale: hook gradients carry the step's loss weights, which each
     micro-batch read off its backward pass."""
 
-    def __init__(self, bank: DirectionBank, metric: str, index: ExampleIndex, texts: ExampleTexts) -> None:
-        self.bank, self.metric, self.index, self.texts = bank, metric, index, texts
-        self.warn = WarnOnce()
+    def __init__(self, bank: DirectionBank, metric: str, index: ExampleIndex, texts: ExampleTexts,
+                 warn: WarnOnce) -> None:
+        self.bank, self.metric, self.index, self.texts, self.warn = bank, metric, index, texts, warn
 
-    def __call__(self, mb: MicroBatch, from_step: bool) -> list[dict]:
+    def __call__(self, mb: MicroBatch, in_step: bool) -> list[dict]:
+        """The rows of ``mb`` (``in_step``: its stats come from the step's own backward, in its loss weights)."""
         host = mb.batch.to("cpu")
         host.index = mb.own_index.tolist() if mb.own_index is not None else self.index.lookup(host.example_ids())
         mb.batch.index = host.index
         self.texts.note(host.index, host.example_ids(), host.example_labels())
         scale = None
-        if from_step and not mb.recomputed:
+        if in_step and not mb.recomputed:
             scale = mb.scale()
             if scale is None and self.metric == "projection":
                 self.warn("weights", "SQSDCallback could not read the loss weights (no `loss` or `log_probs` in the "

@@ -16,8 +16,8 @@ from ..drift import Drift
 from ..engines import ENGINES, Engine, StepEngine, make_engine
 from ..layers import find_targets, shared_start
 from ..once import WarnOnce
-from ..policies import Anchor, Policy, RunContext, describe
-from ..sinks import Sink, SinkContext, make_sinks
+from ..policies import Anchor, DriftStop, Policy, RunContext, describe
+from ..sinks import Sink, SinkContext, check_report_to, make_sinks
 from .checkpoint import CheckpointState, under
 from .distributed import Processes, full_parameters, refuse_unsupported
 from .identity import ExampleIndex
@@ -45,7 +45,6 @@ class Run:
     sinks: list[Sink]
     recorder: Recorder
     checkpoint: CheckpointState
-    warn: WarnOnce
 
     @property
     def in_step(self) -> bool:
@@ -58,7 +57,8 @@ class Run:
         for p in policies:
             tensors.update({f"{p.tensors_key}/{k}": v for k, v in p.state_tensors().items()})
         meta = {"policies": {p.name: p.state_dict() for p in policies}, "seen": sorted(self.texts.seen),
-                "has_safe": any(k.startswith("safe/") for k in tensors), **self.summary.state_dict()}
+                "has_safe": any(k.startswith(f"{DriftStop.tensors_key}/") for k in tensors),
+                **self.summary.state_dict()}
         return tensors, meta
 
     def restore(self, tensors: dict, saved: dict, policies: list[Policy]) -> None:
@@ -73,12 +73,14 @@ class Run:
         self.summary.load_state_dict(saved)
 
 
-def start_run(config: SQSDConfig, sets: list[DirectionSet], policies: list[Policy], on_backward, args, state, model,
-              train_dataloader, processing_class) -> Run:
+def start_run(config: SQSDConfig, sets: list[DirectionSet], policies: list[Policy], on_backward, warn: WarnOnce,
+              args, state, model, train_dataloader, processing_class) -> Run:
     """Build the run, refusing before any step what cannot be scored or acted on exactly; on a resume, restore the
-    state saved with the checkpoint. The recorder calls ``on_backward(micro_batch)`` once it is attached."""
+    state saved with the checkpoint. The recorder calls ``on_backward(micro_batch)`` once it is attached; ``warn``
+    gives the run's warnings, each once per callback."""
     targets = find_targets(model)
     params = [p for t in targets.values() for p in t.params if p.requires_grad]
+    report_to = check_report_to(args.report_to)  # on every process, before anything is written
     for warning in refuse_losses(args, model):
         logger.warning(f"sqsd: {warning}")
     procs = Processes.current()
@@ -102,8 +104,8 @@ def start_run(config: SQSDConfig, sets: list[DirectionSet], policies: list[Polic
                        "sqsd_callback.dataset_examples(trainer.train_dataset)[index] gives an example's tokens, "
                        "and examples.jsonl its text.")
     texts = ExampleTexts(getattr(processing_class, "tokenizer", processing_class))
-    run = Run(context, engine, bank, drift, RowMaker(bank, config.metric, index, texts) if sets else None, texts,
-              RunSummary(config.top_k), [], Recorder(context.engine, on_backward), CheckpointState(), WarnOnce())
+    run = Run(context, engine, bank, drift, RowMaker(bank, config.metric, index, texts, warn) if sets else None, texts,
+              RunSummary(config.top_k), [], Recorder(context.engine, on_backward), CheckpointState(warn))
     if not fresh:
         run.restore(*CheckpointState.find(args, state), policies)
     folder.open(state.global_step, texts.seen)
@@ -112,7 +114,7 @@ def start_run(config: SQSDConfig, sets: list[DirectionSet], policies: list[Polic
         folder.write_run(described)
         kinds = dict(zip(bank.keys, (s.kind for s in sets))) if sets else {}
         with folder.writing():
-            run.sinks = make_sinks(args.report_to, SinkContext(folder.path, args, described, config.wandb_every,
+            run.sinks = make_sinks(report_to, SinkContext(folder.path, args, described, config.wandb_every,
                                                                kinds))
         if fresh:
             _warn_shared_start(targets, [*sets, *(p.directions for p in policies if isinstance(p, Anchor))])
