@@ -130,7 +130,7 @@ def scoring_mode(model: nn.Module, targets: dict[str, Target]):
     from then on every forward, training's included, runs a bf16 kernel with no backward, so gradients through
     the base weights would be lost for the scores and for the training that follows."""
     modes = {m: m.training for m in model.modules()}
-    packing = {m: m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")}
+    packing = {m: m.support_avx512bf16_for_cpu for m in modes if hasattr(m, "support_avx512bf16_for_cpu")}
     params = [p for t in targets.values() for p in t.params]
     flags = [p.requires_grad for p in params]
     model.eval()
