@@ -5,8 +5,9 @@ import torch and transformers."""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 __all__ = ["DirectionSet", "SQSDCallback", "SQSDConfig", "dataset_examples", "score_samples"]
@@ -21,13 +22,4 @@ if TYPE_CHECKING:
     from .runtime.identity import dataset_examples
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

@@ -5,6 +5,8 @@ policies (their hooks, in order) → sinks. The monitor's state rides in every c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import TrainerCallback
 
 from .config import SQSDConfig
@@ -12,7 +14,7 @@ from .directions import DirectionSet, check_sets
 from .once import WarnOnce
 from .policies import Anchor, build_policies
 from .runtime.distributed import step_ends_now
-from .runtime.recorder import MicroBatch
+from .runtime.recorder import MicroBatch, unscored
 from .runtime.run import Run, start_run
 
 
@@ -29,8 +31,8 @@ class SQSDCallback(TrainerCallback):
             sqsd/anchor_penalty).
     """
 
-    def __init__(self, danger=(), safety=(), config: SQSDConfig | None = None, *, anchor: DirectionSet | None = None,
-                 **options) -> None:
+    def __init__(self, danger: Sequence[DirectionSet] = (), safety: Sequence[DirectionSet] = (),
+                 config: SQSDConfig | None = None, *, anchor: DirectionSet | None = None, **options) -> None:
         if config is not None and options:
             raise ValueError(f"Pass the options either as config=SQSDConfig(...) or as keywords, not both (got "
                              f"config and {sorted(options)}).")
@@ -77,10 +79,9 @@ class SQSDCallback(TrainerCallback):
         rows, texts = procs.gather([r for mb in step if mb.rows for r in mb.rows]), procs.gather(run.texts.take())
         for r in rows:
             r.update(step=state.global_step - 1, epoch=state.epoch)
-        if rows and all(r["sqsd"] is None for r in rows):
-            self.warn("unscored", f"No example of optimizer step {state.global_step - 1} has a scored token "
-                      f"(every label is -100): nothing was trained or scored. Check the loss mask (e.g. "
-                      f"completion_only_loss / assistant_only_loss and the chat template).")
+        warning = unscored(step, state.global_step - 1)  # each process, its own micro-batches
+        if warning:
+            self.warn(*warning)
         scalars, drift_row = run.drift.step_row(state.global_step, state.epoch) if run.drift else (None, None)
         run.summary.observe(rows, scalars)
         for sink in run.sinks:

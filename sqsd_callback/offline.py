@@ -5,6 +5,7 @@ adapter onto the base model, scores the sets it serves and takes the adapter off
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,10 @@ from tqdm.auto import tqdm
 
 from .bank import DirectionBank
 from .directions import DirectionSet
-from .directions.hub import adapter_dir
+from .directions.hub import adapter_dir, adapter_shapes
 from .engines import make_engine
 from .layers import find_targets
+from .naming import canonical_name
 from .scoring import check_metric, combine, project, rows
 from .types import collate
 
@@ -82,16 +84,55 @@ def load_adapter(model, name_or_path: str | Path, scaling: float | None = None):
     adapter's own alpha/r factor, as the paper loads θ_0 + α·V_safety."""
     from peft import PeftModel
     path = adapter_dir(name_or_path)
+    check_adapter_fits(model, path)
     try:
         peft_model = PeftModel.from_pretrained(model, str(path))
     except (RuntimeError, ValueError, KeyError) as err:
-        raise ValueError(f"adapter {path} does not fit the model ({type(model).__name__}, "
-                         f"{getattr(model.config, 'name_or_path', '')}): {err}") from err
+        raise ValueError(f"adapter {path} does not fit the model {_model_name(model)}: {err}") from err
     if scaling is not None:
         for module in peft_model.modules():
             if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
                 module.scaling["default"] = scaling
     return peft_model
+
+
+def check_adapter_fits(model, path: str | Path) -> None:
+    """Refuse, before PEFT loads it, a LoRA adapter whose updates have other shapes than the model's modules of the
+    same names (an adapter made for another model size), naming one such module with both shapes."""
+    have, want = adapter_shapes(path), _module_shapes(model)
+    wrong = [(m, shape, want[m]) for m, shape in have.items() if m in want and want[m] != shape]
+    if not wrong:
+        return
+    m, (a_out, a_in), (m_out, m_in) = wrong[0]
+    config = Path(path) / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    raise ValueError(
+        f"adapter {path} does not fit the model {_model_name(model)}: {len(wrong)} of its {len(have)} LoRA modules "
+        f"have another shape, e.g. {m}: {a_out}×{a_in} (out×in) in the adapter, {m_out}×{m_in} in the model. The "
+        f"adapter was made for another model{f' ({base!r}, its adapter_config.json says)' if base else ''}; build "
+        f"directions for this model with `sqsd directions --model ...` or pass the model the adapter was trained on.")
+
+
+def _module_shapes(model) -> dict[str, tuple[int, int]]:
+    """out×in of every Linear-like module (nn.Linear, 4-bit and LoRA layers: in/out_features) and GPT-2 Conv1D, by
+    the base model's module name."""
+    shapes = {}
+    for name, module in model.named_modules():
+        n_in, n_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if isinstance(n_in, int) and isinstance(n_out, int):
+            shapes[canonical_name(name)] = (n_out, n_in)
+        elif isinstance(getattr(module, "nf", None), int) and getattr(module, "weight", None) is not None:
+            shapes[canonical_name(name)] = (module.nf, module.weight.shape[0])  # Conv1D stores in×out
+    return shapes
+
+
+def _model_name(model) -> str:
+    """The model's class and where it was loaded from."""
+    where = getattr(getattr(model, "config", None), "name_or_path", "")
+    return f"{type(model).__name__} ({where})" if where else type(model).__name__
 
 
 @dataclass

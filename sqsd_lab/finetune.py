@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from sqsd_callback.offline import load_adapter
+from sqsd_callback.types import IGNORE_INDEX
 
 
 def lora_config(rank: int = 8, alpha: float | None = None, targets: str | list[str] = "all-linear",
@@ -18,6 +19,21 @@ def lora_config(rank: int = 8, alpha: float | None = None, targets: str | list[s
     """A causal-LM LoRA config (alpha defaults to 2·rank); direction adapters and the runs they score share it."""
     return LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets, lora_dropout=dropout,
                       task_type="CAUSAL_LM")
+
+
+def check_training_samples(samples: Sequence[dict], who: str) -> None:
+    """Refuse, before the Trainer starts, training samples it cannot train on: none at all (the Trainer's sampler
+    would fail with "num_samples should be a positive integer value"), or none with a scored label."""
+    if not samples:
+        raise ValueError(f"{who} got an empty training set (0 examples), so there is nothing to train on (the "
+                         f"Trainer would stop with torch's \"num_samples should be a positive integer value\"). "
+                         f"Check the dataset file and any filtering before training (e.g. examples whose prompt "
+                         f"is longer than max_length are skipped).")
+    if not any(label != IGNORE_INDEX for s in samples for label in s["labels"][1:]):
+        raise ValueError(f"{who}: the labels of all {len(samples)} training examples are all -100, so the loss is 0 "
+                         f"and nothing would be trained. Check the collator / completion-only masking / the "
+                         f"dataset's labels (-100 marks the prompt and padding only; a prompt truncated past "
+                         f"max_length leaves no response token).")
 
 
 def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, lora: LoraConfig | None = None,
@@ -34,8 +50,7 @@ def train_lora(model, tokenizer, samples: Sequence[dict], out_dir: str | Path, l
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    if not samples:
-        raise ValueError("train_lora got no training samples")
+    check_training_samples(samples, "train_lora")
     cuda = torch.cuda.is_available()
     args = SFTConfig(output_dir=str(out_dir), **{
         "per_device_train_batch_size": 8, "learning_rate": 2e-4, "lr_scheduler_type": "constant", "logging_steps": 5,

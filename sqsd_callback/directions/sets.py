@@ -4,7 +4,6 @@ model has."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from ..layers import dense_weights
 from ..naming import canonical_name
 from ..types import Direction
-from .hub import adapter_dir
+from .hub import adapter_dir, lora_config_fields
 
 SET_KINDS = ("danger", "safety")
 """The kinds of direction set: where harmful fine-tuning moves the weights, and where safety training does."""
@@ -74,14 +73,7 @@ class DirectionSet:
                     f"{f} not found: a PEFT adapter directory needs adapter_config.json and "
                     f"adapter_model.safetensors (save it with `model.save_pretrained(dir)`)."
                 )
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON ({err}); re-save the adapter.") from err
-        if config.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{path} is a {config['peft_type']} adapter; direction sets need a LoRA adapter.")
-        if config.get("use_dora"):
-            raise ValueError(f"{path} is a DoRA adapter; its update is not B@A. Use a plain LoRA adapter.")
+        lora_config_fields(config_file)  # refuses other PEFT types and DoRA
         tensors = _load_safetensors(weights_file) if weights_file.suffix == ".safetensors" else \
             torch.load(weights_file, map_location="cpu", weights_only=True)
         factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -187,8 +179,10 @@ class DirectionSet:
         if wrong:
             m, have, want = wrong[0]
             raise ValueError(
-                f"Direction set {self.name!r}: {len(wrong)} module(s) have the wrong shape, e.g. {m}: direction "
-                f"{have} vs model weight {want}. The directions were made for a model of another size."
+                f"Direction set {self.name!r} ({self.source or 'in memory'}): {len(wrong)} module(s) have the wrong "
+                f"shape, e.g. {m}: direction {have} vs model weight {want} (out×in). The directions were made for "
+                f"a model of another size: build directions for this model (`sqsd directions --model ...`, or an "
+                f"adapter trained on it) or use the model they were made for."
             )
         missing = len(shapes) - len(common)
         extra = len(self.modules) - len(common)

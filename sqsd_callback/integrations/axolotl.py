@@ -43,4 +43,11 @@ class SQSDPlugin(BasePlugin):
         return "sqsd_callback.integrations.axolotl.SQSDArgs"
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
+        """The callback for ``trainer``; an empty training set is refused here, before the Trainer's sampler fails
+        on it with torch's "num_samples should be a positive integer value"."""
+        dataset = getattr(trainer, "train_dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError("The training set is empty (0 examples after axolotl's preparation), so there is "
+                             "nothing to train or score. Check the `datasets:` paths and splits in the YAML, and the "
+                             "filters that can drop every example (sequence_len, the chat template's roles).")
         return [callback_from_options({k: cfg.get(k) for k in SQSDArgs.model_fields})]

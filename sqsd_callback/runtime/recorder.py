@@ -63,6 +63,28 @@ class MicroBatch:
         return torch.where(w != 0, 1.0 / torch.where(w != 0, w, torch.ones_like(w)), torch.zeros_like(w))
 
 
+UNSCORED_FIX = ("Check your collator (it must pass each example's response tokens through in `labels`; -100 marks "
+                "only what is not trained), your completion-only masking (completion_only_loss / "
+                "assistant_only_loss, the response template and the chat template; a prompt truncated past "
+                "max_length leaves no response token) and your dataset's `labels` column.")
+
+
+def unscored(step: list[MicroBatch], number: int) -> tuple[str, str] | None:
+    """The warning (key, message) for optimizer step ``number`` when all of its micro-batches, or some, have no
+    scored token (every label -100); None when each has one."""
+    empty = [i for i, mb in enumerate(step) if int(mb.batch.n_scored.sum()) == 0]
+    if not empty:
+        return None
+    if len(empty) == len(step):
+        return "unscored", (f"No example of optimizer step {number} has a scored token: its labels are all -100, "
+                            f"so the loss is 0, nothing is trained and every SQSD score is null. {UNSCORED_FIX}")
+    mb = step[empty[0]]
+    return "unscored micro-batch", (
+        f"Micro-batch {empty[0] + 1} of {len(step)} in optimizer step {number} has no scored token: the labels of "
+        f"its {mb.batch.n_examples} example(s) are all -100, so they add nothing to the step and their SQSD scores "
+        f"are null. {UNSCORED_FIX}")
+
+
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """model -> the Recorder whose hooks are on it: a train() that was interrupted never detached its recorder."""
 
