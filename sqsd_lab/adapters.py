@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from peft import LoraConfig
 
 from sqsd_callback.directions import DirectionSet
 from sqsd_callback.directions.hub import adapter_dir
@@ -59,35 +61,50 @@ def init_seed(stage: str, seed: int = 0) -> int:
 def build_directions(model, tokenizer, out: str | Path, danger: Sequence[dict], safety: Sequence[dict],
                      align: Sequence[dict] = (), held_out: Sequence[str] = (), rank: int = 8,
                      targets: str | list[str] = "all-linear", max_length: int = 256, about: dict | None = None,
-                     **train) -> dict:
+                     lora: LoraConfig | None = None, extra: Mapping[str, Sequence[dict]] | None = None,
+                     callbacks: Sequence = (), **train) -> dict:
     """Train the alignment adapter (if ``align`` records are given; merged into ``model`` in place: θ_0), then the
-    danger and safety adapters on θ_0. Writes ``out/{aligned,danger,safety}/`` (each with its ``train.jsonl``),
-    the held-out prompts (``held_out.jsonl``, never trained on) and ``directions.json`` (what was done); returns
-    that summary. Each adapter starts from its own random A (``init_seed``), not from the training seed.
-    ``train`` overrides SFTConfig fields (epochs, learning rate, batch size, seed, ...)."""
+    danger adapter, any ``extra`` ones (``{folder: records}``, e.g. a second danger set) and the safety adapter on
+    θ_0. Writes ``out/{aligned,danger,...,safety}/`` (each with its ``train.jsonl``), the held-out prompts
+    (``held_out.jsonl``, never trained on) and ``directions.json`` (what was done); returns that summary. Each
+    adapter starts from its own random A (``init_seed``), not from the training seed. ``lora`` (the fine-tune's
+    config) replaces ``rank`` and ``targets``; ``callbacks`` go to every adapter's Trainer; ``train`` overrides
+    SFTConfig fields (epochs, learning rate, batch size, seed, ...)."""
     out = Path(out)
-    for name, records in (("danger", danger), ("safety", safety)):
+    for name, records in (("danger", danger), *(extra or {}).items(), ("safety", safety)):
         if not records:
             raise ValueError(f"no {name} training records")
-    lora = lora_config(rank, targets=targets)
-    summary = {**(about or {}), "lora": {"rank": rank, "alpha": lora.lora_alpha, "targets": targets},
+    lora = lora or lora_config(rank, targets=targets)
+    summary = {**(about or {}), "lora": {**(about or {}).get("lora", {}), **describe_lora(lora)},
                "max_length": max_length, "held_out": len(held_out), "adapters": {}}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / HELD_OUT, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in held_out)
-    stages = ([("aligned", align)] if align else []) + [("danger", danger), ("safety", safety)]
+    stages = ([("aligned", align)] if align else []) + [("danger", danger), *(extra or {}).items(), ("safety", safety)]
     for name, records in stages:
         print(f"sqsd directions: training the {name} adapter on {len(records)} examples")
         samples = tokenize_chats(tokenizer, records, max_length)
-        summary["adapters"][name] = train_lora(model, tokenizer, samples, out / name, lora=lora,
+        summary["adapters"][name] = train_lora(model, tokenizer, samples, out / name, lora=lora, callbacks=callbacks,
                                                init_seed=init_seed(name, train.get("seed", 0)), **train)
         with open(out / name / TRAIN_RECORDS, "w", encoding="utf-8") as f:  # what the adapter learnt from
-            f.writelines(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in records)
+            f.writelines(json.dumps({k: r[k] for k in ("prompt", "response", "source", "row") if k in r}) + "\n"
+                         for r in records)
         if name == "aligned":
             merge(model, out / name)
     summary["theta_0"] = "base model + aligned adapter, merged" if align else "base model"
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def describe_lora(lora: LoraConfig) -> dict:
+    """A LoraConfig's rank, alpha and target modules (and layer or rank patterns where set), as JSON."""
+    targets = lora.target_modules
+    out = {"rank": lora.r, "alpha": lora.lora_alpha,
+           "targets": targets if targets is None or isinstance(targets, str) else sorted(targets)}
+    for key in ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora"):
+        if getattr(lora, key, None):
+            out[key] = getattr(lora, key)
+    return out
 
 
 def theta_0(model, directions: str | Path):
@@ -101,6 +118,21 @@ def direction_sets(directions: str | Path) -> tuple[DirectionSet, DirectionSet]:
     directions = Path(directions)
     return (DirectionSet.from_peft_adapter(directions / "danger", kind="danger", name="danger"),
             DirectionSet.from_peft_adapter(directions / "safety", kind="safety", name="safety"))
+
+
+def folder_sets(directions: str | Path) -> list[tuple[Path, DirectionSet]]:
+    """Every direction set of a ``sqsd directions`` folder, as (adapter folder, DirectionSet) pairs named after
+    their folders: ``danger/``, ``safety/`` and further ones such as ``danger-aegis/`` (``--recipe paper``)."""
+    directions = Path(directions)
+    if not directions.is_dir():
+        raise FileNotFoundError(f"no directions folder at {directions}")
+    pairs = [(path, DirectionSet.from_peft_adapter(path, kind=kind, name=path.name))
+             for kind in ("danger", "safety")
+             for path in sorted(directions.iterdir())
+             if (path.name == kind or path.name.startswith(f"{kind}-")) and (path / "adapter_config.json").is_file()]
+    if not pairs:
+        raise FileNotFoundError(f"{directions} holds no danger/ or safety/ adapter (make one with `sqsd directions`)")
+    return pairs
 
 
 def named_adapters(specs: Sequence[str], kind: str) -> list[tuple[Path, DirectionSet]]:

