@@ -1,0 +1,47 @@
+"""The recipes expose what a user tunes: sft_with_monitor.py has one option per SQSDConfig field, and a YAML file
+of options with command-line overrides builds the same SQSDConfig as the keywords would."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from dataclasses import fields
+from pathlib import Path
+
+from sqsd_callback import SQSDConfig
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sft_with_monitor.py"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("sft_with_monitor", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parse(recipe, argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--sqsd-config", default=None)
+    recipe.add_config_options(p)
+    return p.parse_args(argv)
+
+
+def test_every_sqsdconfig_option_is_a_flag():
+    recipe = _recipe()
+    p = argparse.ArgumentParser()
+    recipe.add_config_options(p)
+    flags = {a.dest for a in p._actions}
+    assert {f.name for f in fields(SQSDConfig)} <= flags
+
+
+def test_recommended_drops_from_flags_and_yaml(tmp_path):
+    recipe = _recipe()
+    want = SQSDConfig(drop_zscore_above=3.0, drop_zscore_robust=True, drop_min_history=8, exclude_dropped=True)
+    flags = ["--drop-zscore-above", "3", "--drop-zscore-robust", "--drop-min-history", "8", "--exclude-dropped"]
+    assert recipe.config_from(_parse(recipe, flags)) == want
+    yaml = tmp_path / "sqsd.yaml"
+    yaml.write_text("drop_zscore_above: 2.0\ndrop_zscore_robust: true\ndrop_min_history: 8\nexclude_dropped: true\n")
+    got = recipe.config_from(_parse(recipe, ["--sqsd-config", str(yaml), "--drop-zscore-above", "3"]))
+    assert got == want  # the command line wins over the file
+    assert recipe.config_from(_parse(recipe, [])) == SQSDConfig()
