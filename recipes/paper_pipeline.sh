@@ -9,7 +9,11 @@ POOL=${POOL:?set POOL to prompt/response records (JSONL, CSV, datasets folder or
 OUT=${OUT:-runs/paper}
 
 if [ -z "${DANGER:-}" ] || [ -z "${SAFETY:-}" ]; then
-  sqsd directions --model "$MODEL" --out "$OUT/directions" --n 1000 --rank 16 --epochs 1 --lr 1e-4 --max-length 512
+  # the paper's data (BeaverTails and Aegis for danger, PKU-SafeRLHF for safety), with the LoRA rank and modules of
+  # the fine-tune below (sft_with_monitor.py's defaults: rank 16, all linear layers)
+  sqsd directions --model "$MODEL" --out "$OUT/directions" --recipe paper --aegis --rank 16 \
+    --target-modules all-linear
+  sqsd check-directions "$OUT/directions" --model "$MODEL"
   DANGER="$OUT/directions/danger" SAFETY="$OUT/directions/safety"
 fi
 # θ_t: a short fine-tuning run on the pool itself, monitored (its scores.jsonl is the online view of the same data)
