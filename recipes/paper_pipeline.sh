@@ -15,10 +15,14 @@ if [ -z "${DANGER:-}" ] || [ -z "${SAFETY:-}" ]; then
     --target-modules all-linear
   sqsd check-directions "$OUT/directions" --model "$MODEL"
   DANGER="$OUT/directions/danger" SAFETY="$OUT/directions/safety"
+  AEGIS="$OUT/directions/danger-aegis"
 fi
 # θ_t: a short fine-tuning run on the pool itself, monitored (its scores.jsonl is the online view of the same data)
 python "$(dirname "$0")/sft_with_monitor.py" --model "$MODEL" --data "$POOL" --danger "danger=$DANGER" \
   --safety "safety=$SAFETY" --out "$OUT/theta_t" --epochs 1
-sqsd score "$POOL" --model "$MODEL" --danger "danger=$DANGER" --safety "safety=$SAFETY" --at paper \
+# the paper's protocol: danger at θ_t (--checkpoint), safety at θ_0 + 0.5·V_safety; see docs/offline.md on when to
+# leave --checkpoint out
+sqsd score "$POOL" --model "$MODEL" --danger "danger=$DANGER" ${AEGIS:+--danger "aegis=$AEGIS"} \
+  --safety "safety=$SAFETY" --at paper \
   --checkpoint "$OUT/theta_t" --alpha 0.5 --windows 5 --batch-size 16 --out "$OUT/scores"
 echo "windows by rank: $OUT/scores/windows.csv (fine-tune on each to reproduce the paper's table)"

@@ -50,7 +50,8 @@ def _directions(opts) -> None:
     if opts.recipe == "paper":
         _paper_directions(opts)
         return
-    for flag, value in (("--danger-sources", opts.danger_sources), ("--aegis", opts.aegis), ("--data", opts.data)):
+    for flag, value in (("--danger-sources", opts.danger_sources), ("--aegis", opts.aegis), ("--data", opts.data),
+                        ("--gradient-checkpointing", opts.gradient_checkpointing is not None)):
         if value:
             raise ValueError(f"{flag} is for --recipe paper")
     opts.n, opts.epochs = opts.n or 64, opts.epochs or 2.0  # the demo recipe's defaults
@@ -159,6 +160,9 @@ def _paper_directions(opts) -> None:
     plan = recipe.plan({f: data.tokenize_chats(tokenizer, r, max_length) for f, r in chosen.items()}, epochs,
                        batch_size)
     device = "cuda, bf16" if torch.cuda.is_available() else "CPU, fp32: no GPU found, slow beyond small models"
+    checkpointing = torch.cuda.is_available() if opts.gradient_checkpointing is None else opts.gradient_checkpointing
+    if checkpointing:
+        device += ", gradient checkpointing"
     print(f"sqsd directions: {len(plan)} LoRA adapters (rank {lora.r}, modules {settings['lora']['value']['targets']})"
           f" on {device}; {epochs:g} epoch(s), batch {batch_size}, lr {lr:g}, max length {max_length}:")
     for step in plan:
@@ -172,7 +176,8 @@ def _paper_directions(opts) -> None:
                                extra={f: r for f, r in chosen.items() if f not in ("danger", "safety")},
                                held_out=held_out, lora=lora, max_length=max_length, about=about,
                                callbacks=[estimate], num_train_epochs=epochs, learning_rate=lr,
-                               per_device_train_batch_size=batch_size, seed=opts.seed)
+                               per_device_train_batch_size=batch_size, seed=opts.seed,
+                               gradient_checkpointing=checkpointing)
     summary["time_estimate"] = estimate.estimate
     (Path(opts.out) / SUMMARY).write_text(json.dumps(summary, indent=2))
     print(f"directions: {opts.out} ({', '.join(summary['adapters'])}); check them with: sqsd check-directions "
@@ -278,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("directions", help="train danger and safety LoRA adapters for your model (and optionally an aligned θ_0)",
             description="Train danger and safety direction sets as LoRA adapters on your base model. The directions "
-            "must match your fine-tune: the same base model and the same LoRA modules (and rank), so pass your "
+            "must match your fine-tune: the same base model and the same LoRA modules, so pass your "
             "fine-tune's adapter_config.json with --lora-config, or name its --rank and --target-modules. "
             "--recipe demo (the default) trains the danger adapter on the model's own prefilled compliance with the "
             "embedded harmful prompts and the safety adapter on templated refusals: a quick demonstration. "
@@ -329,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate, constant (%(default)s: 5e-4 for demo, 1e-4 for paper)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (%(default)s: 8)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="paper: recompute activations in the backward, for large models on small GPUs (None: on "
+                        "with a GPU, off on the CPU)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example, prompt and response; paper: "
                    "longer prompts are skipped (%(default)s: 192 for demo, 512 for paper)")
     p.add_argument("--seed", type=int, default=0)

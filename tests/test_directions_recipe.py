@@ -156,9 +156,10 @@ def test_paper_recipe_trains_each_adapter_on_its_filtered_rows_with_the_requeste
     assert main(["directions", "--recipe", "paper", "--model", str(word_model), "--out", str(out),
                  "--aegis", "--n", "50", "--epochs", "1", "--max-length", "64",
                  "--rank", "2", "--target-modules", "q_proj,v_proj", "--batch-size", "1", "--harmful", str(harmful),
-                 "--held-out", "1.0"]) == 0
+                 "--held-out", "1.0", "--gradient-checkpointing"]) == 0
     printed = capsys.readouterr()
     assert "tokens/s over 1 step(s); about" in printed.out and "gave 2 of the 50 examples asked" in printed.err
+    assert "gradient checkpointing" in printed.out  # the large-model setting trains too (on by default on a GPU)
     for folder in ("danger", "danger-aegis", "safety"):
         config = json.loads((out / folder / "adapter_config.json").read_text())
         assert config["r"] == 2 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]

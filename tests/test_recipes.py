@@ -8,9 +8,13 @@ import importlib.util
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+
 from sqsd_callback import SQSDConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sft_with_monitor.py"
+if not RECIPE.is_file():
+    pytest.skip("not in a clone: an sdist holds no recipes/", allow_module_level=True)
 
 
 def _recipe():
