@@ -6,10 +6,12 @@ adapter onto the base model, scores the sets it serves and takes the adapter off
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .bank import DirectionBank
@@ -135,10 +137,30 @@ def _model_name(model) -> str:
     return f"{type(model).__name__} ({where})" if where else type(model).__name__
 
 
+@contextmanager
+def covered_weights_trainable(model, sets: Sequence[DirectionSet]) -> Iterator:
+    """``model`` with exactly the weights ``sets`` have directions for trainable, ``requires_grad`` restored on exit:
+    an adapter-free pass then scores each example's full gradient on those modules, as a full fine-tune of them would
+    take it (a merged θ_0 leaves every weight frozen; the output layer and embeddings stay out either way)."""
+    covered = {m for s in sets for m in s.modules}
+    was = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.nn.Parameter) and canonical_name(name) in covered:
+                weight.requires_grad_(True)
+        yield model
+    finally:
+        for p, flag in was.items():
+            p.requires_grad_(flag)
+
+
 @dataclass
 class ScoringPass:
     """Score ``sets`` at base + ``adapter`` (its own scaling, or ``scaling`` in its place); with no adapter, at
-    the model's own parameters (its Linear weights are then the scored targets, as in full fine-tuning)."""
+    the model's own parameters (the weights the sets cover are then the scored targets, as in full fine-tuning)."""
 
     adapter: str | Path | None
     sets: list[DirectionSet]
@@ -170,9 +192,10 @@ def score_offline(model, samples: Sequence[dict], passes: Sequence[ScoringPass],
     for p in passes:
         scored = model if p.adapter is None else load_adapter(model, p.adapter, p.scaling)
         try:
-            rows = score_samples(scored, samples, danger=[s for s in p.sets if s.kind == "danger"],
-                                 safety=[s for s in p.sets if s.kind == "safety"], metric=metric, engine="hooks",
-                                 batch_size=batch_size, max_tokens=max_tokens)
+            with covered_weights_trainable(model, p.sets) if p.adapter is None else nullcontext():
+                rows = score_samples(scored, samples, danger=[s for s in p.sets if s.kind == "danger"],
+                                     safety=[s for s in p.sets if s.kind == "safety"], metric=metric,
+                                     engine="hooks", batch_size=batch_size, max_tokens=max_tokens)
         finally:
             if scored is not model:
                 scored.unload()

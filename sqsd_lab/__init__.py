@@ -7,8 +7,9 @@ The embedded default model in your own script (its GGUF file, loaded dequantized
     from sqsd_lab import load_model
     model, tokenizer = load_model()  # SmolLM2-135M-Instruct; or load_model(a folder, hub name or .gguf path)
 
-``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` alone gives a model the Trainer refuses to train
-(transformers marks it quantized). The public names load on first use: ``import sqsd_lab`` imports no torch."""
+Under transformers 5, ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` alone gives a model the
+Trainer refuses to train (it is marked quantized). The public names load on first use: ``import sqsd_lab``
+imports no torch."""
 
 from __future__ import annotations
 

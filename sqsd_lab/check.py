@@ -232,7 +232,7 @@ def _separation(model, tokenizer, danger, safety, adapter: str | Path | None, ha
     model's own weights, each example's full gradient on the modules the sets cover): harmful ones should score
     higher. The model is left as found."""
     from sqsd_callback import score_samples
-    from sqsd_callback.offline import load_adapter
+    from sqsd_callback.offline import covered_weights_trainable, load_adapter
     from sqsd_lab.data import tokenize_chats
 
     samples_h = tokenize_chats(tokenizer, harmful, max_length, skip_long=True)
@@ -249,19 +249,9 @@ def _separation(model, tokenizer, danger, safety, adapter: str | Path | None, ha
         finally:
             scored.unload()
     else:
-        covered = {m for s in (*danger, *safety) for m in s.modules}
-        was = {p: p.requires_grad for p in model.parameters()}
-        try:  # score the covered Linear weights only: the output layer and embeddings stay out
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and canonical_name(name) in covered:
-                    module.weight.requires_grad_(True)
+        with covered_weights_trainable(model, (*danger, *safety)):  # each example's full gradient on them
             rows = score_samples(model, samples, danger=list(danger), safety=list(safety), batch_size=batch_size,
                                  progress=False)
-        finally:
-            for p, flag in was.items():
-                p.requires_grad_(flag)
     group_h, group_b = rows[:len(samples_h)], rows[len(samples_h):]
 
     def values(group, key):

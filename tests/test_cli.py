@@ -107,6 +107,38 @@ def test_score_at_current_parameters_with_named_adapters(tmp_path, model_dir, di
         assert row["sqsd"] == pytest.approx(r["sqsd"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_score_at_current_without_checkpoint_scores_at_a_merged_theta_0(tmp_path, model_dir, directions):
+    """`--at current` with no --checkpoint scores every set at θ_0 by each example's full gradient on the modules the
+    sets cover, also where θ_0 is an aligned adapter merged in, which leaves every weight frozen (the old code then
+    stopped with "no active LoRA layer and no trainable layer"). Against the independent oracle at θ_0, float64,
+    within 1e-5 of the terms' magnitudes."""
+    import shutil
+
+    from sqsd_lab.adapters import theta_0
+
+    from oracle import RefSet, oracle
+    folder = tmp_path / "dirs"
+    shutil.copytree(directions, folder)
+    shutil.copytree(directions / "safety", folder / "aligned")  # an alignment adapter to merge: θ_0 ≠ the base
+    data, out = _jsonl(tmp_path / "benign.jsonl", BENIGN[:4]), tmp_path / "scores"
+    assert main(["score", data, "--model", str(model_dir), "--directions", str(folder), "--at", "current",
+                 "--out", str(out), "--windows", "2"]) == 0
+    rows = read_jsonl(out / "scores.jsonl")
+    model, tokenizer = load_model(str(model_dir))
+    theta_0(model, folder)
+    for p in model.parameters():  # the oracle differentiates every weight; the sets pick their modules
+        p.requires_grad_(True)
+    sets = [RefSet(kind, kind, {m: d.materialize().double() for m, d in
+                                DirectionSet.from_peft_adapter(folder / kind, kind=kind).modules.items()})
+            for kind in ("danger", "safety")]
+    want = oracle(model, tokenize_chats(tokenizer, BENIGN[:4], 512), sets, metrics=("cosine",))["cosine"]
+    assert len(rows) == len(want) == 4
+    for row, (ref, mag) in zip(rows, want):
+        for key in ("danger/danger", "safety/safety", "sqsd"):
+            assert abs(row[key] - ref[key]) <= 1e-5 * mag[key], (key, row[key], ref[key])
+
+
 def _error(capsys, argv) -> str:
     assert main(argv) == 1
     return capsys.readouterr().err
