@@ -23,6 +23,7 @@ from sqsd_callback import SQSDCallback, SQSDConfig
 from sqsd_lab.adapters import named_adapters
 from sqsd_lab.data import load_model, load_records, tokenize_chats
 from sqsd_lab.finetune import lora_config, train_lora
+from sqsd_lab.paper_recipe import parse_target_modules
 from sqsd_lab.report import write_report
 
 
@@ -42,10 +43,6 @@ def config_from(opts) -> SQSDConfig:
     values = SQSDConfig.from_yaml(Path(opts.sqsd_config).read_text()).to_dict() if opts.sqsd_config else {}
     values.update({f.name: getattr(opts, f.name) for f in fields(SQSDConfig) if getattr(opts, f.name) is not None})
     return SQSDConfig.from_dict(values)
-
-
-def _targets(value: str) -> str | list[str]:
-    return value if value == "all-linear" else value.split(",")
 
 
 def main() -> None:
@@ -77,7 +74,7 @@ def main() -> None:
     config = config_from(opts)
     callback = SQSDCallback(danger=[s for _, s in named_adapters(opts.danger, "danger")],
                             safety=[s for _, s in named_adapters(opts.safety, "safety")], config=config)
-    lora = lora_config(opts.rank, targets=_targets(opts.target_modules))
+    lora = lora_config(opts.rank, targets=parse_target_modules(opts.target_modules))
     summary = train_lora(model, tokenizer, samples, opts.out, lora=lora, callbacks=[callback],
                          num_train_epochs=opts.epochs, learning_rate=opts.lr,
                          per_device_train_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,

