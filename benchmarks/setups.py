@@ -80,10 +80,12 @@ def _child(setup: str, variant: str, layers: int, batch: int, seq: int, steps: i
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=word_tokenizer(config["vocab_size"]), callbacks=callbacks)
     if setup == "fsdp2" and not torch.cuda.is_available():  # the CPU adaptation (module docstring)
+        from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
         state = trainer.accelerator.state
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
         state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate sets it for FSDP
         trainer.is_fsdp_enabled = True
     trainer.train()
     lora = [p for n, p in model.named_parameters() if "lora_" in n]  # FSDP2 and ZeRO-3 shard them in place

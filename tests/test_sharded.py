@@ -1,7 +1,8 @@
 """Sharded engines, 2 processes on CPU (gloo): DeepSpeed ZeRO-1, -2 and -3 (DeepSpeed's CPU accelerator, one launch)
 and FSDP2 (one launch). Every row equals the batch-size-1 loop at its step's θ, every drift record equals dense math
-on θ_s − θ_0 (θ_0 the real starting adapter, gathered), and the drift stop saves the last safe adapter whole. The
-factors are checked to be partitioned (ZeRO-3) or DTensor shards (FSDP2), so a test cannot pass unsharded."""
+on θ_s − θ_0 (θ_0 the real starting adapter, gathered), and the drift stop saves the last safe adapter whole; under
+FSDP2, drops and the anchor give at every step the update of one single-process step on all ranks' kept examples.
+The factors are checked to be partitioned (ZeRO-3) or DTensor shards (FSDP2), so a test cannot pass unsharded."""
 
 import json
 from pathlib import Path
@@ -15,11 +16,15 @@ from sqsd_callback.runtime.distributed import Processes
 from sqsd_callback.sinks import read_jsonl
 from sqsd_lab.tiny import three_sets, tiny_lora
 
+from ddp_worker import TRAIN, anchor_set
 from deepspeed_worker import SAMPLES, STAGES, STEPS
+from fsdp_worker import RUNS as FSDP_RUNS
 from helpers import (
     ThetaEachStep,
     assert_every_step_matches_loop,
+    assert_steps_equal_kept_only,
     at,
+    dense_asft,
     dense_drift_cosines,
     launch,
     trainable,
@@ -59,8 +64,35 @@ def test_zero_monitor_every_step(zero_runs, stage):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_monitor_every_step(fsdp2_run):
-    assert json.loads((fsdp2_run / "sharding.json").read_text()) == {"sharded": True, "factors": 12}
-    assert_sharded_run_matches(fsdp2_run)
+    out = fsdp2_run / "monitor"
+    assert json.loads((out / "sharding.json").read_text()) == {"sharded": True, "factors": 12}
+    assert_sharded_run_matches(out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [n for n in FSDP_RUNS if n != "monitor"])
+def test_fsdp2_drops_and_anchor_every_step(fsdp2_run, tmp_path, name):
+    """θ after each step (gathered) equals a single-process loop on every rank's kept examples, + the dense AsFT
+    penalty (default optimizer, accumulation 2, clipping active), for LoRA and full fine-tuning; rows equal the
+    batch-size-1 loop."""
+    out = fsdp2_run / name
+    make, options, _ = FSDP_RUNS[name]
+    model = make("llama")
+    trained = len(trainable(model))  # 12 LoRA factors, or 10 weights in full fine-tuning
+    assert json.loads((out / "sharding.json").read_text()) == {"sharded": True, "factors": trained}
+    danger, safety = three_sets(model)
+    thetas = ThetaEachStep()
+    thetas.theta = torch.load(out / "thetas.pt")
+    rows = read_jsonl(out / "sqsd" / "scores.jsonl")
+    assert [r["step"] for r in rows] == [s for s in range(STEPS) for _ in range(8)]
+    assert_every_step_matches_loop(model, SAMPLES, out, thetas, danger, safety, steps=STEPS)
+    assert 0 < sum(r["dropped"] for r in rows) < len(rows)
+    penalty = None
+    if "anchor_lambda" in options:
+        dirs = {m: d.materialize() for m, d in anchor_set(model).modules.items()}
+        penalty = lambda m: dense_asft(m, dirs, options["anchor_lambda"])  # noqa: E731
+    assert_steps_equal_kept_only(make("llama"), SAMPLES, rows, tmp_path, thetas, penalty=penalty, **TRAIN)
 
 
 def assert_sharded_run_matches(out: Path) -> None:
@@ -90,9 +122,8 @@ def assert_sharded_run_matches(out: Path) -> None:
 
 @pytest.mark.parametrize("procs,options,message", [
     (Processes(2, 0, "fsdp", fsdp_version=1), {}, "does not support FSDP1.*fsdp_version: 2"),
-    (Processes(2, 0, "fsdp", fsdp_version=2), {"drop_above": 0.0}, "under FSDP2 they are not supported"),
-    (Processes(2, 0, "deepspeed", zero_stage=3), {"drop_top_fraction": 0.5}, "under DeepSpeed ZeRO-3 they are not"),
-    (Processes(2, 0, "deepspeed", zero_stage=2), {"anchor_lambda": 1.0}, "under DeepSpeed ZeRO-2 they are not"),
+    (Processes(2, 0, "deepspeed", zero_stage=3), {"drop_top_fraction": 0.5}, "ZeRO-3 reduces, clips and steps"),
+    (Processes(2, 0, "deepspeed", zero_stage=2), {"anchor_lambda": 1.0}, "under DeepSpeed they are not supported"),
     (Processes(2, 0, "fsdp", fsdp_version=2), {"engine": "vmap"}, "engine='vmap' runs extra passes"),
 ])
 def test_unsupported_multi_process_combinations_are_refused_before_the_first_step(tmp_path, monkeypatch, procs,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..layers import LoraTarget
+from ..runtime.distributed import add_to_grad
 from .base import Policy, RunContext
 
 if TYPE_CHECKING:
@@ -45,12 +46,14 @@ class Anchor(Policy):
         self.norms = {m: math.sqrt(self.directions.modules[m].sq_norm()) for m in self.modules}
         self.targets = targets
 
-    def penalty(self) -> torch.Tensor:
-        """The penalty as a function of the current LoRA factors (differentiable)."""
+    def penalty(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The penalty as a function of the LoRA factors ``{module: (A, B)}``, by default the live ones
+        (differentiable)."""
+        factors = factors or {m: (self.targets[m].A, self.targets[m].B) for m in self.modules}
         total = 0.0
         for m in self.modules:
             t, V = self.targets[m], self.dirs[m]
-            B, A = t.B.float(), t.A.float()
+            A, B = (f.float() for f in factors[m])
             VtB = V.times_left(B.T).T                       # (in×r) = Vᵀ B, through V's factors
             X = B - V.times_right(VtB) / self.norms[m]      # out×r
             total = total + t.scaling ** 2 * ((X.T @ X) * (A @ A.T)).sum()
@@ -63,12 +66,19 @@ class Anchor(Policy):
         return {} if self.value is None else {"sqsd/anchor_penalty": self.value}
 
     def add_grad(self) -> float:
-        """Add the penalty's gradient to the LoRA factors' ``.grad`` (once per optimizer step); returns its value."""
+        """Add the penalty's gradient to the LoRA factors' ``.grad`` (once per optimizer step); returns its value.
+        Factors FSDP2 shards are gathered whole (every rank, the same order) and each rank adds its shard."""
         params = [p for m in self.modules for p in (self.targets[m].A, self.targets[m].B)]
+        whole = [_whole(p).detach().requires_grad_() for p in params]
         with torch.enable_grad():
-            value = self.penalty()
-            grads = torch.autograd.grad(value, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.grad = g.to(p.dtype) if p.grad is None else p.grad.add_(g.to(p.grad.dtype))
+            value = self.penalty({m: (whole[2 * i], whole[2 * i + 1]) for i, m in enumerate(self.modules)})
+            grads = torch.autograd.grad(value, whole)
+        for p, g in zip(params, grads):
+            add_to_grad(p, g)
         return float(value)
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """The parameter's whole value (an FSDP2 shard is all-gathered)."""
+    from torch.distributed.tensor import DTensor
+    return p.full_tensor() if isinstance(p, DTensor) else p

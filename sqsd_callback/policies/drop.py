@@ -1,6 +1,7 @@
 """Drops: examples whose SQSD crosses a threshold are removed from the step's update exactly. A dropped example's
 gradient is subtracted as its micro-batch's backward finishes (under DDP, held until DDP has written its averages,
-then summed over ranks and divided by W: exact by linearity), and the step is renormalised from its N scored
+under FSDP2 until the step's reduce-scatter, then summed over ranks and divided by W, each rank editing its shard:
+exact by linearity), and the step is renormalised from its N scored
 tokens to the N' kept (over every process), so the update equals that of a step without the dropped examples,
 clipping included."""
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.distributed import grads_reduced_now
+from ..runtime.distributed import add_to_grad, grads_reduced_now
 from ..runtime.recorder import MicroBatch
 from .base import Policy, RunContext
 
@@ -131,7 +132,7 @@ class DropPolicy(Policy):
         mb.kept_tokens = int((mb.batch.n_scored.cpu() * torch.tensor([not d for d in own])).sum())
         idx = torch.tensor([i for i, d in enumerate(own) if d], dtype=torch.long, device=mb.batch.input_ids.device)
         removed = list(self.run.engine.removed(idx))  # releases the engine's per-example tensors too
-        if procs.reduces_in_backward and grads_reduced_now():
+        if procs.holds_edits or (procs.reduces_in_backward and grads_reduced_now()):
             for p, g in removed:
                 held = self._held.get(id(p))
                 self._held[id(p)] = (p, g if held is None else held[1] + g)
@@ -143,7 +144,7 @@ class DropPolicy(Policy):
         if held:  # every rank's removals, averaged as DDP averaged the gradients
             procs = self.run.procs
             summed = procs.sum([g for _, g in held])
-            _subtract([(p, g / procs.world) for (p, _), g in zip(held, summed)])
+            _subtract([(p, g) for (p, _), g in zip(held, summed)], 1 / procs.world)
         self._renormalise(step)
 
     def _renormalise(self, micro_batches: list[MicroBatch]) -> None:
@@ -184,8 +185,8 @@ class DropPolicy(Policy):
         self.owed = state.get("owed", 0.0)
 
 
-@torch.no_grad()
-def _subtract(removed: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _subtract(removed: list[tuple[torch.Tensor, torch.Tensor]], scale: float = 1.0) -> None:
+    """Take ``scale``·g off each parameter's gradient (a parameter without one has nothing to take off)."""
     for p, g in removed:
         if p.grad is not None:
-            p.grad.sub_(g.to(p.grad.dtype))
+            add_to_grad(p, g, -scale)

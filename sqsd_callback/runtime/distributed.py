@@ -1,9 +1,11 @@
 """What several processes need: which backend spreads the model (DDP, FSDP, DeepSpeed), the one set of decisions
-every rank takes, and gradient corrections made after DDP's reduction.
+every rank takes, and gradient corrections made after the backend's reduction.
 
 DDP averages gradients inside the backward pass and writes the averages into ``.grad`` in a callback of its own at
-the pass's end; an edit made before that is overwritten. By linearity an edit after it is exact: subtracting
-(1/W)·Σ_ranks of the ranks' own removed gradients from the averaged gradient equals removing them before.
+the pass's end; an edit made before that is overwritten. FSDP2 reduce-scatters them in the pass too and hands each
+rank its shard in its own end-of-pass callback (and, under ``no_sync``, accumulates in buffers of its own, out of
+reach). By linearity an edit after that is exact: subtracting (1/W)·Σ_ranks of the ranks' own removed gradients
+from the averaged gradient (each rank its shard of it) equals removing them before.
 """
 
 from __future__ import annotations
@@ -34,22 +36,29 @@ class Processes:
         world, rank = dist.get_world_size(), dist.get_rank()
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedType
-        state = AcceleratorState() if AcceleratorState._shared_state else None
-        kind = getattr(state, "distributed_type", None)
+        state = AcceleratorState._shared_state  # read, not re-made: AcceleratorState() copies PartialState's
+        kind = state.get("distributed_type")   # distributed_type over it again
         if kind == DistributedType.FSDP:
-            version = getattr(state.fsdp_plugin, "fsdp_version", 1) if state.fsdp_plugin is not None else 1
-            return cls(world, rank, "fsdp", fsdp_version=version)
+            plugin = state.get("fsdp_plugin")
+            return cls(world, rank, "fsdp", fsdp_version=getattr(plugin, "fsdp_version", 1) if plugin else 1)
         if kind == DistributedType.DEEPSPEED:
-            stage = None
-            if state.deepspeed_plugin is not None:
-                stage = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+            plugin = state.get("deepspeed_plugins", state.get("deepspeed_plugin"))  # accelerate < 1.1: one plugin
+            if isinstance(plugin, dict):  # several: the one selected
+                plugin = next((p for p in plugin.values() if getattr(p, "selected", False)), None)
+            stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage") if plugin else None
             return cls(world, rank, "deepspeed", zero_stage=stage)
         return cls(world, rank, "ddp" if world > 1 else "single")
 
     @property
     def reduces_in_backward(self) -> bool:
-        """Whether gradients are averaged across processes inside the backward pass (DDP)."""
-        return self.backend == "ddp"
+        """Whether gradients are averaged across processes inside the backward pass (DDP, FSDP2)."""
+        return self.backend in ("ddp", "fsdp")
+
+    @property
+    def holds_edits(self) -> bool:
+        """Whether every micro-batch's gradient edits wait for the step's reduction: FSDP2 keeps a ``no_sync``
+        micro-batch's gradients in buffers of its own, where only its reduction reaches them."""
+        return self.backend == "fsdp"
 
     def gather(self, items: list) -> list:
         """Every process's items, in rank order."""
@@ -98,6 +107,20 @@ def grads_reduced_now() -> bool:
     return step_ends_now() or bool(GradientState().plugin_kwargs.get("sync_each_batch", False))
 
 
+@torch.no_grad()
+def add_to_grad(p: torch.Tensor, g: torch.Tensor, alpha: float = 1.0) -> None:
+    """``p.grad += alpha·g`` for a whole-parameter ``g``; where FSDP2 shards ``p`` its gradient is a shard, and this
+    rank adds its own part of ``g`` (the same on every rank: no communication). A missing ``.grad`` is created."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(p, DTensor):
+        g = distribute_tensor(g.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+    g = g.to(p.grad.dtype if p.grad is not None else p.dtype)
+    if p.grad is None:
+        p.grad = alpha * g
+    else:
+        p.grad.add_(g, alpha=alpha)
+
+
 def is_sharded(p: torch.Tensor) -> bool:
     """Whether a parameter is split across processes: an FSDP2 DTensor or a DeepSpeed ZeRO-3 partition."""
     from torch.distributed.tensor import DTensor
@@ -132,11 +155,12 @@ def refuse_unsupported(procs: Processes, edits_gradients: bool, engine: str, in_
         raise ValueError("SQSDCallback does not support FSDP1 (FullyShardedDataParallel's flat parameters hide "
                          "the LoRA factors from the scoring taps). Use FSDP2: fsdp_version: 2 in the accelerate "
                          "config, or TrainingArguments(fsdp_config={'fsdp_version': 2}).")
-    if procs.backend in ("fsdp", "deepspeed") and edits_gradients:
-        what = "FSDP2" if procs.backend == "fsdp" else f"DeepSpeed ZeRO-{procs.zero_stage}"
-        raise ValueError(f"Drops and the anchor edit the step's gradients, which {what} reduces and shards in "
-                         f"its own buffers; under {what} they are not supported. Monitoring (scores, drift, "
-                         f"stop_drift_above) works; for drops or the anchor train with DDP or one process.")
+    if procs.backend == "deepspeed" and edits_gradients:
+        raise ValueError(f"Drops and the anchor edit the step's gradients between their reduction and the "
+                         f"optimizer, but DeepSpeed ZeRO-{procs.zero_stage} reduces, clips and steps inside one "
+                         f"call (accelerate's backward runs the engine's step), leaving no such point; under "
+                         f"DeepSpeed they are not supported. Monitoring (scores, drift, stop_drift_above) works; for "
+                         f"drops or the anchor train with FSDP2 (fsdp_version: 2), DDP or one process.")
     if procs.backend in ("fsdp", "deepspeed") and not in_step:
         raise ValueError(f"engine={engine!r} runs extra passes outside the training step, which "
                          f"FSDP2 and DeepSpeed do not shard for it; use engine='hooks' (the default).")
