@@ -228,10 +228,12 @@ def _check_directions(opts) -> None:
 
 
 def _score(opts) -> None:
-    from sqsd_callback.offline import ScoringPass, paper_passes, score_offline
+    import shutil
+
+    from sqsd_callback.offline import ScoringPass, paper_passes, score_stream
     from sqsd_lab import data
     from sqsd_lab.adapters import folder_sets, named_adapters, theta_0
-    from sqsd_lab.screening import write_scores
+    from sqsd_lab.screening import ChatSamples, claim_parts, write_scores
 
     danger, safety = named_adapters(opts.danger, "danger"), named_adapters(opts.safety, "safety")
     if opts.directions:  # every set of the folder: danger/, safety/ and e.g. danger-aegis/
@@ -241,28 +243,91 @@ def _score(opts) -> None:
     if not danger and not safety:
         raise ValueError("no direction sets: pass --directions DIR (from `sqsd directions`) or --danger/--safety "
                          "adapters")
-    records = data.load_records(opts.data, opts.prompt_field, opts.response_field, opts.split)
-    model, tokenizer = data.load_model(opts.model)
-    if opts.directions:
-        theta_0(model, opts.directions)
-    samples = data.tokenize_chats(tokenizer, records, opts.max_length, skip_long=True)
-    skipped = len(records) - len(samples)
-    if skipped:
-        print(f"sqsd score: {skipped} of {len(records)} examples skipped: their prompt alone is longer than "
-              f"--max-length {opts.max_length} tokens (raise it to score them)", file=sys.stderr)
-    if not samples:
-        raise ValueError(f"every example's prompt is longer than --max-length {opts.max_length}")
-    if opts.at == "paper":
-        passes = paper_passes(danger, safety, opts.checkpoint, opts.alpha)
-    else:
-        passes = [ScoringPass(opts.checkpoint, [s for _, s in danger + safety])]
-    rows = score_offline(model, samples, passes, opts.metric, opts.batch_size, opts.max_tokens)
-    about = {"data": str(opts.data), "model": opts.model or EMBEDDED, "skipped_too_long": skipped,
-             "max_length": opts.max_length, "metric": opts.metric, "at": opts.at, "alpha": opts.alpha,
-             "passes": [p.describe() for p in passes]}
-    paths = write_scores(rows, records, opts.out, opts.windows, about)
-    print(f"scores: {paths['scores.jsonl']}  ranking: {paths['ranking.csv']}  windows: {paths['windows.csv']}  "
-          f"plot: {paths['scores.png']}")
+    records = data.Records(opts.data, opts.prompt_field, opts.response_field, opts.split)
+    next(iter(records))  # the data's format, from its first row, before the model loads
+    procs = _processes()
+    try:
+        model, tokenizer = data.load_model(opts.model)
+        if opts.directions:
+            theta_0(model, opts.directions)
+        if opts.at == "paper":
+            passes = paper_passes(danger, safety, opts.checkpoint, opts.alpha)
+        else:
+            passes = [ScoringPass(opts.checkpoint, [s for _, s in danger + safety])]
+        parts, refusal = Path(opts.out) / "parts", None
+        if procs.rank == 0:
+            if opts.fresh:
+                shutil.rmtree(parts, ignore_errors=True)
+            refusal = claim_parts(parts, _score_settings(opts, [path for path, _ in danger + safety], passes))
+        refusal = _from_rank_0(refusal, procs.world)
+        if refusal:
+            raise ValueError(refusal)
+        n = len(records)
+        rows = score_stream(model, ChatSamples(records, tokenizer, opts.max_length), passes, parts, opts.metric,
+                            opts.batch_size, opts.max_tokens, total=n)
+        if procs.rank != 0:
+            return
+        skipped = n - len(rows)
+        if skipped:
+            print(f"sqsd score: {skipped} of {n} examples skipped: their prompt alone is longer than "
+                  f"--max-length {opts.max_length} tokens (raise it to score them)", file=sys.stderr)
+        if not rows:
+            raise ValueError(f"every example's prompt is longer than --max-length {opts.max_length}")
+        about = {"data": str(opts.data), "model": opts.model or EMBEDDED, "skipped_too_long": skipped,
+                 "max_length": opts.max_length, "metric": opts.metric, "at": opts.at, "alpha": opts.alpha,
+                 "passes": [p.describe() for p in passes], "processes": procs.world}
+        paths = write_scores(rows, opts.out, opts.windows, about)
+        print(f"scores: {paths['scores.jsonl']}  ranking: {paths['ranking.csv']}  windows: {paths['windows.csv']}  "
+              f"plot: {paths['scores.png']}")
+    finally:
+        if procs.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _processes():
+    """This process's place among those torchrun or accelerate launch started, its process group initialised from
+    their environment where there are several: NCCL with GPUs (one each, LOCAL_RANK's), else gloo."""
+    import os
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from sqsd_callback.runtime.distributed import Processes
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # the ranks wait for the slowest at the end; after a resume their shares of the work left may differ
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+    return Processes.current()
+
+
+def _from_rank_0(value, world: int):
+    """Rank 0's ``value`` on every rank."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _score_settings(opts, adapters: list, passes: list) -> dict:
+    """What the rows of ``sqsd score``'s part files depend on beyond each example's tokens (which are checked one by
+    one): the data's source, model and direction sets (local ones by their files' sizes and times), where the sets
+    are taken and the metric. Batch sizes and the number of processes may change between runs."""
+    from sqsd_lab.screening import file_stamps
+    local = [p for p in (opts.model, opts.checkpoint, *adapters) if p is not None and Path(p).exists()]
+    if opts.directions and (Path(opts.directions) / "aligned").is_dir():
+        local.append(Path(opts.directions) / "aligned")
+    data = Path(opts.data)
+    return {"data": str(data.resolve()) if data.exists() else opts.data, "split": opts.split,
+            "prompt_field": opts.prompt_field, "response_field": opts.response_field,
+            "model": opts.model or EMBEDDED, "max_length": opts.max_length, "metric": opts.metric, "at": opts.at,
+            "alpha": opts.alpha, "passes": [p.describe() for p in passes],
+            "files": {str(Path(p).resolve()): file_stamps(p) for p in local}}
 
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct"
@@ -386,9 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any check warns")
     p.set_defaults(func=_check_directions)
 
-    p = add("score", help="offline SQSD of a dataset: scores, ranking, windows by rank and a plot")
+    p = add("score", help="offline SQSD of a dataset: scores, ranking, windows by rank and a plot",
+            description="Offline SQSD of every example of a dataset, read and scored a chunk at a time. Under "
+            "torchrun or accelerate launch each process scores its share of the batches (one GPU each) and rank 0 "
+            "writes the files. Rows are kept in --out/parts/ as they are scored: the same command started again "
+            "after a crash or kill goes on where it stopped; other settings are refused (--fresh starts over).")
     p.add_argument("data", help="JSONL / JSON / CSV file, a saved `datasets` folder or a hub dataset")
-    p.add_argument("--out", required=True, help="folder for scores.jsonl, ranking.csv, windows.csv, scores.png")
+    p.add_argument("--out", required=True, help="folder for scores.jsonl, ranking.csv, windows.csv, scores.png, "
+                   "and parts/ (the rows scored so far, from which a run started again goes on)")
+    p.add_argument("--fresh", action="store_true", help="delete --out's parts/ first and score every example anew")
     p.add_argument("--model", required=True, type=_model, help=f"the base model θ_0: {MODEL_HELP}")
     p.add_argument("--directions", default=None, help="a `sqsd directions` folder: its danger*/ and safety*/ "
                    "adapters, and its aligned adapter merged into --model as θ_0")

@@ -8,7 +8,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,12 @@ def tokenize_chats(tokenizer, records: Iterable[dict], max_length: int = 512, sk
     """tokenize_chat over {"prompt", "response"} records; each sample also gets its position as "index". With
     ``skip_long`` a record whose prompt alone fills ``max_length`` is left out (the caller counts the gaps) instead
     of ending the run; responses are always cut to fit."""
-    samples = []
+    return [sample for _, sample in chat_samples(tokenizer, records, max_length, skip_long)]
+
+
+def chat_samples(tokenizer, records: Iterable[dict], max_length: int = 512,
+                 skip_long: bool = False) -> Iterator[tuple[dict, dict]]:
+    """tokenize_chats one record at a time, as the records are read: (record, its sample) pairs."""
     for index, record in enumerate(records):
         try:
             sample = tokenize_chat(tokenizer, record["prompt"], record["response"], max_length)
@@ -230,8 +236,7 @@ def tokenize_chats(tokenizer, records: Iterable[dict], max_length: int = 512, sk
             raise PromptTooLong(f"record {index}: {err}") from err
         except ValueError as err:
             raise ValueError(f"record {index}: {err}") from err
-        samples.append({**sample, "index": index})
-    return samples
+        yield record, {**sample, "index": index}
 
 
 # --------------------------------------------------------------------------- generation
@@ -344,30 +349,19 @@ def benign_records(model, tokenizer, n_tasks: int, n_writing: int, seed: int = 0
 # --------------------------------------------------------------------------- user datasets
 
 
-def _read_rows(path_or_name: str, split: str) -> list[dict]:
-    """Rows of a JSONL / JSON / CSV file, a `datasets` directory saved to disk, or a hub dataset."""
+def _rows(path_or_name: str, split: str) -> Iterable[dict]:
+    """The rows of a JSONL / JSON / CSV file, a `datasets` directory saved to disk, or a hub dataset, each time it is
+    iterated, and len() of them: JSONL, CSV and `datasets` (memory-mapped) one row at a time, a JSON array whole."""
     path = Path(path_or_name)
     if path.is_file():
-        if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        if path.suffix in (".jsonl", ".json"):
-            text = path.read_text(encoding="utf-8")
-            if path.suffix == ".json" and text.lstrip().startswith("["):
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: "
-                                     f"{err.msg}") from err
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg}, column "
-                                         f"{err.colno}): {line[:80]!r}") from err
-            return rows
+        if path.suffix == ".json" and _is_json_array(path):
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: "
+                                 f"{err.msg}") from err
+        if path.suffix in (".jsonl", ".json", ".csv"):
+            return _FileRows(path)
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
     import datasets
 
@@ -377,14 +371,45 @@ def _read_rows(path_or_name: str, split: str) -> list[dict]:
             if split not in ds:
                 raise ValueError(f"{path} has splits {sorted(ds)}, not {split!r}")
             ds = ds[split]
-        return ds.to_list()
+        return ds
     if path.suffix in (".jsonl", ".json", ".csv") or path_or_name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such file or directory: {path_or_name}")
     try:
-        return datasets.load_dataset(path_or_name, split=split).to_list()
+        return datasets.load_dataset(path_or_name, split=split)
     except Exception as err:  # hub errors vary by datasets version; name what was tried
         raise FileNotFoundError(f"{path_or_name!r} is neither a local file or directory nor a loadable "
                                 f"hub dataset (split {split!r}): {err}") from err
+
+
+def _is_json_array(path: Path) -> bool:
+    """Whether a .json file holds one JSON array (else JSON lines): its first non-blank character is ``[``."""
+    with open(path, encoding="utf-8") as f:
+        return next((line.lstrip()[0] == "[" for line in f if line.strip()), False)
+
+
+class _FileRows:
+    """The rows of a JSON-lines or CSV file, read one line at a time on each iteration; len() counts them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[dict]:
+        with open(self.path, newline="", encoding="utf-8") as f:
+            if self.path.suffix == ".csv":
+                yield from csv.DictReader(f)
+                return
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{self.path}, line {number}: not a JSON object ({err.msg}, column "
+                                         f"{err.colno}): {line[:80]!r}") from err
+
+    def __len__(self) -> int:
+        with open(self.path, newline="", encoding="utf-8") as f:
+            return sum(1 for _ in csv.DictReader(f)) if self.path.suffix == ".csv" else \
+                sum(1 for line in f if line.strip())
 
 
 FORMATS = {  # name: the fields that identify it
@@ -433,21 +458,42 @@ def load_records(path_or_name: str | Path, prompt_field: str | None = None, resp
     FORMATS (found from the first row) or with named fields. Alpaca and Dolly rows join the instruction and its
     input/context with a newline, as LLaMA-Factory's alpaca template does. ``columns`` keeps the row's other plain
     values (ids, categories), so results join back to the data."""
-    rows = _read_rows(str(path_or_name), split)
-    if not rows:
-        raise ValueError(f"dataset {path_or_name} is empty")
-    fmt = None if prompt_field is not None else detect_format(rows[0]) if not prompts_only else None
-    prompt_field = prompt_field or "prompt"
-    out = []
-    for i, row in enumerate(rows):
-        where = f"dataset {path_or_name}: row {i}"
+    return list(Records(path_or_name, prompt_field, response_field, split, prompts_only))
+
+
+class Records:
+    """load_records' records read as they are iterated, for datasets larger than memory: JSONL, CSV and `datasets`
+    (on disk or the hub, memory-mapped) one row at a time, a JSON array whole. Each iteration reads the data again
+    from the start; len() counts its rows."""
+
+    def __init__(self, path_or_name: str | Path, prompt_field: str | None = None, response_field: str | None = None,
+                 split: str = "train", prompts_only: bool = False) -> None:
+        self.name, self.prompt_field, self.response_field = path_or_name, prompt_field, response_field
+        self.prompts_only = prompts_only
+        self.rows = _rows(str(path_or_name), split)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict]:
+        rows = iter(self.rows)
+        first = next(rows, None)
+        if first is None:
+            raise ValueError(f"dataset {self.name} is empty")
+        fmt = None if self.prompt_field is not None or self.prompts_only else detect_format(first)
+        for i, row in enumerate(chain([first], rows)):
+            yield self._record(row, fmt, f"dataset {self.name}: row {i}")
+
+    def _record(self, row: dict, fmt: str | None, where: str) -> dict:
+        """One row as {"prompt", "response", "columns"}, read as ``fmt`` says (None: the named fields)."""
         if fmt is None:
-            fields = [prompt_field] + ([] if prompts_only else [response_field or "response"])
+            prompt_field = self.prompt_field or "prompt"
+            fields = [prompt_field] + ([] if self.prompts_only else [self.response_field or "response"])
             missing = [f for f in fields if f not in row]
             if missing:
                 raise ValueError(f"{where} has no field {missing[0]!r}; its fields are {sorted(row)}")
             prompt = _text(row[prompt_field], prompt_field, where)
-            response = None if prompts_only else _text(row[fields[1]], fields[1], where)
+            response = None if self.prompts_only else _text(row[fields[1]], fields[1], where)
         elif fmt.startswith("messages"):
             prompt, response = _from_messages(row["messages"], where)
             fields = ["messages"]
@@ -461,5 +507,4 @@ def load_records(path_or_name: str | Path, prompt_field: str | None = None, resp
             fields = list(FORMATS[fmt])
             prompt, response = (_text(row[f], f, where) for f in fields)
         columns = {k: v for k, v in row.items() if k not in fields and isinstance(v, (str, int, float, bool))}
-        out.append({"prompt": prompt, **({} if prompts_only else {"response": response}), "columns": columns})
-    return out
+        return {"prompt": prompt, **({} if self.prompts_only else {"response": response}), "columns": columns}
