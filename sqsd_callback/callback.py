@@ -130,6 +130,9 @@ class SQSDCallback(TrainerCallback):
     def _missed_backward(self) -> None:
         """The step's backward never reached the model's own loss (a compute_loss that builds another from the
         logits): nothing could act on the step's gradients, and scores need an extra pass."""
+        if self.run.recorder.pairs is not None:  # an extra pass scores cross-entropy, not a DPO pair's loss
+            raise RuntimeError("The DPO step's backward did not pass through the model's log_probs, so SQSDCallback "
+                               "could not read its pairs' gradients. Train with TRL's own DPOTrainer loss.")
         if any(p.edits_gradients for p in self.policies):
             raise RuntimeError("The training step's backward did not pass through the model's own loss (a "
                                "compute_loss that builds its own from the logits?), so drops and the anchor could "

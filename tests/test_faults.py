@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sqsd_callback import SQSDCallback
-from sqsd_callback.runtime.checkpoint import STATE_FILE, load_state
+from sqsd_callback.runtime.checkpoint import LATEST_FILE, STATE_FILE, load_state
 from sqsd_callback.runtime.run_folder import RunFolder, start_run_dir
 from sqsd_callback.sinks import files, read_jsonl
 from sqsd_callback.sinks.files import JsonlWriter
@@ -129,10 +129,12 @@ def test_a_resume_whose_state_is_missing_says_so_not_that_the_disk_is_full(tmp_p
     trainer(model, samples, tmp_path, [SQSDCallback(danger, safety)], steps=2, save_strategy="steps",
             save_steps=2).train()
     (tmp_path / "checkpoint-2" / STATE_FILE).unlink()
+    (tmp_path / "sqsd" / LATEST_FILE).unlink()  # else it would stand in for the missing state
     model = tiny_lora("llama")
     resumed = trainer(model, samples, tmp_path, [SQSDCallback(danger, safety)], steps=3, save_strategy="steps",
                       save_steps=2)
-    with pytest.raises(FileNotFoundError, match=rf"checkpoint-2/{STATE_FILE} is missing") as info:
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint-2/{STATE_FILE} is missing.*{LATEST_FILE}.* is "
+                                                rf"missing") as info:
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert "free space" not in str(info.value)
 

@@ -297,14 +297,17 @@ class LoraHooks(HookGroup):
 
 
 def lora_drift(group: Group, start: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """θ_t − θ_0 = P Q with P = [sB_t, −sB_0] (L×out×2r), Q = [A_t; A_0] (just sB_t, A_t where every θ_0 delta is
-    zero): <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ), <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>."""
+    """θ_t − θ_0 = P Q with P = [sB_t − sB_0, sB_0] (L×out×2r), Q = [A_t; A_t − A_0] (just sB_t, A_t where every θ_0
+    delta is zero): <PQ, B_V A_V> = Σ (Pᵀ B_V) ⊙ (Q A_Vᵀ), <PQ, V> = Σ Q ⊙ (Pᵀ V), ‖PQ‖² = <PᵀP, QQᵀ>. The factors
+    hold the factors' own changes, so a small step (DPO's default lr 1e-6 from a trained adapter) is not lost to
+    cancellation between θ_t's and θ_0's terms in fp32 (‖PQ‖² from [sB_t, −sB_0], [A_t; A_0] came out negative)."""
     scale = group.scaling(group.targets[0].B.device)
     P = torch.stack([t.B.detach() for t in group.targets]).float() * scale[:, None, None]
     Q = torch.stack([t.A.detach() for t in group.targets]).float()
     if any(s is not None for s in start):
-        P = torch.cat([P, -torch.stack([torch.zeros_like(p) if s is None else s[0] for s, p in zip(start, P)])], 2)
-        Q = torch.cat([Q, torch.stack([torch.zeros_like(q) if s is None else s[1] for s, q in zip(start, Q)])], 1)
+        sB0 = torch.stack([torch.zeros_like(p) if s is None else s[0] for s, p in zip(start, P)])
+        A0 = torch.stack([torch.zeros_like(q) if s is None else s[1] for s, q in zip(start, Q)])
+        P, Q = torch.cat([P - sB0, sB0], 2), torch.cat([Q, Q - A0], 1)
     Pt = P.transpose(1, 2)
     VB, VAt = group.low_factors() if group.low else (None, None)
     dots = [group.block_sums(((Pt @ VB) * (Q @ VAt)).sum(1))] if group.low else []

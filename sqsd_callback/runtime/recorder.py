@@ -9,6 +9,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from torch import nn
 from ..engines.base import StepEngine
 from ..types import IGNORE_INDEX, Batch, Segments, Stats, scored_tokens, targets_scored
 from .distributed import after_backward
+
+if TYPE_CHECKING:
+    from .preference import PreferencePairs
 
 
 def refuse_losses(args, model: nn.Module) -> list[str]:
@@ -44,11 +48,13 @@ def refuse_losses(args, model: nn.Module) -> list[str]:
 @dataclass
 class MicroBatch:
     """One micro-batch: its rows, ``weight[b]`` (the loss weight each scored token of row b got, read off the
-    backward pass; it scales hook gradients to batch-size-1 size), its stats and scored rows once known."""
+    backward pass; it scales hook gradients to batch-size-1 size) or, for DPO pairs, ``loss_share`` (each pair's
+    share of the step's loss, set when the step ends), its stats and scored rows once known."""
 
     batch: Batch
     own_index: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    loss_share: float | None = None
     stats: Stats | None = None
     rows: list[dict] | None = None
     kept_tokens: int = 0
@@ -56,7 +62,9 @@ class MicroBatch:
 
     def scale(self) -> torch.Tensor | None:
         """Per-row factor turning a hook gradient (loss weight w per token) into the example's mean-loss gradient:
-        1 / (w · n_scored); None where the weights could not be read."""
+        1 / (w · n_scored), or a pair's 1 / loss_share; None where the weights could not be read."""
+        if self.loss_share is not None:
+            return torch.full((self.batch.n_examples,), 1.0 / self.loss_share)
         if self.weight is None:
             return None
         w = self.weight * self.batch.n_scored.to(self.weight.device).float()
@@ -92,8 +100,9 @@ _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class Recorder:
     """Notes the training micro-batches of the current optimizer step (``pending``)."""
 
-    def __init__(self, engine: StepEngine | None, on_backward: Callable[[MicroBatch], None]) -> None:
-        self.engine, self.on_backward = engine, on_backward
+    def __init__(self, engine: StepEngine | None, on_backward: Callable[[MicroBatch], None],
+                 pairs: PreferencePairs | None = None) -> None:
+        self.engine, self.on_backward, self.pairs = engine, on_backward, pairs
         self.pending: list[MicroBatch] = []
         self._handles: list = []
         self._num_items = None
@@ -120,6 +129,8 @@ class Recorder:
     def take(self) -> list[MicroBatch]:
         """The step's micro-batches, and a fresh list for the next step."""
         step, self.pending = self.pending, []
+        if self.pairs is not None:
+            self.pairs.weigh(step)
         return step
 
     def _on_forward(self, module, args, kwargs):
@@ -147,6 +158,8 @@ class Recorder:
                 "examples attend to one another (transformers keeps them apart only when no attention_mask is "
                 "passed) and no example's gradient is its own to score. This is LLaMA-Factory's `packing: true`; "
                 "train without packing, or pack as TRL does (SFTConfig(packing=True): position_ids, no mask).")
+        if self.pairs is not None:
+            segments = self.pairs.segments(mask, packed=segments is not None)
         batch = Batch(ids.detach(), labels.detach(), mask, segments=segments)
         own_index = kwargs.pop("index", None)  # the dataset's own index column, where it reaches the batch
         if own_index is not None and segments is not None:
@@ -170,9 +183,10 @@ class Recorder:
             tensor = log_probs
 
             def read_weights(g):  # the loss sums −log_probs over every position: read only scored ones
-                tok = torch.zeros(labels.shape, device=g.device)
-                tok[:, labels.shape[1] - g.shape[1]:] = -g.detach().float() * scored.to(g.device)
-                mb.weight = mb.batch.sum_per_example(tok) / mb.batch.n_scored.to(g.device).clamp(min=1)
+                if self.pairs is None:  # a pair's rows weigh its tokens by more than a count: see loss_share
+                    tok = torch.zeros(labels.shape, device=g.device)
+                    tok[:, labels.shape[1] - g.shape[1]:] = -g.detach().float() * scored.to(g.device)
+                    mb.weight = mb.batch.sum_per_example(tok) / mb.batch.n_scored.to(g.device).clamp(min=1)
                 self._queue(mb)
         elif isinstance(loss, torch.Tensor) and loss.requires_grad:
             denom = self._num_items if self._num_items is not None else scored_tokens(labels).sum()

@@ -18,9 +18,10 @@ from ..layers import find_targets, shared_start
 from ..once import WarnOnce
 from ..policies import Anchor, DriftStop, Policy, RunContext, describe
 from ..sinks import Sink, SinkContext, check_report_to, make_sinks
-from .checkpoint import CheckpointState, under
+from .checkpoint import LATEST_FILE, CheckpointState, under
 from .distributed import Processes, full_parameters, refuse_unsupported
 from .identity import ExampleIndex
+from .preference import preference_pairs
 from .recorder import Recorder, refuse_losses
 from .rows import ExampleTexts, RowMaker
 from .run_folder import RunFolder
@@ -81,7 +82,8 @@ def start_run(config: SQSDConfig, sets: list[DirectionSet], policies: list[Polic
     targets = find_targets(model)
     params = [p for t in targets.values() for p in t.params if p.requires_grad]
     report_to = check_report_to(args.report_to)  # on every process, before anything is written
-    for warning in refuse_losses(args, model):
+    pairs = preference_pairs(args, model, config.engine, any(p.edits_gradients for p in policies))  # DPO, or None
+    for warning in refuse_losses(args, model) if pairs is None else []:
         logger.warning(f"sqsd: {warning}")
     procs = Processes.current()
     edits = any(p.edits_gradients for p in policies)
@@ -97,7 +99,8 @@ def start_run(config: SQSDConfig, sets: list[DirectionSet], policies: list[Polic
                          fresh)
     for p in policies:
         p.bind(context)
-    index = ExampleIndex(getattr(train_dataloader, "dataset", None))
+    dataset = getattr(train_dataloader, "dataset", None)
+    index = ExampleIndex(dataset if pairs is None else pairs.examples(dataset))
     if index.packed:
         logger.warning("sqsd: the training dataset is packed, so `index` numbers examples in packed order, not the "
                        "rows of the dataset you passed (packing reorders them and keeps no row id); "
@@ -105,9 +108,10 @@ def start_run(config: SQSDConfig, sets: list[DirectionSet], policies: list[Polic
                        "and examples.jsonl its text.")
     texts = ExampleTexts(getattr(processing_class, "tokenizer", processing_class))
     run = Run(context, engine, bank, drift, RowMaker(bank, config.metric, index, texts, warn) if sets else None, texts,
-              RunSummary(config.top_k), [], Recorder(context.engine, on_backward), CheckpointState(warn))
+              RunSummary(config.top_k), [], Recorder(context.engine, on_backward, pairs),
+              CheckpointState(warn, folder.path / LATEST_FILE))
     if not fresh:
-        run.restore(*CheckpointState.find(args, state), policies)
+        run.restore(*run.checkpoint.find(args, state), policies)
     folder.open(state.global_step, texts.seen)
     if folder.main:
         described = _describe(config, sets, bank, index, policies)
