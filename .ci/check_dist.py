@@ -24,9 +24,10 @@ def version() -> str:
 
 
 def sources() -> set[str]:
-    """The packages' files as the wheel should hold them (what setuptools finds: .py files and py.typed)."""
+    """The packages' files as the wheel should hold them (what setuptools finds: .py files, py.typed and the lab's
+    evidence data)."""
     return {p.relative_to(ROOT).as_posix() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".typed")}
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".typed", ".json", ".jsonl")}
 
 
 def check(dist: Path) -> list[str]:
