@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from .lazy import lazy_names
 
 __version__ = "0.1.0"
-__all__ = ["DirectionSet", "SQSDCallback", "SQSDConfig", "dataset_examples", "score_samples"]
+__all__ = ["DirectionSet", "SQSDCallback", "SQSDConfig", "apply_safelora", "dataset_examples", "score_samples"]
 _WHERE = {"DirectionSet": ".directions", "SQSDCallback": ".callback", "SQSDConfig": ".config",
-          "dataset_examples": ".runtime.identity", "score_samples": ".offline"}
+          "dataset_examples": ".runtime.identity", "score_samples": ".offline", "apply_safelora": ".safelora"}
 
 if TYPE_CHECKING:
     from .callback import SQSDCallback
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .directions import DirectionSet
     from .offline import score_samples
     from .runtime.identity import dataset_examples
+    from .safelora import apply_safelora
 
 
 __getattr__, __dir__ = lazy_names(__name__, _WHERE, globals())

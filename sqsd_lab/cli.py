@@ -285,6 +285,38 @@ def _score(opts) -> None:
             dist.destroy_process_group()
 
 
+def _safelora(opts) -> None:
+    """``sqsd safelora``: SafeLoRA's projection of a fine-tuned adapter, written to --out with safelora.json, and a
+    short summary printed."""
+    from sqsd_callback.safelora import REPORT, apply_safelora
+
+    report = apply_safelora(opts.adapter, _weights_source(opts.aligned), _weights_source(opts.base),
+                            threshold=opts.threshold, num_proj_layers=opts.num_proj_layers, out=opts.out)
+    rule = (f"the {opts.num_proj_layers} least similar" if opts.num_proj_layers is not None
+            else f"similarity <= {opts.threshold:g}")
+    about = report.to_dict()
+    mean = report.mean_similarity
+    lowest = min((m for m in report.modules if m.similarity is not None), key=lambda m: m.similarity, default=None)
+    print(f"  modules                 {about['modules_total']}")
+    print(f"  projected               {about['projected']} ({rule})")
+    print(f"  no alignment direction  {about['without_alignment_direction']} (left unchanged)")
+    print(f"  mean similarity         {'n/a' if mean is None else f'{mean:.4f}'}")
+    if lowest is not None:
+        print(f"  lowest                  {lowest.similarity:.4f} {lowest.module}")
+    print(f"safelora: {report.out} (adapter_model.safetensors, adapter_config.json; per module: {REPORT})")
+
+
+def _weights_source(value: str | None):
+    """--aligned/--base as apply_safelora takes them: folders and Hub names as given, the embedded default and
+    .gguf files loaded (in float32), since their weights are not safetensors."""
+    if value is not None and not value.endswith(".gguf"):
+        return value
+    import torch
+
+    from sqsd_lab import data
+    return data.load_model(value, dtype=torch.float32)[0]
+
+
 def _processes():
     """This process's place among those torchrun or accelerate launch started, its process group initialised from
     their environment where there are several: NCCL with GPUs (one each, LOCAL_RANK's), else gloo."""
@@ -481,6 +513,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--max-length", type=int, default=512)
     p.set_defaults(func=_score)
+
+    p = add("safelora", help="SafeLoRA after training: project the least alignment-like LoRA updates",
+            description="SafeLoRA (Hsu et al., NeurIPS 2024) on a fine-tuned LoRA adapter: per module, V = W_aligned "
+            "- W_base, C = V V^T / ||V||_F, and the similarity cos(dW, C dW) of the adapter's update dW; modules at "
+            "or below --threshold (or the --num-proj-layers least similar) get B' = C B. Writes the projected "
+            "adapter (PEFT's format, loadable as the original) and safelora.json (per module similarity and "
+            "decision). A module where aligned == base has no alignment direction and is left unchanged.")
+    p.add_argument("adapter", help="the fine-tuned LoRA adapter: a folder with adapter_config.json or a Hub name")
+    p.add_argument("--aligned", required=True, type=_model, help="the aligned model the adapter was trained on "
+                   f"({MODEL_HELP}), or the LoRA adapter that aligned --base (e.g. a `sqsd directions` folder's "
+                   "aligned/): a folder with adapter_config.json is taken as one, V its merged update")
+    p.add_argument("--base", required=True, type=_model, help=f"the pre-alignment model: {MODEL_HELP}")
+    choose = p.add_mutually_exclusive_group()
+    choose.add_argument("--threshold", type=float, default=0.5, help="project modules whose similarity is at or "
+                        "below this")
+    choose.add_argument("--num-proj-layers", type=int, default=None, metavar="K",
+                        help="project the K least similar modules instead")
+    p.add_argument("--out", required=True, help="folder for the projected adapter and safelora.json")
+    p.set_defaults(func=_safelora)
 
     p = add("report", help="plots and a Markdown summary from a run's sqsd/ folder")
     p.add_argument("run_dir", help="the run's output_dir (or its sqsd/ folder)")
