@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -45,13 +46,16 @@ def score_samples(
     batch_size: int = 8,
     progress: bool = True,
     max_tokens: int | None = None,
+    gradient_checkpointing: bool = False,
 ) -> list[dict]:
     """SQSD of every sample at the model's current parameters, one row per sample in input order.
 
     ``samples``: dicts with ``input_ids`` and ``labels`` (−100 = not scored), optional ``attention_mask`` and
     ``index`` (defaults to the sample's position); batches group samples of similar length, at most
     ``batch_size`` of them and, with ``max_tokens``, at most that many padded tokens (long examples go in smaller
-    batches, so activation memory stays bounded; a longer example goes alone). Each example is
+    batches, so activation memory stays bounded; a longer example goes alone). With ``gradient_checkpointing`` each
+    decoder layer's activations are recomputed in the backward pass instead of kept (``layers_checkpointed``): a
+    batch then holds one layer's activations instead of every layer's, for one more forward pass. Each example is
     scored as the paper does, by its own mean-loss gradient at batch size 1, without dropout; the model's
     parameters, ``.grad`` and train/eval mode are left as found.
     """
@@ -59,7 +63,7 @@ def score_samples(
     samples = list(samples)
     if not samples:
         raise ValueError("score_samples got no samples.")
-    score = BatchScorer(model, danger, safety, metric, engine)
+    score = BatchScorer(model, danger, safety, metric, engine, gradient_checkpointing)
     out: list[dict] = [{} for _ in samples]
     batches = length_batches([len(s.get("input_ids", ())) for s in samples], batch_size, max_tokens)
     for positions in tqdm(batches, desc=f"sqsd score ({engine})", disable=not progress or len(batches) < 2):
@@ -73,19 +77,61 @@ class BatchScorer:
     """Scores batches of samples at a model's current parameters, with its direction bank and engine built once."""
 
     def __init__(self, model, danger: Sequence[DirectionSet] = (), safety: Sequence[DirectionSet] = (),
-                 metric: str = "cosine", engine: str = "hooks") -> None:
+                 metric: str = "cosine", engine: str = "hooks", gradient_checkpointing: bool = False) -> None:
         targets = find_targets(model)
         self.device = next(iter(targets.values())).params[0].device
         self.bank = DirectionBank([*danger, *safety], {m: t.shape for m, t in targets.items()}).to(self.device)
         self.engine = make_engine(engine, targets, self.bank, model=model)
-        self.model, self.metric = model, metric
+        self.model, self.metric, self.layers_recomputed = model, metric, gradient_checkpointing
+        if gradient_checkpointing and not decoder_layers(model):
+            raise ValueError(f"gradient_checkpointing=True recomputes each decoder layer in the backward pass, but "
+                             f"{_model_name(model)} has no layer transformers marks as one (a "
+                             f"GradientCheckpointingLayer or a class in _no_split_modules); score without it.")
 
     def __call__(self, samples: list[dict], index: list) -> list[dict]:
         """score_samples' rows of one batch of ``samples``, whose indices are ``index``."""
         batch = collate(samples)
         batch.index = index
-        stats = self.engine.compute(self.model, batch.to(self.device))
+        with layers_checkpointed(self.model) if self.layers_recomputed else nullcontext():
+            stats = self.engine.compute(self.model, batch.to(self.device))
         return rows(project(stats, self.bank, self.metric), self.bank, batch.n_scored, batch.index)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, outermost only: transformers' GradientCheckpointingLayer instances, or the classes
+    its ``_no_split_modules`` name (models of transformers versions before that class)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = ()  # noqa: N806
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, m in model.named_modules():
+        if (isinstance(m, GradientCheckpointingLayer) or type(m).__name__ in names) and \
+                not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, m))
+    return [m for _, m in found]
+
+
+@contextmanager
+def layers_checkpointed(model: torch.nn.Module) -> Iterator[None]:
+    """Within: each decoder layer runs under non-reentrant activation checkpointing, in eval mode too (where
+    transformers' own checkpointing is off): its inputs are kept, its activations freed after the forward and
+    recomputed, identically, when the backward pass reaches it. Each layer's own ``forward`` attribute (an
+    accelerate hook's, say) is wrapped and put back on exit."""
+    from torch.utils.checkpoint import checkpoint
+    layers = decoder_layers(model)
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -228,15 +274,17 @@ def paper_passes(danger: Sequence[tuple[str | Path, DirectionSet]], safety: Sequ
 
 
 def score_offline(model, samples: Sequence[dict], passes: Sequence[ScoringPass], metric: str = "cosine",
-                  batch_size: int = 8, max_tokens: int | None = None) -> list[dict]:
+                  batch_size: int = 8, max_tokens: int | None = None,
+                  gradient_checkpointing: bool = False) -> list[dict]:
     """One row per sample: every set's projection at its pass's parameters, the per-kind means and SQSD (None for a
-    sample without scored tokens); ``model`` (the base, θ_0) is left as found."""
+    sample without scored tokens); ``model`` (the base, θ_0) is left as found. ``gradient_checkpointing`` as in
+    score_samples."""
     kinds = _set_kinds(passes)
     values: list[dict] = [{} for _ in samples]
     for p in passes:
         with p.applied(model) as scored:
             rows = score_samples(scored, samples, *p.by_kind(), metric=metric, engine="hooks", batch_size=batch_size,
-                                 max_tokens=max_tokens)
+                                 max_tokens=max_tokens, gradient_checkpointing=gradient_checkpointing)
         for value, row in zip(values, rows):
             value.update({k: row[k] for k in p.keys})
     return [_offline_row(sample.get("index"), value, kinds) for sample, value in zip(samples, values)]
@@ -262,7 +310,8 @@ def _offline_row(index, values: dict[str, float | None], kinds: dict[str, str]) 
 
 def score_stream(model, samples: Iterable[dict], passes: Sequence[ScoringPass], folder: str | Path,
                  metric: str = "cosine", batch_size: int = 8, max_tokens: int | None = None,
-                 total: int | None = None, progress: bool = True) -> list[dict]:
+                 total: int | None = None, progress: bool = True,
+                 gradient_checkpointing: bool = False) -> list[dict]:
     """score_offline's rows for data too large to hold, split over the processes of a torch.distributed group (if
     one is initialised) and resumable; returned on rank 0, in index order, once every rank has finished ([] on the
     others).
@@ -274,7 +323,8 @@ def score_stream(model, samples: Iterable[dict], passes: Sequence[ScoringPass], 
     appended to ``PartFiles`` under ``folder`` as they are scored; a run started again over the same folder skips
     the examples they hold, after checking each against the sample's tokens (a changed example is refused), in any
     number of processes and with any batch sizes. ``total`` (the number of samples if known, or a bound such as the
-    number of records) gives rank 0's progress bar, one per pass, its time left."""
+    number of records) gives rank 0's progress bar, one per pass, its time left; ``gradient_checkpointing`` as in
+    score_samples."""
     check_metric(metric)
     if iter(samples) is samples:
         raise ValueError("score_stream reads the samples once per pass: give a list or an iterable that starts over "
@@ -284,7 +334,7 @@ def score_stream(model, samples: Iterable[dict], passes: Sequence[ScoringPass], 
     parts = PartFiles(folder, procs.rank)
     for k in range(len(passes)):
         total = _score_pass(model, samples, passes, k, parts, procs, metric, batch_size, max_tokens, total,
-                            progress and procs.rank == 0)
+                            progress and procs.rank == 0, gradient_checkpointing)
     if procs.world > 1:
         dist.barrier()
     return parts.merged(passes, kinds) if procs.rank == 0 else []
@@ -292,7 +342,7 @@ def score_stream(model, samples: Iterable[dict], passes: Sequence[ScoringPass], 
 
 def _score_pass(model, samples: Iterable[dict], passes: Sequence[ScoringPass], k: int, parts: PartFiles,
                 procs: Processes, metric: str, batch_size: int, max_tokens: int | None, total: int | None,
-                progress: bool) -> int:
+                progress: bool, gradient_checkpointing: bool) -> int:
     """Pass ``k`` of score_stream: this rank's batches of the examples the part files lack, each batch's rows
     appended as it is scored (the samples' ``extra`` with the first pass's); the number of samples in the stream.
     The progress bar counts examples scored, those of an earlier run included, out of ``total``."""
@@ -302,7 +352,7 @@ def _score_pass(model, samples: Iterable[dict], passes: Sequence[ScoringPass], k
                desc=f"sqsd score pass {k + 1}/{len(passes)} ({', '.join(p.keys)})")
     met = verified = batch = 0
     with p.applied(model) as scored, parts.appending(k) as append:
-        score = BatchScorer(scored, *p.by_kind(), metric)
+        score = BatchScorer(scored, *p.by_kind(), metric, gradient_checkpointing=gradient_checkpointing)
         for chunk in _chunks(samples, STREAM_CHUNK):
             index = [s.get("index", met + i) for i, s in enumerate(chunk)]
             tokens = [token_hash([*s.get("input_ids", ()), *s.get("labels", ())])[:8].hex() for s in chunk]

@@ -264,7 +264,8 @@ def _score(opts) -> None:
             raise ValueError(refusal)
         n = len(records)
         rows = score_stream(model, ChatSamples(records, tokenizer, opts.max_length), passes, parts, opts.metric,
-                            opts.batch_size, opts.max_tokens, total=n)
+                            opts.batch_size, opts.max_tokens, total=n,
+                            gradient_checkpointing=opts.gradient_checkpointing)
         if procs.rank != 0:
             return
         skipped = n - len(rows)
@@ -275,7 +276,9 @@ def _score(opts) -> None:
             raise ValueError(f"every example's prompt is longer than --max-length {opts.max_length}")
         about = {"data": str(opts.data), "model": opts.model or EMBEDDED, "skipped_too_long": skipped,
                  "max_length": opts.max_length, "metric": opts.metric, "at": opts.at, "alpha": opts.alpha,
-                 "passes": [p.describe() for p in passes], "processes": procs.world}
+                 "passes": [p.describe() for p in passes], "processes": procs.world,
+                 "gradient_checkpointing": opts.gradient_checkpointing,
+                 "batch_size": opts.batch_size, "max_tokens": opts.max_tokens}
         paths = write_scores(rows, opts.out, opts.windows, about)
         print(f"scores: {paths['scores.jsonl']}  ranking: {paths['ranking.csv']}  windows: {paths['windows.csv']}  "
               f"plot: {paths['scores.png']}")
@@ -509,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch, at most")
     p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch, at most (bounds "
                    "activation memory on long examples; one longer example goes alone)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer's activations in the backward pass instead of keeping them "
+                        "(memory of one layer's activations, not every layer's, for one more forward; the scores "
+                        "are the same)")
     _record_fields(p)
     p.add_argument("--split", default="train")
     p.add_argument("--max-length", type=int, default=512)
@@ -541,8 +548,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter for the size from which an allocation is its own mapping, given back when freed."""
+
+
+def _give_freed_tensors_back() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process (the sqsd command, not a program importing the package).
+    glibc raises the threshold after each large free, up to 32 MiB, and then serves tensors below it from heaps that
+    seldom shrink: a backward pass's freed activations stay resident, and offline scoring of 5 records of 1,500
+    tokens on the embedded model peaked at 10.4 GiB of RSS where PyTorch held far less (3.1 GiB with the threshold
+    fixed; benchmarks/results/offline-memory-cpu.json). Linux with glibc only; a MALLOC_MMAP_THRESHOLD_ of the
+    user's own wins."""
+    import ctypes
+    import os
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, say): its allocator has no such threshold to fix
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 a usage error (argparse), 1 an error while running (named on stderr)."""
+    """Exit status: 0 done, 2 a usage error (argparse), 1 an error while running (named on stderr). Run as the
+    ``sqsd`` command (``argv`` None), it first makes freed tensors go back to the system."""
+    if argv is None:
+        _give_freed_tensors_back()
     _quiet_bnb_kernel_notice()
     opts = build_parser().parse_args(argv)
     try:

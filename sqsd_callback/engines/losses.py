@@ -46,7 +46,7 @@ def summed_example_losses(model: nn.Module, batch: Batch, head: nn.Module | None
 
     handle = head.register_forward_pre_hook(gather) if head is not None else None
     try:
-        logits = model(**batch.model_inputs()).logits
+        logits = model(**batch.model_inputs(), use_cache=False).logits  # a KV cache is memory no pass reads
     finally:
         if handle is not None:
             handle.remove()
