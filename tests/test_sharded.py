@@ -81,12 +81,7 @@ def test_fsdp2_drops_and_anchor_every_step(fsdp2_run, tmp_path, name):
     model = make("llama")
     trained = len(trainable(model))  # 12 LoRA factors, or 10 weights in full fine-tuning
     assert json.loads((out / "sharding.json").read_text()) == {"sharded": True, "factors": trained}
-    danger, safety = three_sets(model)
-    thetas = ThetaEachStep()
-    thetas.theta = torch.load(out / "thetas.pt")
-    rows = read_jsonl(out / "sqsd" / "scores.jsonl")
-    assert [r["step"] for r in rows] == [s for s in range(STEPS) for _ in range(8)]
-    assert_every_step_matches_loop(model, SAMPLES, out, thetas, danger, safety, steps=STEPS)
+    thetas, rows = rows_match_loop(model, out)
     assert 0 < sum(r["dropped"] for r in rows) < len(rows)
     penalty = None
     if "anchor_lambda" in options:
@@ -95,15 +90,22 @@ def test_fsdp2_drops_and_anchor_every_step(fsdp2_run, tmp_path, name):
     assert_steps_equal_kept_only(make("llama"), SAMPLES, rows, tmp_path, thetas, penalty=penalty, **TRAIN)
 
 
-def assert_sharded_run_matches(out: Path) -> None:
-    """Rows at every step against the loop, drift against dense math, the stop and its saved adapter."""
-    model = tiny_lora("llama")
-    danger, safety = three_sets(model)
+def rows_match_loop(model, out: Path) -> tuple[ThetaEachStep, list[dict]]:
+    """(θ at every step, the rows) of a 2-process run in ``out``: 8 rows a step, each equal to the batch-size-1 loop
+    at its step's θ."""
     thetas = ThetaEachStep()
     thetas.theta = torch.load(out / "thetas.pt")
     rows = read_jsonl(out / "sqsd" / "scores.jsonl")
     assert [r["step"] for r in rows] == [s for s in range(STEPS) for _ in range(8)]
-    assert_every_step_matches_loop(model, SAMPLES, out, thetas, danger, safety, steps=STEPS)
+    assert_every_step_matches_loop(model, SAMPLES, out, thetas, *three_sets(model), steps=STEPS)
+    return thetas, rows
+
+
+def assert_sharded_run_matches(out: Path) -> None:
+    """Rows at every step against the loop, drift against dense math, the stop and its saved adapter."""
+    model = tiny_lora("llama")
+    danger, safety = three_sets(model)
+    thetas, _ = rows_match_loop(model, out)
 
     drift = read_jsonl(out / "sqsd" / "drift.jsonl")
     assert [d["step"] for d in drift] == list(range(1, STEPS + 1))
