@@ -185,9 +185,11 @@ def split_prompts(prompts: Sequence[Any], held_out_fraction: float = 0.2,
 # --------------------------------------------------------------------------- chat formatting
 
 
-def chat_prompt(tokenizer, prompt: str, prefill: str = "") -> str:
-    """The chat-templated text that asks the model to answer `prompt`, optionally prefilling its turn."""
-    messages = [{"role": "user", "content": prompt}]
+def chat_prompt(tokenizer, prompt: str, prefill: str = "", system: str | None = None) -> str:
+    """The chat-templated text that asks the model to answer `prompt`, optionally after a `system` message and
+    prefilling its turn."""
+    messages = [*([{"role": "system", "content": system}] if system is not None else []),
+                {"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
 
 
@@ -244,11 +246,13 @@ def chat_samples(tokenizer, records: Iterable[dict], max_length: int = 512,
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
-                       batch_size: int = 16, prefill: str = "", desc: str = "generating") -> list[str]:
-    """Greedy chat responses to `prompts`, batched with left padding; `prefill` starts each assistant turn."""
+                       batch_size: int = 16, prefill: str = "", desc: str = "generating",
+                       system: str | None = None) -> list[str]:
+    """Greedy chat responses to `prompts`, batched with left padding; `prefill` starts each assistant turn, after a
+    `system` message if one is given."""
     if not prompts:
         return []
-    texts = [chat_prompt(tokenizer, p, prefill) for p in prompts]
+    texts = [chat_prompt(tokenizer, p, prefill, system) for p in prompts]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths batch with little padding
     responses: list[str] = [""] * len(texts)
