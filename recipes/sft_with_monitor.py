@@ -34,8 +34,14 @@ def add_config_options(group) -> None:
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
-            kind = int if f.type == "int" else float if "float" in f.type else str
+            kind = (int if f.type.startswith("int") else float if f.type.startswith("float") else
+                    _names if f.type.startswith("list") else str)
             group.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _names(value: str) -> list[str]:
+    """A comma-separated list option (``--mask-modules mlp.down_proj,mlp.up_proj``)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def config_from(opts) -> SQSDConfig:
@@ -64,6 +70,8 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--sqsd-config", default=None, help="a YAML file of SQSDConfig options")
+    p.add_argument("--mask-data", default=None, help="safety records (prompt/response, as --data) for the WaRP "
+                   "safety mask (SQSDCallback(mask=...); its options are --mask-*)")
     add_config_options(p.add_argument_group("SQSDCallback options (SQSDConfig)"))
     p.add_argument("--report-to", default="none", help="wandb, tensorboard, ... (the Trainer's report_to)")
     opts = p.parse_args()
@@ -72,8 +80,9 @@ def main() -> None:
     samples = tokenize_chats(tokenizer, load_records(opts.data, opts.prompt_field, opts.response_field),
                              opts.max_length)
     config = config_from(opts)
+    mask = None if opts.mask_data is None else tokenize_chats(tokenizer, load_records(opts.mask_data), opts.max_length)
     callback = SQSDCallback(danger=[s for _, s in named_adapters(opts.danger, "danger")],
-                            safety=[s for _, s in named_adapters(opts.safety, "safety")], config=config)
+                            safety=[s for _, s in named_adapters(opts.safety, "safety")], config=config, mask=mask)
     lora = lora_config(opts.rank, targets=parse_target_modules(opts.target_modules))
     summary = train_lora(model, tokenizer, samples, opts.out, lora=lora, callbacks=[callback],
                          num_train_epochs=opts.epochs, learning_rate=opts.lr,

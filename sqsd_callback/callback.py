@@ -5,14 +5,14 @@ policies (their hooks, in order) → sinks. The monitor's state rides in every c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from transformers import TrainerCallback
 
 from .config import SQSDConfig
 from .directions import DirectionSet, check_sets
 from .once import WarnOnce
-from .policies import Anchor, build_policies
+from .policies import Anchor, SafetyMask, build_policies
 from .runtime.distributed import step_ends_now
 from .runtime.recorder import MicroBatch, unscored
 from .runtime.run import Run, start_run
@@ -29,10 +29,14 @@ class SQSDCallback(TrainerCallback):
         anchor: a direction set (e.g. ``DirectionSet.from_weight_diff(aligned, base, kind="safety")``) that AsFT
             anchors the LoRA update to: adds λ‖(I − Ĉ)ΔW‖² to every step's loss (λ: ``anchor_lambda``; logged as
             sqsd/anchor_penalty).
+        mask: safety records (dicts with ``input_ids`` and ``labels``) for WaRP's gradient mask: before step 1 each
+            module's most important safety input directions are found from them, and every step's gradient loses
+            its components along them (options ``mask_*``; logged as sqsd/mask_removed). See docs/masking.md.
     """
 
     def __init__(self, danger: Sequence[DirectionSet] = (), safety: Sequence[DirectionSet] = (),
-                 config: SQSDConfig | None = None, *, anchor: DirectionSet | None = None, **options) -> None:
+                 config: SQSDConfig | None = None, *, anchor: DirectionSet | None = None,
+                 mask: Iterable[dict] | None = None, **options) -> None:
         if config is not None and options:
             raise ValueError(f"Pass the options either as config=SQSDConfig(...) or as keywords, not both (got "
                              f"config and {sorted(options)}).")
@@ -42,11 +46,11 @@ class SQSDCallback(TrainerCallback):
         danger, safety = list(danger), list(safety)
         check_sets(danger, safety, anchor)
         self.sets = [*danger, *safety]
-        self.policies = build_policies(self.config, anchor)
-        if not self.sets and any(not isinstance(p, Anchor) for p in self.policies):
+        self.policies = build_policies(self.config, anchor, mask)
+        if not self.sets and any(not isinstance(p, (Anchor, SafetyMask)) for p in self.policies):
             raise ValueError("Drop and stop thresholds act on SQSD scores and drift: pass danger=[...] and/or "
                              "safety=[...] direction sets.")
-        if not self.sets and anchor is None:
+        if not self.sets and anchor is None and mask is None:
             raise ValueError("SQSDCallback needs at least one direction set: danger=[...] and/or safety=[...].")
         self.initial = [p.state_dict() for p in self.policies]  # what each run starts from
         self.warn = WarnOnce()  # each warning once per callback, also over a hyperparameter search's runs
@@ -109,6 +113,8 @@ class SQSDCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.run.recorder.detach()
+        for p in self.policies:
+            p.on_train_end()
         for sink in self.run.sinks:
             sink.close()
 

@@ -56,6 +56,19 @@ class SQSDConfig:
                 "small factors either way."})
     anchor_lambda: float = field(default=1.0, metadata={
         "help": "λ of the AsFT anchor penalty (> 0; needs SQSDCallback(anchor=...))."})
+    mask_keep: float = field(default=0.9, metadata={
+        "help": "WaRP safety mask: per module, protect the most important safety input directions, the fewest "
+                "whose importance reaches this share, in (0, 1), of the module's total (needs "
+                "SQSDCallback(mask=...))."})
+    mask_rank: int | None = field(default=None, metadata={
+        "help": "At most this many (≥ 1) protected directions per module; None: as many as mask_keep takes (needs "
+                "SQSDCallback(mask=...))."})
+    mask_modules: list[str] | None = field(default=None, metadata={
+        "help": "Mask only the trained modules whose names contain one of these strings, e.g. ['mlp.down_proj'] "
+                "(WaRP's choice); None: every trained module (needs SQSDCallback(mask=...))."})
+    mask_batch_size: int = field(default=8, metadata={
+        "help": "Safety records per forward/backward pass when the mask is built, once before step 1 (≥ 1; needs "
+                "SQSDCallback(mask=...))."})
     top_k: int = field(default=20, metadata={"help": "Riskiest examples in the wandb table (≥ 1)."})
     wandb_every: int = field(default=10, metadata={
         "help": "Logging steps between refreshes of the wandb table and drift heatmap (≥ 1)."})
@@ -72,8 +85,16 @@ class SQSDConfig:
         _number("drop_zscore_above", self.drop_zscore_above, low=0, open_ends=True)
         _number("stop_drift_above", self.stop_drift_above)
         _number("anchor_lambda", self.anchor_lambda, low=0, open_ends=True, optional=False)
+        _number("mask_keep", self.mask_keep, low=0, high=1, open_ends=True, optional=False)
+        if self.mask_rank is not None:
+            _integer("mask_rank", self.mask_rank, 1)
+        if self.mask_modules is not None:
+            if isinstance(self.mask_modules, str) or not all(isinstance(m, str) and m for m in self.mask_modules):
+                raise TypeError(f"mask_modules must be a list of non-empty module-name parts, e.g. "
+                                f"['mlp.down_proj'], got {self.mask_modules!r}.")
+            self.mask_modules = list(self.mask_modules)
         for name, low in (("drop_min_history", 2), ("stop_patience", 1), ("top_k", 1), ("wandb_every", 1),
-                          ("drift_sample", 1)):
+                          ("drift_sample", 1), ("mask_batch_size", 1)):
             _integer(name, getattr(self, name), low)
         for name in ("exclude_dropped", "save_last_safe", "drop_zscore_robust"):
             if not isinstance(getattr(self, name), bool):

@@ -49,3 +49,13 @@ def test_recommended_drops_from_flags_and_yaml(tmp_path):
     got = recipe.config_from(_parse(recipe, ["--sqsd-config", str(yaml), "--drop-zscore-above", "3"]))
     assert got == want  # the command line wins over the file
     assert recipe.config_from(_parse(recipe, [])) == SQSDConfig()
+
+
+def test_optional_ints_and_lists_parse_to_their_types():
+    """--mask-rank 4 is an int and --mask-modules a list (the config refuses a string), as in a YAML file."""
+    recipe = _recipe()
+    opts = _parse(recipe, ["--mask-rank", "4", "--mask-modules", "mlp.down_proj, mlp.up_proj", "--drop-top-fraction",
+                           "0.1"])
+    config = recipe.config_from(opts)
+    assert (config.mask_rank, config.mask_modules, config.drop_top_fraction) == (4, ["mlp.down_proj", "mlp.up_proj"],
+                                                                                  0.1)

@@ -13,13 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from rotation_worker import KILLED, STEPS, train
 
 from sqsd_callback.once import WarnOnce
 from sqsd_callback.runtime import checkpoint
 from sqsd_callback.runtime.checkpoint import LATEST_FILE, STATE_FILE, CheckpointState, load_state
 from sqsd_callback.sinks import read_jsonl
 from sqsd_lab.tiny import rel_err
+
+from rotation_worker import KILLED, STEPS, train
 
 TESTS = Path(__file__).parent
 TOL = 1e-6

@@ -57,6 +57,9 @@ class Policy:
     def on_step_end(self, step: int, drift: float | None, control) -> None:
         """After optimizer step ``step`` (``state.global_step``), with the run's drift then (None without sets)."""
 
+    def on_train_end(self) -> None:
+        """Training has ended: take off whatever the policy put on the model."""
+
     def scalars(self) -> dict[str, float]:
         """The ``sqsd/*`` scalars this policy adds to the Trainer's logs."""
         return {}
