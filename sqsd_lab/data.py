@@ -262,8 +262,8 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False,
+                            return_token_type_ids=False).to(model.device)  # generate() refuses them (4.x)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
