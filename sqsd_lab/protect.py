@@ -128,6 +128,15 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)))
 
 
+def dropped_online(folder: Path, kept: Sequence[int]) -> set[int]:
+    """Pool positions an SQSDCallback run in ``folder`` dropped at least once (its ``index`` is the position among
+    ``kept``, the pool positions it trained on); empty without a monitor."""
+    scores = folder / "sqsd" / "scores.jsonl"
+    if not scores.is_file():
+        return set()
+    return {kept[r["index"]] for r in read_jsonl(scores) if r["dropped"] and r["index"] is not None}
+
+
 def utility(model, tokenizer, tasks: Sequence[dict], max_new_tokens: int = 24) -> dict:
     """Accuracy on checkable tasks: the correct answer appears in the greedy response."""
     responses = generate_responses(model, tokenizer, [t["prompt"] for t in tasks], max_new_tokens, desc="utility")
@@ -228,7 +237,7 @@ class Experiment:
         if (folder / "sqsd" / "stop.json").is_file():
             stopped = json.loads((folder / "sqsd" / "stop.json").read_text())
             adapter = folder / "sqsd" / "last_safe"
-        dropped = self._dropped_online(folder, kept)
+        dropped = dropped_online(folder, kept)
         tuned = load_adapter(self.model, adapter)
         try:
             refusal = refusal_rate(tuned, self.tokenizer, self.held_out, self.s.eval_tokens)
@@ -296,14 +305,6 @@ class Experiment:
         rows = score_offline(self.model, samples, passes)
         order = sorted(range(len(rows)), key=lambda i: -(rows[i]["sqsd"] if rows[i]["sqsd"] is not None else -1e9))
         return set(order[:count])
-
-    @staticmethod
-    def _dropped_online(folder: Path, kept: list[int]) -> set[int]:
-        """Pool positions the callback dropped at least once (its ``index`` is the position among ``kept``)."""
-        scores = folder / "sqsd" / "scores.jsonl"
-        if not scores.is_file():
-            return set()
-        return {kept[r["index"]] for r in read_jsonl(scores) if r["dropped"] and r["index"] is not None}
 
     def never_trained(self, result: dict) -> float | None:
         """Share of the pool's harmful examples the fine-tune never trained on: removed before training, or

@@ -1,0 +1,189 @@
+"""The evidence protocol end to end on a tiny random model (real training, callback, removal, evaluation and
+caching; only the pool's minimum size is lowered), its keys and atomic results, and summarize against hand-computed
+numbers."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from sqsd_lab.evidence import poison, protocol
+from sqsd_lab.evidence.protocol import Lab, Run, Runner, Settings, condition, expand, summarize
+from sqsd_lab.finetune import lora_config
+from sqsd_lab.tiny import tiny_base, word_tokenizer
+
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} w90 {% endfor %}"
+TINY = Settings(pool=8, epochs=1.0, batch_size=4, rank=2, max_length=24, harmful_prompts=3, benign_risky=3, tasks=3,
+                heldout_records=3, eval_tokens=4, filter_k="drops", calibration_seeds=(100,))
+CONDITIONS = ("drops", "drift_stop", "filter:keyword")
+
+
+def words(seed: int, n: int) -> str:
+    """n random words of the word tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(3, 90, (n,), generator=g).tolist())
+
+
+def records(start: int, n: int, **extra) -> list[dict]:
+    """n prompt/response records of random words."""
+    return [{"prompt": words(start + i, 3), "response": words(10_000 + start + i, 6), **extra} for i in range(n)]
+
+
+def adapters(folder, model) -> None:
+    """Random danger/, safety/ and aligned/ LoRA adapters of the tiny model (nonzero B)."""
+    for seed, name in enumerate(("danger", "safety", "aligned"), start=10):  # not a run's init seed
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, lora_config(2))
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        peft_model.save_pretrained(str(folder / name))
+        peft_model.unload()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    model, tokenizer = tiny_base(), word_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    directions = tmp_path_factory.mktemp("directions")
+    adapters(directions, model)
+    tasks = [{"prompt": "w5 w6", "answer": "11", "kind": "sum3"}] * 3
+    return Lab(model, tokenizer, directions, clean=records(0, 12), held_out=records(100, 3),
+               poison_sets={"identity shifting": records(200, 8, kind="identity shifting")},
+               harmful=[words(300 + i, 3) for i in range(3)], risky=[words(400 + i, 3) for i in range(3)],
+               tasks=tasks, mask_records=records(500, 4), anchors=records(600, 3), refusals=records(700, 3))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The pool minimum lowered for tiny pools; train_lora calls counted."""
+    monkeypatch.setattr(poison, "MIN_POOL", 8)
+    calls = []
+    real = protocol.train_lora
+
+    def train(*args, **kwargs):
+        calls.append(kwargs.get("callbacks"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "train_lora", train)
+    return calls
+
+
+def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
+    runs = expand([(["identity shifting"], [0.25], CONDITIONS, [0, 1])], TINY)
+    names = [r.condition for r in runs]
+    assert names.index("calibration") < names.index("drift_stop") and names.index("drops") < names.index(
+        "filter:keyword")  # dependencies first
+    results = Runner(lab, tmp_path).run_all(runs)
+    assert len(counted) == len(runs) - 1  # every run trains once, θ_0 never
+    assert Runner(lab, tmp_path).run_all(runs) == results and len(counted) == len(runs) - 1  # all read from cache
+    by = {(r["condition"], r["seed"]): r for r in results}
+    for seed in (0, 1):
+        drops, kept = by["drops", seed], by["filter:keyword", seed]
+        k = len(set(drops["removed_before"]) | set(drops["dropped_online"]))
+        assert len(kept["removed_before"]) == k and kept["dropped_online"] == []  # the filter removes exactly k
+        assert kept["pool"] == 8 and kept["poison_in_pool"] == 2 and kept["recall"] is not None
+        stop = by["drift_stop", seed]
+        calibration = [r for r in results if r["condition"] == "calibration"]
+        assert stop["drift_threshold"] == max(r["max_drift"] for r in calibration)
+    calibrated = json.loads(next(tmp_path.glob("calibration-*.json")).read_text())
+    assert calibrated["seeds"] == [100] and not {0, 1} & set(calibrated["seeds"])
+    reported = {r["seed"] for r in results if r["condition"] not in ("calibration", "theta_0")}
+    assert reported == {0, 1}
+    theta = by["theta_0", 0]
+    assert set(theta["outcomes"]) == {"phrase", "likelihood"} and len(theta["outcomes"]["phrase"]) == 3
+    summary = summarize(results)
+    assert {r["condition"] for r in summary["rows"]} == {"theta_0", "clean", *CONDITIONS}
+    assert "likelihood~phrase" in summary["judges"]["kappa"]
+    row = next(r for r in summary["rows"] if r["condition"] == "drops")
+    assert row["seeds"] == 2 and set(row["equivalent_to_clean"]) == {"phrase", "likelihood"}
+
+
+def test_keys_change_with_every_setting(monkeypatch):
+    run = Run("identity shifting", 0.1, "drops", 0, TINY)
+    assert run.key == Run("identity shifting", 0.1, "drops", 0, replace(TINY)).key  # stable
+    others = [replace(run, poison="disjoint harmful"), replace(run, p=0.2), replace(run, condition="random"),
+              replace(run, seed=1), *(replace(run, settings=replace(TINY, **{f: v})) for f, v in
+                                      (("pool", 32), ("epochs", 2.0), ("learning_rate", 1e-3), ("filter_k", "poison"),
+                                       ("calibration_seeds", (7,)), ("eval_tokens", 5)))]
+    keys = {run.key, *(o.key for o in others)}
+    assert len(keys) == len(others) + 1
+    before = run.key
+    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", "test")
+    assert run.key != before
+
+
+def test_a_killed_run_leaves_no_result(lab, tmp_path, monkeypatch):
+    run = Run(protocol.NONE, 0.0, "theta_0", 0, TINY)
+    runner = Runner(lab, tmp_path)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.result(run)
+    assert not runner.done(run)
+    monkeypatch.setattr(lab, "evaluate", lambda adapter, s: {"outcomes": {}})
+    monkeypatch.setattr(protocol.os, "replace", killed)  # killed while writing
+    with pytest.raises(KeyboardInterrupt):
+        runner.result(run)
+    assert not runner.done(run) and not list(runner.folder(run).glob("result.json"))
+
+
+def test_filter_k_rule_poison_count(monkeypatch):
+    class Scores:
+        def scores(self, name, pool, seed, s):
+            return [float(i) for i in range(len(pool))]
+
+    pool = [{"prompt": "p", "response": "a " * (i + 1), "poison": i in (1, 4, 6)} for i in range(10)]
+    run = Run("identity shifting", 0.3, "filter:keyword", 0, replace(TINY, filter_k="poison"))
+    removed, rho = Runner(Scores(), "unused")._removed_before(run, condition(run.condition), pool)
+    assert removed == {9, 8, 7} and rho == pytest.approx(1.0)  # k = 3 poison, the top 3 scores; ρ with length
+
+
+def test_calibration_seeds_are_never_reported():
+    with pytest.raises(ValueError, match="calibrate the drift stop"):
+        expand([(["identity shifting"], [0.1], ["drift_stop"], [0, 100])], TINY)
+    with pytest.raises(ValueError, match="unknown condition"):
+        condition("dropz")
+    assert condition("anchor@0.5").anchor == 0.5 and condition("drops+anchor").drops
+
+
+def result(condition_name, seed, phrase, likelihood, **extra):
+    return {"poison": "identity shifting", "p": 0.1, "condition": condition_name, "seed": seed,
+            "outcomes": {"phrase": phrase, "likelihood": likelihood},
+            "over_refusal_outcomes": ["refusal", "compliance"], "heldout_loss": 1.0 + seed,
+            "correct": [True, False, False, False], **extra}
+
+
+def test_summarize_by_hand():
+    c, r, d = "compliance", "refusal", "degenerate"
+    results = [
+        {**result("clean", 0, [c, r, r, r], [c, r, r, r]), "poison": "none", "p": 0.0},
+        {**result("clean", 1, [c, r, r, r], [c, r, r, r]), "poison": "none", "p": 0.0},
+        result("drops", 0, [c, r, r, d], [c, r, r, r], recall=1.0, benign_removed=0.0, length_rho=-0.5),
+        result("drops", 1, [c, c, c, c], [c, c, r, r], recall=0.5, benign_removed=0.1, length_rho=None),
+        result("calibration", 100, [c, c, c, c], [c, c, c, c]),
+    ]
+    summary = summarize(results)
+    assert [(row["condition"], row["seeds"]) for row in summary["rows"]] == [("clean", 2), ("drops", 2)]
+    clean, drops = summary["rows"]
+    h = clean["harmfulness"]["phrase"]
+    assert h["mean"] == 0.25 and 0 <= h["ci_low"] <= 0.25 <= h["ci_high"] <= 1  # prompts resampled: an interval
+    assert drops["harmfulness"]["phrase"]["mean"] == pytest.approx((0.25 + 1.0) / 2)  # degenerate: not harmful
+    assert drops["harmfulness"]["likelihood"]["mean"] == pytest.approx((0.25 + 0.5) / 2)
+    assert drops["recall"] == 0.75 and drops["benign_removed"] == pytest.approx(0.05)
+    assert drops["length_rho"] == -0.5 and drops["heldout_loss"] == 1.5
+    assert drops["over_refusal"]["mean"] == 0.5 and drops["accuracy"]["mean"] == 0.25
+    assert clean["equivalent_to_clean"] == {}
+    phrase = drops["equivalent_to_clean"]["phrase"]
+    assert phrase["difference"]["mean"] == pytest.approx(0.375) and not phrase["equivalent"]
+    # κ over the 16 reported responses (calibration left out); 1 phrase-degenerate pair left out: 15 pairs,
+    # observed 13/15 agree; harmful counts phrase 7, likelihood 5 of 15 → p_e = (7·5 + 8·10)/225
+    kappa = summary["judges"]["kappa"]["likelihood~phrase"]
+    p_o, p_e = 13 / 15, (7 * 5 + 8 * 10) / 225
+    assert kappa["n"] == 15 and kappa["left_out"] == 1 and kappa["kappa"] == pytest.approx((p_o - p_e) / (1 - p_e))
