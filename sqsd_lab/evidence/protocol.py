@@ -192,19 +192,20 @@ QUICK = Settings(epochs=1.0, max_length=128, harmful_prompts=24, benign_risky=24
                  eval_tokens=32, calibration_seeds=(1000,))
 
 
+QUICK_CONDITIONS = ("no_defence", "drops", "drift_stop", "filter:keyword", "filter:gradient similarity", "random",
+                    "mask", "safelora")
+"""The quick plan's conditions: SQSD's two policies against the filters users pick, their control and the peers."""
 SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "random")
 """Run at p = 5 % and 20 % (identity-shifting poison, fewer seeds)."""
 
 
 def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Run]:
-    """``quick`` (2 CPU cores: identity-shifting poison at 10 %, no_defence/drops/drift_stop/keyword/random, 2 seeds,
-    small evaluations) or ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking
+    """``quick`` (2 CPU cores: identity-shifting poison at 10 %, QUICK_CONDITIONS, 2 seeds, small evaluations) or ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking
     poisons and 4 on disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on
     identity shifting); ``seeds`` replaces every cell's seeds, ``only`` keeps those conditions (and what they need)."""
     if mode == "quick":
         settings = QUICK
-        cells = [(["identity shifting"], [0.1], ["no_defence", "drops", "drift_stop", "filter:keyword", "random"],
-                  seeds or [0, 1])]
+        cells = [(["identity shifting"], [0.1], QUICK_CONDITIONS, seeds or [0, 1])]
     elif mode == "full":
         settings = Settings()
         many, few = list(seeds or range(8)), list(seeds or range(4))
