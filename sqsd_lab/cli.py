@@ -555,9 +555,9 @@ M_MMAP_THRESHOLD = -3
 def _give_freed_tensors_back() -> None:
     """Fix glibc's mmap threshold at 1 MiB for this process (the sqsd command, not a program importing the package).
     glibc raises the threshold after each large free, up to 32 MiB, and then serves tensors below it from heaps that
-    seldom shrink: a backward pass's freed activations stay resident, and offline scoring of 5 records of 1,500
-    tokens on the embedded model peaked at 10.4 GiB of RSS where PyTorch held far less (3.1 GiB with the threshold
-    fixed; benchmarks/results/offline-memory-cpu.json). Linux with glibc only; a MALLOC_MMAP_THRESHOLD_ of the
+    seldom shrink: a backward pass's freed activations stay resident. Offline scoring of 10 records of 600-1,450
+    tokens on the embedded model peaked at 16.7 GiB of RSS, 10.8 GiB with the threshold fixed (2.3 GiB with
+    gradient checkpointing too; benchmarks/results/offline-memory-cpu.json). Linux with glibc only; a MALLOC_MMAP_THRESHOLD_ of the
     user's own wins."""
     import ctypes
     import os
