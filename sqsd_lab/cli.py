@@ -557,8 +557,8 @@ def _give_freed_tensors_back() -> None:
     glibc raises the threshold after each large free, up to 32 MiB, and then serves tensors below it from heaps that
     seldom shrink: a backward pass's freed activations stay resident. Offline scoring of 10 records of 600-1,450
     tokens on the embedded model peaked at 16.7 GiB of RSS, 10.8 GiB with the threshold fixed (2.3 GiB with
-    gradient checkpointing too; benchmarks/results/offline-memory-cpu.json). Linux with glibc only; a MALLOC_MMAP_THRESHOLD_ of the
-    user's own wins."""
+    gradient checkpointing too; benchmarks/results/offline-memory-cpu.json). Linux with glibc only; a
+    MALLOC_MMAP_THRESHOLD_ of the user's own wins."""
     import ctypes
     import os
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:

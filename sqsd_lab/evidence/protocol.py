@@ -200,9 +200,10 @@ SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient s
 
 
 def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Run]:
-    """``quick`` (2 CPU cores: identity-shifting poison at 10 %, QUICK_CONDITIONS, 2 seeds, small evaluations) or ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking
-    poisons and 4 on disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on
-    identity shifting); ``seeds`` replaces every cell's seeds, ``only`` keeps those conditions (and what they need)."""
+    """``quick`` (2 CPU cores: identity-shifting poison at 10 %, QUICK_CONDITIONS, 2 seeds, small evaluations) or
+    ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking poisons and 4 on
+    disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on identity shifting);
+    ``seeds`` replaces every cell's seeds, ``only`` keeps those conditions (and what they need)."""
     if mode == "quick":
         settings = QUICK
         cells = [(["identity shifting"], [0.1], QUICK_CONDITIONS, seeds or [0, 1])]
