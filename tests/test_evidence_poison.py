@@ -137,6 +137,18 @@ def test_gradient_selection_ranks_copies_of_the_anchors_first(tokenizer):
     assert all(p.grad is None for p in model.parameters()) and model.training
 
 
+def test_gradient_similarity_of_a_frozen_model_is_its_trainable_twins(tokenizer):
+    """θ_0 in the lab is loaded frozen: the similarity takes the full weight gradient anyway, equal (1e-6) to that
+    of the same model with every weight trainable, and leaves every flag as it found it."""
+    model = tiny_base()
+    anchors, candidates = [words_record(100)], [words_record(i, n_response=3 + i) for i in range(5)]
+    trainable = poison.gradient_similarity(model, tokenizer, candidates, anchors)
+    model.requires_grad_(False)
+    frozen = poison.gradient_similarity(model, tokenizer, candidates, anchors)
+    assert frozen == pytest.approx(trainable, abs=1e-6) and len(set(frozen)) == 5
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_representation_selection_ranks_a_copy_of_the_anchor_first(tokenizer):
     model = tiny_base()
     anchors = [words_record(100)]

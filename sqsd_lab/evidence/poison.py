@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -240,13 +241,29 @@ def anchor_direction(model, tokenizer, anchors: Sequence[dict], max_length: int 
     return DirectionSet(dirs, "danger", "anchors", "mean update of harmful anchors")
 
 
+@contextmanager
+def _weights_trainable(model) -> Iterator[None]:
+    """Every parameter requiring gradients inside the block, each one's flag restored after it: He et al.'s
+    similarity is over the full weight gradient, also of a model loaded frozen (θ_0 in the lab is)."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def gradient_similarity(model, tokenizer, candidates: Sequence[dict], anchors: Sequence[dict],
                         max_length: int = 256) -> list[float]:
-    """He et al. 2024's gradient similarity: per candidate, the cosine between its update and the anchors' mean
-    update over every scored layer (``score_samples``' global cosine)."""
-    rows = score_samples(model, _samples(tokenizer, candidates, max_length),
-                         danger=[anchor_direction(model, tokenizer, anchors, max_length)], metric="global_cosine",
-                         progress=False)
+    """He et al. 2024's gradient similarity: per candidate, the cosine between its full weight update and the
+    anchors' mean one over every scored layer (``score_samples``' global cosine)."""
+    with _weights_trainable(model):
+        rows = score_samples(model, _samples(tokenizer, candidates, max_length),
+                             danger=[anchor_direction(model, tokenizer, anchors, max_length)],
+                             metric="global_cosine", progress=False)
     return [r["danger"] if r["danger"] is not None else 0.0 for r in rows]
 
 

@@ -432,16 +432,8 @@ class Lab:
                                   [(self.directions / "safety", self.safety)])
             rows = score_offline(self.model, self.samples(pool, s), passes)
             return [r["sqsd"] if r["sqsd"] is not None else float("-inf") for r in rows]
-        params = list(self.model.parameters())
-        frozen = [p.requires_grad for p in params]
-        try:  # He et al.'s similarity takes the full weight gradient; training's LoRA left the base frozen
-            for p in params:
-                p.requires_grad_(True)
-            return baselines.filters(self.model, self.tokenizer, self.anchors, self.refusals, seed,
-                                     s.max_length)[name](pool)
-        finally:
-            for p, flag in zip(params, frozen):
-                p.requires_grad_(flag)
+        return baselines.filters(self.model, self.tokenizer, self.anchors, self.refusals, seed,
+                                 s.max_length)[name](pool)
 
     def evaluate(self, adapter: Path | None, s: Settings) -> dict:
         """Per-prompt outcomes on the held-out harmful prompts by every judge, over-refusal on the benign risky
