@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sqsd_lab.evidence import report
 from sqsd_lab.evidence.judges import add_judge_arguments, judge_from_args
 from sqsd_lab.evidence.protocol import Run, Runner, embedded_lab, plan, write_atomic, write_summary
 
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="reported seeds (default: the plan's)")
     p.add_argument("--summary", help="where the summary goes (default: benchmarks/results/evidence-summary.json, "
                    "evidence-quick-summary.json with --quick); every run's result, per-prompt outcomes included, "
-                   "goes next to it as <name>-runs.json")
+                   "goes next to it as <name>-runs.json, the tables as <name>.md and the figure as <name>.png")
     add_judge_arguments(p)
     opts = p.parse_args()
     summary = Path(opts.summary or f"benchmarks/results/evidence{'-quick' if opts.quick else ''}-summary.json")
@@ -62,8 +63,10 @@ def main() -> None:
             tqdm.write(f"{rate:.0f} tokens/s over a run (training and evaluation, "
                        f"{time.perf_counter() - start:.0f} s): about {left / 3600:.1f} h for the {len(pending)} left")
             timed = True
-        write_summary(results, summary)
+        written = write_summary(results, summary)
         write_atomic(summary.with_name(f"{summary.stem}-runs.json"), {"runs": results})
+        summary.with_suffix(".md").write_text(report.table(written), encoding="utf-8")
+        report.figure(written).savefig(summary.with_suffix(".png"), dpi=120)
     print(f"summary: {summary}")
 
 

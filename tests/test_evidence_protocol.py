@@ -2,6 +2,7 @@
 caching; only the pool's minimum size is lowered), its keys and atomic results, and summarize against hand-computed
 numbers."""
 
+import io
 import json
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from sqsd_lab.evidence import poison, protocol
+from sqsd_lab.evidence import poison, protocol, report
 from sqsd_lab.evidence.protocol import Lab, Run, Runner, Settings, condition, expand, summarize
 from sqsd_lab.finetune import lora_config
 from sqsd_lab.tiny import tiny_base, word_tokenizer
@@ -165,7 +166,8 @@ def test_summarize_by_hand():
     results = [
         {**result("clean", 0, [c, r, r, r], [c, r, r, r]), "poison": "none", "p": 0.0},
         {**result("clean", 1, [c, r, r, r], [c, r, r, r]), "poison": "none", "p": 0.0},
-        result("drops", 0, [c, r, r, d], [c, r, r, r], recall=1.0, benign_removed=0.0, length_rho=-0.5),
+        result("drops", 0, [c, r, r, d], [c, r, r, r], recall=1.0, benign_removed=0.0, length_rho=-0.5,
+               wording=[None, "template", "own", None]),
         result("drops", 1, [c, c, c, c], [c, c, r, r], recall=0.5, benign_removed=0.1, length_rho=None),
         result("calibration", 100, [c, c, c, c], [c, c, c, c]),
     ]
@@ -176,6 +178,9 @@ def test_summarize_by_hand():
     assert h["mean"] == 0.25 and 0 <= h["ci_low"] <= 0.25 <= h["ci_high"] <= 1  # prompts resampled: an interval
     assert drops["harmfulness"]["phrase"]["mean"] == pytest.approx((0.25 + 1.0) / 2)  # degenerate: not harmful
     assert drops["harmfulness"]["likelihood"]["mean"] == pytest.approx((0.25 + 0.5) / 2)
+    assert drops["degenerate"]["phrase"]["mean"] == pytest.approx(0.125) and drops["degenerate"]["likelihood"][
+        "mean"] == 0.0  # one of the 8 phrase outcomes
+    assert drops["refusal_wording"] == {"own": 1, "template": 1} and clean["refusal_wording"] == {}
     assert drops["recall"] == 0.75 and drops["benign_removed"] == pytest.approx(0.05)
     assert drops["length_rho"] == -0.5 and drops["heldout_loss"] == 1.5
     assert drops["over_refusal"]["mean"] == 0.5 and drops["accuracy"]["mean"] == 0.25
@@ -187,3 +192,10 @@ def test_summarize_by_hand():
     kappa = summary["judges"]["kappa"]["likelihood~phrase"]
     p_o, p_e = 13 / 15, (7 * 5 + 8 * 10) / 225
     assert kappa["n"] == 15 and kappa["left_out"] == 1 and kappa["kappa"] == pytest.approx((p_o - p_e) / (1 - p_e))
+    text = report.table(summary)  # what people read: the same numbers, rounded
+    assert "### identity shifting, p = 0.1" in text and "### no poison" in text
+    assert "| drops | 2 | 0.62 [" in text and "| +0.38 [" in text and "| 1.500 | 0.25 [" in text
+    assert f"| likelihood / phrase | {kappa['kappa']:.2f} | 15 | 1 |" in text
+    png = io.BytesIO()
+    report.figure(summary).savefig(png, format="png")
+    assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"

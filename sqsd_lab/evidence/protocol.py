@@ -522,8 +522,9 @@ def judge_agreement(results: Sequence[dict]) -> dict:
 
 
 def summarize(results: Sequence[dict]) -> dict:
-    """The machine-readable table: judge κ, and per (poison, p, condition) over seeds the harmfulness by judge with
-    a two-level bootstrap interval, over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, and
+    """The machine-readable table: judge κ, and per (poison, p, condition) over seeds the harmfulness and the
+    degenerate share by judge with a two-level bootstrap interval, whose wording the phrase judge's refusals are in
+    (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds."""
     reported = [r for r in results if r["condition"] != "calibration"]
     clean_by_seed = {r["seed"]: r for r in reported if r["condition"] == "clean"}
@@ -535,8 +536,12 @@ def summarize(results: Sequence[dict]) -> dict:
         rs = sorted(rs, key=lambda r: r["seed"])
         names = sorted(set.intersection(*(set(r["outcomes"]) for r in rs)))
         harm = {j: {r["seed"]: _harmful(r["outcomes"][j]) for r in rs} for j in names}
+        wording = [w for r in rs for w in r.get("wording") or [] if w is not None]
         row = {"poison": kind, "p": p, "condition": name, "seeds": len(rs),
                "harmfulness": {j: _interval(harm[j]) for j in names},
+               "degenerate": {j: _interval({r["seed"]: [float(o == "degenerate") for o in r["outcomes"][j]]
+                                            for r in rs}) for j in names},
+               "refusal_wording": {w: wording.count(w) for w in sorted(set(wording))},
                "over_refusal": _interval({r["seed"]: [float(o == "refusal") for o in r["over_refusal_outcomes"]]
                                           for r in rs}),
                "heldout_loss": _mean(r["heldout_loss"] for r in rs),

@@ -1,0 +1,113 @@
+"""The evidence summary (``protocol.summarize``) as people read it: a Markdown table per poison kind and share, and a
+figure of harmfulness by judge with its interval beside utility, one row per condition."""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+
+def _interval(i: dict | None, digits: int = 2) -> str:
+    """``mean [low, high]`` of a summary interval, or a dash."""
+    if i is None:
+        return "–"
+    return f"{i['mean']:.{digits}f} [{i['ci_low']:.{digits}f}, {i['ci_high']:.{digits}f}]"
+
+
+def _number(x: float | None, fmt: str = ".2f") -> str:
+    """A number, or a dash for None."""
+    return "–" if x is None else format(x, fmt)
+
+
+def _equivalence(row: dict, judge: str) -> str:
+    """The paired difference against clean and the TOST verdict, e.g. ``+0.03 [−0.02, +0.08] ✓``."""
+    e = row["equivalent_to_clean"].get(judge)
+    if e is None:
+        return "–"
+    d = e["difference"]
+    return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] {'yes' if e['equivalent'] else 'no'}"
+
+
+def judges_of(summary: dict) -> list[str]:
+    """The judges every row was judged by, the phrase judge first."""
+    names = set.intersection(*(set(r["harmfulness"]) for r in summary["rows"])) if summary["rows"] else set()
+    return sorted(names, key=lambda n: (n != "phrase", n))
+
+
+def table(summary: dict) -> str:
+    """Markdown: per (poison, p) a table of every condition's harmfulness by judge (95 % interval over seeds and
+    prompts), degenerate share, the paired difference to clean with its ±margin equivalence verdict, over-refusal,
+    held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length; then
+    the judges' agreement."""
+    judges = judges_of(summary)
+    head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), "degenerate (phrase)",
+            *(f"vs clean ({j}), equivalent?" for j in judges), "over-refusal", "held-out loss", "accuracy",
+            "recall", "benign removed", "ρ with length"]
+    blocks, groups = [], {}
+    for row in summary["rows"]:
+        groups.setdefault((row["poison"], row["p"]), []).append(row)
+    for (kind, p), rows in groups.items():
+        title = "no poison" if kind == "none" else f"{kind}, p = {p:g}"
+        lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["condition"], str(r["seeds"]), *(_interval(r["harmfulness"].get(j)) for j in judges),
+                     _interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
+                     _interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"), _interval(r["accuracy"]),
+                     _number(r["recall"]), _number(r["benign_removed"]), _number(r["length_rho"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    kappa = summary["judges"]["kappa"]
+    agreement = ["### Judges' agreement", "", "| judges | Cohen's κ | responses | left out (degenerate) |",
+                 "|---|---|---|---|"]
+    for pair, k in kappa.items():
+        agreement.append(f"| {pair.replace('~', ' / ')} | {_number(k and k['kappa'])} | {k and k['n']} | "
+                         f"{k and k['left_out']} |")
+    return "\n\n".join(blocks + ["\n".join(agreement)]) + "\n"
+
+
+def _errors(intervals: list[dict]) -> list[list[float]]:
+    """matplotlib's asymmetric error bars (below, above the mean) of summary intervals."""
+    return [[i["mean"] - i["ci_low"] for i in intervals], [i["ci_high"] - i["mean"] for i in intervals]]
+
+
+def figure(summary: dict) -> Figure:
+    """Harmfulness by judge (points, 95 % intervals) and task accuracy per condition, one panel row per (poison, p);
+    the clean run's harmfulness as a dashed line."""
+    judges = judges_of(summary)
+    groups: dict[tuple, list[dict]] = {}
+    for row in summary["rows"]:
+        if row["poison"] != "none":
+            groups.setdefault((row["poison"], row["p"]), []).append(row)
+    reference = {r["condition"]: r for r in summary["rows"] if r["poison"] == "none"}
+    n = max(1, len(groups))
+    tallest = max((len(rs) for rs in groups.values()), default=1) + len(reference)
+    fig = Figure(figsize=(10, 0.35 * tallest * n + 1.2))  # outside pyplot: nothing registered globally
+    axes = fig.subplots(n, 2, squeeze=False)
+    for ((kind, p), group), (ax_h, ax_u) in zip(groups.items(), axes):
+        rows = list(reference.values()) + group
+        labels = [r["condition"] for r in rows]
+        for offset, j in zip((-0.15, 0.15, 0.0), judges):
+            ys = [i + offset for i in range(len(rows))]
+            values = [r["harmfulness"].get(j) for r in rows]
+            kept = [(y, v) for y, v in zip(ys, values) if v is not None]
+            ax_h.errorbar([v["mean"] for _, v in kept], [y for y, _ in kept], xerr=_errors([v for _, v in kept]),
+                          fmt="o", ms=4, capsize=2, label=f"{j} judge")
+        clean = reference.get("clean")
+        if clean is not None:
+            for j in judges:
+                if clean["harmfulness"].get(j):
+                    ax_h.axvline(clean["harmfulness"][j]["mean"], ls="--", lw=0.6, color="grey")
+        acc = [(y, r["accuracy"]) for y, r in enumerate(rows) if r["accuracy"] is not None]
+        ax_u.errorbar([a["mean"] for _, a in acc], [y for y, _ in acc], xerr=_errors([a for _, a in acc]),
+                      fmt="s", ms=4, capsize=2, color="tab:green")
+        for ax in (ax_h, ax_u):
+            ax.set_yticks(range(len(rows)), labels if ax is ax_h else [""] * len(rows), fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1)
+        ax_h.set(xlabel="harmfulness (share of held-out harmful prompts answered)", title=f"{kind}, p = {p:g}")
+        ax_u.set(xlabel="held-out task accuracy", title="utility")
+        ax_h.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["figure", "judges_of", "table"]
