@@ -192,21 +192,24 @@ QUICK = Settings(epochs=1.0, max_length=128, harmful_prompts=24, benign_risky=24
                  eval_tokens=32, calibration_seeds=(1000,))
 
 
-QUICK_CONDITIONS = ("no_defence", "drops", "drift_stop", "filter:keyword", "filter:gradient similarity", "random",
-                    "mask", "safelora")
-"""The quick plan's conditions: SQSD's two policies against the filters users pick, their control and the peers."""
+QUICK_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "random", "safelora", "mask",
+                    "drift_stop")
+"""The quick plan's conditions, most telling first: SQSD's drops against the filters users pick and their control,
+then the peers (SafeLoRA, the WaRP mask) and the drift stop."""
 SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "random")
 """Run at p = 5 % and 20 % (identity-shifting poison, fewer seeds)."""
 
 
 def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Run]:
-    """``quick`` (2 CPU cores: identity-shifting poison at 10 %, QUICK_CONDITIONS, 2 seeds, small evaluations) or
+    """``quick`` (2 CPU cores, small evaluations, 2 seeds: disjoint harmful poison at 10 % with QUICK_CONDITIONS, and
+    whether identity-shifting poison at 10 % raises harmfulness at all, without and with the drops) or
     ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking poisons and 4 on
     disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on identity shifting);
     ``seeds`` replaces every cell's seeds, ``only`` keeps those conditions (and what they need)."""
     if mode == "quick":
         settings = QUICK
-        cells = [(["identity shifting"], [0.1], QUICK_CONDITIONS, seeds or [0, 1])]
+        cells = [(["disjoint harmful"], [0.1], QUICK_CONDITIONS, seeds or [0, 1]),
+                 (["identity shifting"], [0.1], ("no_defence", "drops"), seeds or [0, 1])]
     elif mode == "full":
         settings = Settings()
         many, few = list(seeds or range(8)), list(seeds or range(4))
