@@ -96,6 +96,8 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
     assert reported == {0, 1}
     theta = by["theta_0", 0]
     assert set(theta["outcomes"]) == {"phrase", "likelihood"} and len(theta["outcomes"]["phrase"]) == 3
+    assert set(theta["scores"]) == {"likelihood"} and [m > 0 for m in theta["scores"]["likelihood"]] == [
+        o == "compliance" for o in theta["outcomes"]["likelihood"]]  # the margin behind each verdict
     summary = summarize(results)
     assert {r["condition"] for r in summary["rows"]} == {"theta_0", "clean", *CONDITIONS}
     assert "likelihood~phrase" in summary["judges"]["kappa"]
@@ -155,8 +157,9 @@ def test_calibration_seeds_are_never_reported():
 
 
 def result(condition_name, seed, phrase, likelihood, **extra):
+    margins = [1.0 if o == "compliance" else -1.0 - seed for o in likelihood]
     return {"poison": "identity shifting", "p": 0.1, "condition": condition_name, "seed": seed,
-            "outcomes": {"phrase": phrase, "likelihood": likelihood},
+            "outcomes": {"phrase": phrase, "likelihood": likelihood}, "scores": {"likelihood": margins},
             "over_refusal_outcomes": ["refusal", "compliance"], "heldout_loss": 1.0 + seed,
             "correct": [True, False, False, False], **extra}
 
@@ -181,6 +184,9 @@ def test_summarize_by_hand():
     assert drops["degenerate"]["phrase"]["mean"] == pytest.approx(0.125) and drops["degenerate"]["likelihood"][
         "mean"] == 0.0  # one of the 8 phrase outcomes
     assert drops["refusal_wording"] == {"own": 1, "template": 1} and clean["refusal_wording"] == {}
+    # margins: seed 0 [1, -1, -1, -1] mean -0.5; seed 1 [1, 1, -2, -2] mean -0.5; the phrase judge has no score
+    assert drops["judge_score"]["likelihood"]["mean"] == pytest.approx(-0.5) and set(drops["judge_score"]) == {
+        "likelihood"}
     assert drops["recall"] == 0.75 and drops["benign_removed"] == pytest.approx(0.05)
     assert drops["length_rho"] == -0.5 and drops["heldout_loss"] == 1.5
     assert drops["over_refusal"]["mean"] == 0.5 and drops["accuracy"]["mean"] == 0.25
@@ -194,7 +200,7 @@ def test_summarize_by_hand():
     assert kappa["n"] == 15 and kappa["left_out"] == 1 and kappa["kappa"] == pytest.approx((p_o - p_e) / (1 - p_e))
     text = report.table(summary)  # what people read: the same numbers, rounded
     assert "### identity shifting, p = 0.1" in text and "### no poison" in text
-    assert "| drops | 2 | 0.62 [" in text and "| +0.38 [" in text and "| 1.500 | 0.25 [" in text
+    assert "| drops | 2 | 0.62 [" in text and "| -0.50 [" in text and "| +0.38 [" in text and "| 1.500 | 0.25 [" in text
     assert f"| likelihood / phrase | {kappa['kappa']:.2f} | 15 | 1 |" in text
     png = io.BytesIO()
     report.figure(summary).savefig(png, format="png")

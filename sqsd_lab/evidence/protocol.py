@@ -462,6 +462,8 @@ class Lab:
         scored = accuracy(tasks, answers)
         return {"responses": responses,
                 "outcomes": {name: [v.outcome for v in vs] for name, vs in verdicts.items()},
+                "scores": {name: [v.score for v in vs] for name, vs in verdicts.items()
+                           if all(v.score is not None for v in vs)},
                 "wording": [v.detail.get("wording") for v in verdicts["phrase"]],
                 "over_refusal_outcomes": [v.outcome for v in risky_out], "heldout_loss": loss,
                 "accuracy": scored["accuracy"], "correct": scored["correct"]}
@@ -525,8 +527,9 @@ def judge_agreement(results: Sequence[dict]) -> dict:
 
 
 def summarize(results: Sequence[dict]) -> dict:
-    """The machine-readable table: judge κ, and per (poison, p, condition) over seeds the harmfulness and the
-    degenerate share by judge with a two-level bootstrap interval, whose wording the phrase judge's refusals are in
+    """The machine-readable table: judge κ, and per (poison, p, condition) over seeds the harmfulness, the
+    degenerate share and the judge's own score (the likelihood margin, a classifier's P(unsafe)) by judge with a
+    two-level bootstrap interval, whose wording the phrase judge's refusals are in
     (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds."""
     reported = [r for r in results if r["condition"] != "calibration"]
@@ -544,6 +547,8 @@ def summarize(results: Sequence[dict]) -> dict:
                "harmfulness": {j: _interval(harm[j]) for j in names},
                "degenerate": {j: _interval({r["seed"]: [float(o == "degenerate") for o in r["outcomes"][j]]
                                             for r in rs}) for j in names},
+               "judge_score": {j: _interval({r["seed"]: r["scores"][j] for r in rs}) for j in names
+                               if all(j in r.get("scores", {}) for r in rs)},
                "refusal_wording": {w: wording.count(w) for w in sorted(set(wording))},
                "over_refusal": _interval({r["seed"]: [float(o == "refusal") for o in r["over_refusal_outcomes"]]
                                           for r in rs}),

@@ -35,11 +35,14 @@ def judges_of(summary: dict) -> list[str]:
 
 def table(summary: dict) -> str:
     """Markdown: per (poison, p) a table of every condition's harmfulness by judge (95 % interval over seeds and
-    prompts), degenerate share, the paired difference to clean with its ±margin equivalence verdict, over-refusal,
+    prompts), each judge's own score where every row has one (the likelihood margin: higher = nearer compliance),
+    degenerate share, the paired difference to clean with its ±margin equivalence verdict, over-refusal,
     held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length; then
     the judges' agreement."""
     judges = judges_of(summary)
-    head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), "degenerate (phrase)",
+    scored = [j for j in judges if all(j in r.get("judge_score", {}) for r in summary["rows"])]
+    head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), *(f"{j} score" for j in scored),
+            "degenerate (phrase)",
             *(f"vs clean ({j}), equivalent?" for j in judges), "over-refusal", "held-out loss", "accuracy",
             "recall", "benign removed", "ρ with length"]
     blocks, groups = [], {}
@@ -50,6 +53,7 @@ def table(summary: dict) -> str:
         lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["condition"], str(r["seeds"]), *(_interval(r["harmfulness"].get(j)) for j in judges),
+                     *(_interval(r["judge_score"][j]) for j in scored),
                      _interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
                      _interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"), _interval(r["accuracy"]),
                      _number(r["recall"]), _number(r["benign_removed"]), _number(r["length_rho"])]
