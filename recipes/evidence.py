@@ -43,12 +43,20 @@ def main() -> None:
     p.add_argument("--summary", help="where the summary goes (default: benchmarks/results/evidence-summary.json, "
                    "evidence-quick-summary.json with --quick); every run's result, per-prompt outcomes included, "
                    "goes next to it as <name>-runs.json, the tables as <name>.md and the figure as <name>.png")
+    p.add_argument("--cached-only", action="store_true", help="run nothing: write the summary, tables and figure of "
+                   "the plan's runs already in --cache (no model is loaded)")
     add_judge_arguments(p)
     opts = p.parse_args()
     summary = Path(opts.summary or f"benchmarks/results/evidence{'-quick' if opts.quick else ''}-summary.json")
     only = [c.strip() for c in opts.only.split(",") if c.strip()] or None
     runs = plan("quick" if opts.quick else "full", opts.seeds, only)
     cache = Path(opts.cache)
+    if opts.cached_only:
+        runner = Runner(None, cache)
+        results = [runner.result(r) for r in runs if runner.done(r)]
+        print(f"{len(results)} of the plan's {len(runs)} runs are cached")
+        publish(results, summary)
+        return
     lab = embedded_lab(opts.demo_cache, cache / "inputs", judge_from_args(opts))
     runner = Runner(lab, cache)
     todo = [r for r in runs if not runner.done(r)]
@@ -63,10 +71,15 @@ def main() -> None:
             tqdm.write(f"{rate:.0f} tokens/s over a run (training and evaluation, "
                        f"{time.perf_counter() - start:.0f} s): about {left / 3600:.1f} h for the {len(pending)} left")
             timed = True
-        written = write_summary(results, summary)
-        write_atomic(summary.with_name(f"{summary.stem}-runs.json"), {"runs": results})
-        summary.with_suffix(".md").write_text(report.table(written), encoding="utf-8")
-        report.figure(written).savefig(summary.with_suffix(".png"), dpi=120)
+        publish(results, summary)
+
+
+def publish(results: list[dict], summary: Path) -> None:
+    """The summary (JSON), every run's result beside it (<name>-runs.json), the tables (.md) and the figure (.png)."""
+    written = write_summary(results, summary)
+    write_atomic(summary.with_name(f"{summary.stem}-runs.json"), {"runs": results})
+    summary.with_suffix(".md").write_text(report.table(written), encoding="utf-8")
+    report.figure(written).savefig(summary.with_suffix(".png"), dpi=120)
     print(f"summary: {summary}")
 
 

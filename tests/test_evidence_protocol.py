@@ -202,6 +202,10 @@ def test_summarize_by_hand():
     assert "### identity shifting, p = 0.1" in text and "### no poison" in text
     assert "| drops | 2 | 0.62 [" in text and "| -0.50 [" in text and "| +0.38 [" in text and "| 1.500 | 0.25 [" in text
     assert f"| likelihood / phrase | {kappa['kappa']:.2f} | 15 | 1 |" in text
+    silent = summarize([{**x, "outcomes": {**x["outcomes"], "likelihood": [r] * 4}} for x in results])
+    mute = next(row for row in silent["rows"] if row["condition"] == "drops")["equivalent_to_clean"]["likelihood"]
+    assert mute["equivalent"] is None and "no response harmful" in mute["why"]  # not "equivalent" by default
+    assert "no verdict: never harmful" in report.table(silent)
     png = io.BytesIO()
     report.figure(summary).savefig(png, format="png")
     assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,8 @@ def _equivalence(row: dict, judge: str) -> str:
     e = row["equivalent_to_clean"].get(judge)
     if e is None:
         return "–"
+    if e["equivalent"] is None:
+        return "no verdict: never harmful"
     d = e["difference"]
     return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] {'yes' if e['equivalent'] else 'no'}"
 
