@@ -1,5 +1,5 @@
 """The evidence summary (``protocol.summarize``) as people read it: a Markdown table per poison kind and share, and a
-figure of harmfulness by judge with its interval beside utility, one row per condition."""
+figure of harmfulness by judge with its interval beside the held-out loss, one row per condition."""
 
 from __future__ import annotations
 
@@ -76,8 +76,8 @@ def _errors(intervals: list[dict]) -> list[list[float]]:
 
 
 def figure(summary: dict) -> Figure:
-    """Harmfulness by judge (points, 95 % intervals) and task accuracy per condition, one panel row per (poison, p);
-    the clean run's harmfulness as a dashed line."""
+    """Harmfulness by judge (points, 95 % intervals) and the held-out loss per condition, one panel row per
+    (poison, p); dashed: the clean run's harmfulness and θ_0's loss."""
     judges = judges_of(summary)
     groups: dict[tuple, list[dict]] = {}
     for row in summary["rows"]:
@@ -102,15 +102,17 @@ def figure(summary: dict) -> Figure:
             for j in judges:
                 if clean["harmfulness"].get(j):
                     ax_h.axvline(clean["harmfulness"][j]["mean"], ls="--", lw=0.6, color="grey")
-        acc = [(y, r["accuracy"]) for y, r in enumerate(rows) if r["accuracy"] is not None]
-        ax_u.errorbar([a["mean"] for _, a in acc], [y for y, _ in acc], xerr=_errors([a for _, a in acc]),
-                      fmt="s", ms=4, capsize=2, color="tab:green")
+        losses = [(y, r["heldout_loss"]) for y, r in enumerate(rows) if r["heldout_loss"] is not None]
+        ax_u.plot([v for _, v in losses], [y for y, _ in losses], "s", ms=5, color="tab:green")
+        theta = reference.get("theta_0")
+        if theta is not None and theta["heldout_loss"] is not None:
+            ax_u.axvline(theta["heldout_loss"], ls="--", lw=0.6, color="grey")
         for ax in (ax_h, ax_u):
             ax.set_yticks(range(len(rows)), labels if ax is ax_h else [""] * len(rows), fontsize=8)
             ax.invert_yaxis()
-            ax.set_xlim(0, 1)
+        ax_h.set_xlim(0, 1)
         ax_h.set(xlabel="harmfulness (share of held-out harmful prompts answered)", title=f"{kind}, p = {p:g}")
-        ax_u.set(xlabel="held-out task accuracy", title="utility")
+        ax_u.set(xlabel="held-out loss (lower: learnt more; dashed: θ_0)", title="utility")
         ax_h.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
