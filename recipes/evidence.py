@@ -56,6 +56,7 @@ def main() -> None:
         results = [runner.result(r) for r in runs if runner.done(r)]
         print(f"{len(results)} of the plan's {len(runs)} runs are cached")
         publish(results, summary)
+        print(f"summary: {summary}")
         return
     lab = embedded_lab(opts.demo_cache, cache / "inputs", judge_from_args(opts))
     runner = Runner(lab, cache)
@@ -72,6 +73,7 @@ def main() -> None:
                        f"{time.perf_counter() - start:.0f} s): about {left / 3600:.1f} h for the {len(pending)} left")
             timed = True
         publish(results, summary)
+    print(f"summary: {summary}")
 
 
 def publish(results: list[dict], summary: Path) -> None:
@@ -80,7 +82,6 @@ def publish(results: list[dict], summary: Path) -> None:
     write_atomic(summary.with_name(f"{summary.stem}-runs.json"), {"runs": results})
     summary.with_suffix(".md").write_text(report.table(written), encoding="utf-8")
     report.figure(written).savefig(summary.with_suffix(".png"), dpi=120)
-    print(f"summary: {summary}")
 
 
 if __name__ == "__main__":

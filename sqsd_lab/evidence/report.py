@@ -6,7 +6,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 
-def _interval(i: dict | None, digits: int = 2) -> str:
+def _shown_interval(i: dict | None, digits: int = 2) -> str:
     """``mean [low, high]`` of a summary interval, or a dash."""
     if i is None:
         return "–"
@@ -19,7 +19,7 @@ def _number(x: float | None, fmt: str = ".2f") -> str:
 
 
 def _equivalence(row: dict, judge: str) -> str:
-    """The paired difference against clean and the TOST verdict, e.g. ``+0.03 [−0.02, +0.08] ✓``."""
+    """The paired difference against clean and the TOST verdict, e.g. ``+0.03 [-0.02, +0.08] yes``."""
     e = row["equivalent_to_clean"].get(judge)
     if e is None:
         return "–"
@@ -54,11 +54,12 @@ def table(summary: dict) -> str:
         title = "no poison" if kind == "none" else f"{kind}, p = {p:g}"
         lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            cells = [r["condition"], str(r["seeds"]), *(_interval(r["harmfulness"].get(j)) for j in judges),
-                     *(_interval(r["judge_score"][j]) for j in scored),
-                     _interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
-                     _interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"), _interval(r["accuracy"]),
-                     _number(r["recall"]), _number(r["benign_removed"]), _number(r["length_rho"])]
+            cells = [r["condition"], str(r["seeds"]), *(_shown_interval(r["harmfulness"].get(j)) for j in judges),
+                     *(_shown_interval(r["judge_score"][j]) for j in scored),
+                     _shown_interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
+                     _shown_interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"),
+                     _shown_interval(r["accuracy"]), _number(r["recall"]), _number(r["benign_removed"]),
+                     _number(r["length_rho"])]
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     kappa = summary["judges"]["kappa"]
