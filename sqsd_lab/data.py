@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sqsd_callback.types import IGNORE_INDEX
+from sqsd_callback.records import PromptTooLong, chat_prompt, tokenize_chat
 
 logger = logging.getLogger(__name__)
 
@@ -183,40 +183,6 @@ def split_prompts(prompts: Sequence[Any], held_out_fraction: float = 0.2,
 
 
 # --------------------------------------------------------------------------- chat formatting
-
-
-def chat_prompt(tokenizer, prompt: str, prefill: str = "", system: str | None = None) -> str:
-    """The chat-templated text that asks the model to answer `prompt`, optionally after a `system` message and
-    prefilling its turn."""
-    messages = [*([{"role": "system", "content": system}] if system is not None else []),
-                {"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
-
-
-class PromptTooLong(ValueError):
-    """A chat-formatted prompt that leaves no room for response tokens within max_length."""
-
-
-def tokenize_chat(tokenizer, prompt: str, response: str, max_length: int = 512) -> dict:
-    """Token ids of one chat exchange with labels on the response tokens only (-100 elsewhere)."""
-    head = chat_prompt(tokenizer, prompt)
-    full = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
-    if not full.startswith(head):
-        raise ValueError("the chat template renders the assistant turn in a way that does not extend the "
-                         "generation prompt; cannot separate prompt from response tokens")
-    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) >= max_length:
-        raise PromptTooLong(f"the chat-formatted prompt is {len(prompt_ids)} tokens; max_length={max_length} "
-                            "leaves no response tokens")
-    response_ids = response_ids[: max_length - len(prompt_ids)]
-    input_ids = prompt_ids + response_ids
-    return {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-    }
 
 
 def tokenize_chats(tokenizer, records: Iterable[dict], max_length: int = 512, skip_long: bool = False) -> list[dict]:

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
+from sqsd_callback.types import IGNORE_INDEX
 from sqsd_lab import data
 from sqsd_lab.data import (
-    IGNORE_INDEX,
     benign_records,
     benign_tasks,
     chat_prompt,

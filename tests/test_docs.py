@@ -75,6 +75,7 @@ def _namespace(root: Path, base, lora) -> dict:
     from trl import SFTConfig
 
     from sqsd_callback import DirectionSet
+    from sqsd_lab.data import CHATML_TEMPLATE
     from sqsd_lab.tiny import random_samples, word_tokenizer
     g = torch.Generator().manual_seed(0)
     words = lambda k: " ".join(f"w{int(i)}" for i in torch.randint(3, 90, (k,), generator=g))  # noqa: E731
@@ -83,7 +84,9 @@ def _namespace(root: Path, base, lora) -> dict:
                      report_to=[], save_strategy="no", use_cpu=True, bf16=False)
     danger, safety = (DirectionSet.from_peft_adapter(root / "dirs" / k, kind=k, name=n)
                       for k, n in (("danger", "beaver"), ("safety", "pku")))
-    return {"model": copy.deepcopy(base), "tokenizer": word_tokenizer(), "ds": ds, "args": args,
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = CHATML_TEMPLATE  # as an instruct model's tokenizer has
+    return {"model": copy.deepcopy(base), "tokenizer": tokenizer, "ds": ds, "args": args,
             "lora": copy.deepcopy(lora), "samples": random_samples(8), "danger": danger, "safety": safety,
             "__name__": "__docs__"}
 

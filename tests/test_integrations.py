@@ -80,3 +80,47 @@ def test_config_mistakes_are_named_before_any_model_loads(adapters):
         callback_from_options({"sqsd_danger": ["./no/such"]})
     with pytest.raises(ValueError, match=r"Unknown key\(s\) \['sqsd_dangr'\]"):  # else the run has no danger set
         callback_from_options({"sqsd_dangr": [str(adapters[0])], "sqsd_safety": [str(adapters[1])]})
+
+
+CHAT = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}")
+"""A chat template over the word tokenizer: each turn its role (an unknown word, id 2), then its content."""
+
+
+def test_sqsd_mask_key_builds_the_mask_from_prompt_response_records_with_the_runs_template(tmp_path, adapters):
+    """``sqsd_mask`` records are tokenized with the trainer's tokenizer and chat template, cut at axolotl's
+    ``sequence_len``, the loss on the response only; checked against ids written out by hand."""
+    from sqsd_callback.policies import SafetyMask
+    from sqsd_lab.tiny import word_tokenizer
+    tok = word_tokenizer()
+    tok.chat_template = CHAT
+    path = tmp_path / "refusals.jsonl"
+    path.write_text('{"prompt": "w5 w6", "response": "w7 w8 w9"}\n\n'
+                    '{"prompt": "w10", "response": "w11 w12 w13 w14 w15"}\n')
+    cfg = yaml.safe_load(AXOLOTL_YAML.format(danger=adapters[0], safety=adapters[1]) + f"sqsd_mask: {path}\n"
+                         "sequence_len: 7\n")
+    SQSDArgs(**{k: v for k, v in cfg.items() if k in SQSDArgs.model_fields})
+    run = trainer(tiny_lora("llama"), random_samples(4), tmp_path / "run", processing_class=tok)
+    (cb,) = SQSDPlugin().add_callbacks_post_trainer(cfg, run)
+    (mask,) = [p for p in cb.policies if isinstance(p, SafetyMask)]
+    # "user w5 w6 assistant" then the response; the second response cut to fit sequence_len 7
+    expected = [([2, 5, 6, 2, 7, 8, 9], 4), ([2, 10, 2, 11, 12, 13, 14], 3)]
+    assert [(r["input_ids"], r["labels"]) for r in mask.records] == \
+        [(ids, [-100] * n + ids[n:]) for ids, n in expected]
+    run.add_callback(cb)
+    run.train()  # the mask is built from them and trains (its every-step math: test_masking)
+    assert mask.scalars()["sqsd/mask_removed"] > 0 and mask.basis
+
+
+def test_sqsd_mask_mistakes_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no safety records at .*nope.jsonl"):
+        callback_from_options({"sqsd_mask": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(TypeError, match="sqsd_mask must be the path"):
+        callback_from_options({"sqsd_mask": ["a", "b"]})
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"prompt": "w5", "response": "w6"}\n')
+    with pytest.raises(ValueError, match="safety record 0 is a prompt/response pair: pass the tokenizer"):
+        callback_from_options({"sqsd_mask": str(path)})
+    path.write_text('{"question": "w5", "answer": "w6"}\n')
+    with pytest.raises(ValueError, match=r"safety record 0 has \['answer', 'question'\]: each record needs"):
+        callback_from_options({"sqsd_mask": str(path)})

@@ -7,6 +7,7 @@
     sqsd:                                           # SQSDConfig options
       drop_zscore_above: 2.0
       stop_drift_above: 0.2
+    sqsd_mask: refusals.jsonl                       # optional: WaRP mask from {"prompt", "response"} records
 
 The plugin's arguments join axolotl's config schema (``get_input_args``) and the callback joins the trainer once
 axolotl has built it (``add_callbacks_post_trainer``). Without axolotl installed the module still imports (the
@@ -33,6 +34,8 @@ class SQSDArgs(BaseModel):
     sqsd_danger: list[str] = Field(default_factory=list, description="danger direction adapters")
     sqsd_safety: list[str] = Field(default_factory=list, description="safety direction adapters")
     sqsd_anchor: str | None = Field(default=None, description="adapter the AsFT anchor constrains the update to")
+    sqsd_mask: str | None = Field(default=None, description="JSON lines file of prompt/response safety records "
+                                  "for the WaRP mask (tokenized with the run's chat template)")
     sqsd: dict[str, Any] | None = Field(default=None, description="SQSDConfig options")
 
 
@@ -50,4 +53,6 @@ class SQSDPlugin(BasePlugin):
             raise ValueError("The training set is empty (0 examples after axolotl's preparation), so there is "
                              "nothing to train or score. Check the `datasets:` paths and splits in the YAML, and the "
                              "filters that can drop every example (sequence_len, the chat template's roles).")
-        return [callback_from_options({k: cfg.get(k) for k in SQSDArgs.model_fields})]
+        tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+        return [callback_from_options({k: cfg.get(k) for k in SQSDArgs.model_fields}, tokenizer,
+                                      cfg.get("sequence_len") or 512)]
