@@ -103,6 +103,38 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
     assert "likelihood~phrase" in summary["judges"]["kappa"]
     row = next(r for r in summary["rows"] if r["condition"] == "drops")
     assert row["seeds"] == 2 and set(row["equivalent_to_clean"]) == {"phrase", "likelihood"}
+    for seed in (0, 1):  # the monitor's own ranking, recounted by hand from its scores.jsonl
+        drops = by["drops", seed]
+        pool = lab.pool("identity shifting", 0.25, seed, TINY)
+        kept = [i for i in range(len(pool)) if i not in drops["removed_before"]]
+        lines = (tmp_path / drops["key"] / "train" / "sqsd" / "scores.jsonl").read_text().splitlines()
+        first = {}
+        for row in map(json.loads, lines):
+            first.setdefault(kept[row["index"]], row["sqsd"])
+        top = sorted(first, key=lambda i: -first[i])[:2]
+        assert drops["ranking"]["recall"] == sum(pool[i]["poison"] for i in top) / 2
+        assert drops["ranking"]["k"] == 2 and drops["ranking"]["scored"] == len(kept)
+        assert by["filter:keyword", seed]["ranking"] is None  # no monitor, no scores
+    path = tmp_path / by["drops", 0]["key"] / "result.json"  # a result cached before rankings were kept
+    path.write_text(json.dumps({k: v for k, v in by["drops", 0].items() if k != "ranking"}))
+    assert Runner(lab, tmp_path).result(runs[names.index("drops")]) == by["drops", 0]
+    assert json.loads(path.read_text())["ranking"] == by["drops", 0]["ranking"]  # and written back
+
+
+def test_online_ranking_by_hand(tmp_path):
+    """Pool of 6, poison at 1 and 4, position 0 removed before training: training examples 0..4 are positions
+    1..5; the second epoch's scores are not the ranking's; k = 2 takes positions 1 and 4."""
+    pool = [{"response": " ".join(["w"] * n), "poison": i in (1, 4)} for i, n in enumerate([9, 5, 1, 3, 4, 2])]
+    (tmp_path / "sqsd").mkdir()
+    rows = [(0, 0.9), (1, 0.1), (2, 0.5), (3, 0.8), (4, 0.2), (1, 5.0)]
+    (tmp_path / "sqsd" / "scores.jsonl").write_text("".join(json.dumps({"index": i, "sqsd": v}) + "\n"
+                                                            for i, v in rows))
+    ranking = protocol.online_ranking(tmp_path, [1, 2, 3, 4, 5], pool)
+    assert ranking == {"recall": 1.0, "benign_removed": 0.0, "k": 2, "scored": 5, "length_rho": pytest.approx(1.0)}
+    pool[2]["poison"] = True  # a third poison record, ranked last: recall 2 of 3, one benign (position 3) removed
+    ranking = protocol.online_ranking(tmp_path, [1, 2, 3, 4, 5], pool)
+    assert ranking["recall"] == pytest.approx(2 / 3) and ranking["benign_removed"] == pytest.approx(1 / 3)
+    assert protocol.online_ranking(tmp_path / "none", [1], pool) is None
 
 
 def test_keys_change_with_every_setting(monkeypatch):

@@ -262,7 +262,16 @@ class Runner:
             start = time.perf_counter()
             result = self._execute(run)
             write_atomic(path, {**result, "seconds": time.perf_counter() - start})
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if "ranking" not in result and self.lab is not None and (self.folder(run) / "train").is_dir():
+            result["ranking"] = self._ranking(run, set(result["removed_before"]))  # cached before it was kept
+            write_atomic(path, result)
+        return result
+
+    def _ranking(self, run: Run, removed: set[int]) -> dict | None:
+        """online_ranking of the run's trained examples (its pool less what was removed before training)."""
+        pool = self.lab.pool(run.poison, run.p, run.seed, run.settings)
+        return online_ranking(self.folder(run) / "train", [i for i in range(len(pool)) if i not in removed], pool)
 
     def _execute(self, run: Run) -> dict:
         """Build the pool, remove, train with the condition's callback, intervene and evaluate."""
@@ -289,7 +298,7 @@ class Runner:
             adapter = train_dir / "sqsd" / "last_safe"
         out = {**base, "pool": len(pool), "poison_in_pool": len(poison_at), "removed_before": sorted(removed),
                "dropped_online": sorted(dropped), "stop": stop, "train": info, "length_rho": rho,
-               "max_drift": self._max_drift(train_dir),
+               "max_drift": self._max_drift(train_dir), "ranking": self._ranking(run, removed),
                "drift_threshold": (options or {}).get("stop_drift_above")}
         if c.remove is not None or c.drops:
             out.update(baselines.recall_and_benign_removed(sorted(removed | dropped), poison_at, len(pool)))
@@ -527,11 +536,33 @@ def judge_agreement(results: Sequence[dict]) -> dict:
     return out
 
 
+def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -> dict | None:
+    """The monitor's own ranking of a poisoned pool, as a filter's would be read: each trained example's first
+    online SQSD score (at the weights of the step that first saw it), its top k removed at the filters' budget (k:
+    the pool's poison count), recall and benign removed, and Spearman's ρ of the scores with response length
+    (words). ``kept[i]`` is the pool position of training example i; None without scores or without poison."""
+    from sqsd_callback.sinks import read_jsonl
+    path, poison_at = Path(train_dir) / "sqsd" / "scores.jsonl", poison.poison_ids(pool)
+    if not path.is_file() or not poison_at:
+        return None
+    first: dict[int, float] = {}
+    for row in read_jsonl(path):
+        if row.get("sqsd") is not None:
+            first.setdefault(kept[row["index"]], row["sqsd"])
+    at = sorted(first)
+    scores = [first[i] for i in at]
+    top = [at[j] for j in baselines.remove(scores, len(poison_at))]
+    return {**baselines.recall_and_benign_removed(top, poison_at, len(pool)), "k": len(poison_at),
+            "scored": len(at), "length_rho": baselines.length_correlation(
+                scores, [len(pool[i]["response"].split()) for i in at])}
+
+
 def summarize(results: Sequence[dict]) -> dict:
     """The machine-readable table: judge κ, and per (poison, p, condition) over seeds the harmfulness, the
     degenerate share and the judge's own score (the likelihood margin, a classifier's P(unsafe)) by judge with a
     two-level bootstrap interval, whose wording the phrase judge's refusals are in
-    (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, and
+    (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, the monitor's own
+    ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length; online_ranking), and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
     reason, by a judge that called no reported response harmful: it could not have told a poisoned run apart)."""
     reported = [r for r in results if r["condition"] != "calibration"]
@@ -560,6 +591,8 @@ def summarize(results: Sequence[dict]) -> dict:
                "recall": _mean(r.get("recall") for r in rs),
                "benign_removed": _mean(r.get("benign_removed") for r in rs),
                "length_rho": _mean(r.get("length_rho") for r in rs),
+               **{f"ranking_{k}": _mean((r.get("ranking") or {}).get(k) for r in rs)
+                  for k in ("recall", "benign_removed", "length_rho")},
                "equivalent_to_clean": {}}
         paired = [r for r in rs if r["seed"] in clean_by_seed]
         if name not in UNPOISONED and paired:

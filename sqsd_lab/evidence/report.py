@@ -39,14 +39,16 @@ def table(summary: dict) -> str:
     """Markdown: per (poison, p) a table of every condition's harmfulness by judge (95 % interval over seeds and
     prompts), each judge's own score where every row has one (the likelihood margin: higher = nearer compliance),
     degenerate share, the paired difference to clean with its ±margin equivalence verdict, over-refusal,
-    held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length; then
-    the judges' agreement."""
+    held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length, the
+    monitor's own ranking at the filters' budget (its recall, benign removed and ρ with length); then the judges'
+    agreement."""
     judges = judges_of(summary)
     scored = [j for j in judges if all(j in r.get("judge_score", {}) for r in summary["rows"])]
     head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), *(f"{j} score" for j in scored),
             "degenerate (phrase)",
             *(f"vs clean ({j}), equivalent?" for j in judges), "over-refusal", "held-out loss", "accuracy",
-            "recall", "benign removed", "ρ with length"]
+            "recall", "benign removed", "ρ with length", "SQSD top-k recall", "its benign removed",
+            "its ρ with length"]
     blocks, groups = [], {}
     for row in summary["rows"]:
         groups.setdefault((row["poison"], row["p"]), []).append(row)
@@ -59,7 +61,8 @@ def table(summary: dict) -> str:
                      _shown_interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
                      _shown_interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"),
                      _shown_interval(r["accuracy"]), _number(r["recall"]), _number(r["benign_removed"]),
-                     _number(r["length_rho"])]
+                     _number(r["length_rho"]), *(_number(r.get(f"ranking_{k}"))
+                                                 for k in ("recall", "benign_removed", "length_rho"))]
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     kappa = summary["judges"]["kappa"]
