@@ -192,11 +192,12 @@ QUICK = Settings(epochs=1.0, max_length=128, harmful_prompts=24, benign_risky=24
                  eval_tokens=32, calibration_seeds=(1000,))
 
 
-QUICK_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "random", "safelora", "mask",
-                    "drift_stop", "fixed_stop", "mask+drops", "drops+anchor", "anchor@0.25", "anchor@1", "anchor@4")
-"""The quick plan's conditions, most telling first: SQSD's drops against the filters users pick and their control,
-then the peers (SafeLoRA, the WaRP mask), the drift stop and its fixed-step control, and the combinations and the
-anchor's λ sweep (safety against utility)."""
+QUICK_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "offline", "random",
+                    "safelora", "mask", "drift_stop", "fixed_stop", "mask+drops", "drops+anchor", "anchor@0.25",
+                    "anchor@1", "anchor@4")
+"""The quick plan's conditions, most telling first: SQSD's drops against the filters users pick, SQSD's own offline
+screening and the drops' control, then the peers (SafeLoRA, the WaRP mask), the drift stop and its fixed-step
+control, and the combinations and the anchor's λ sweep (safety against utility)."""
 SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "random")
 """Run at p = 5 % and 20 % (identity-shifting poison, fewer seeds)."""
 
