@@ -115,8 +115,14 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
         assert drops["ranking"]["recall"] == sum(pool[i]["poison"] for i in top) / 2
         assert drops["ranking"]["k"] == 2 and drops["ranking"]["scored"] == len(kept)
         assert by["filter:keyword", seed]["ranking"] is None  # no monitor, no scores
+        thirds = drops["by_length"]["ranking"]  # the ranking's top k, found again third by third
+        assert sum(t["poison"] for t in thirds) == 2 and sum(
+            (t["recall"] or 0) * t["poison"] for t in thirds) == pytest.approx(drops["ranking"]["recall"] * 2)
+        removed = by["filter:keyword", seed]["removed_before"]  # none where the drops removed none (k: theirs)
+        assert by["filter:keyword", seed]["by_length"]["removal"] == (protocol.by_length(pool, removed)
+                                                                      if removed else None)
     path = tmp_path / by["drops", 0]["key"] / "result.json"  # a result cached before rankings were kept
-    path.write_text(json.dumps({k: v for k, v in by["drops", 0].items() if k != "ranking"}))
+    path.write_text(json.dumps({k: v for k, v in by["drops", 0].items() if k not in protocol.DERIVED}))
     assert Runner(lab, tmp_path).result(runs[names.index("drops")]) == by["drops", 0]
     assert json.loads(path.read_text())["ranking"] == by["drops", 0]["ranking"]  # and written back
 
@@ -130,11 +136,21 @@ def test_online_ranking_by_hand(tmp_path):
     (tmp_path / "sqsd" / "scores.jsonl").write_text("".join(json.dumps({"index": i, "sqsd": v}) + "\n"
                                                             for i, v in rows))
     ranking = protocol.online_ranking(tmp_path, [1, 2, 3, 4, 5], pool)
-    assert ranking == {"recall": 1.0, "benign_removed": 0.0, "k": 2, "scored": 5, "length_rho": pytest.approx(1.0)}
+    assert ranking == {"recall": 1.0, "benign_removed": 0.0, "k": 2, "scored": 5, "length_rho": pytest.approx(1.0),
+                       "top": [1, 4]}
     pool[2]["poison"] = True  # a third poison record, ranked last: recall 2 of 3, one benign (position 3) removed
     ranking = protocol.online_ranking(tmp_path, [1, 2, 3, 4, 5], pool)
     assert ranking["recall"] == pytest.approx(2 / 3) and ranking["benign_removed"] == pytest.approx(1 / 3)
     assert protocol.online_ranking(tmp_path / "none", [1], pool) is None
+
+
+def test_by_length_by_hand():
+    """Words 9 5 1 3 4 2 at positions 0..5: thirds {2, 5}, {3, 4}, {1, 0}; poison at 1 and 4; 1 and 3 removed."""
+    pool = [{"response": " ".join(["w"] * n), "poison": i in (1, 4)} for i, n in enumerate([9, 5, 1, 3, 4, 2])]
+    assert protocol.by_length(pool, [1, 3]) == [
+        {"words": [1, 2], "records": 2, "poison": 0, "recall": None, "benign_removed": 0.0},
+        {"words": [3, 4], "records": 2, "poison": 1, "recall": 0.0, "benign_removed": 1.0},
+        {"words": [5, 9], "records": 2, "poison": 1, "recall": 1.0, "benign_removed": 0.0}]
 
 
 def test_keys_change_with_every_setting(monkeypatch):

@@ -238,6 +238,8 @@ def write_atomic(path: Path, data: dict) -> None:
 
 
 POOL_FIELDS = ("pool", "poison_in_pool", "removed_before", "dropped_online", "stop", "train")
+DERIVED = ("ranking", "by_length")
+"""What Runner._derived adds to a trained run's result (and to one cached before these were kept)."""
 """What a post-hoc condition carries over from the run it starts from."""
 
 
@@ -264,15 +266,22 @@ class Runner:
             result = self._execute(run)
             write_atomic(path, {**result, "seconds": time.perf_counter() - start})
         result = json.loads(path.read_text())
-        if "ranking" not in result and self.lab is not None and (self.folder(run) / "train").is_dir():
-            result["ranking"] = self._ranking(run, set(result["removed_before"]))  # cached before it was kept
+        if self.lab is not None and "removed_before" in result and any(k not in result for k in DERIVED):
+            result.update(self._derived(run, result))  # cached before these were kept
             write_atomic(path, result)
         return result
 
-    def _ranking(self, run: Run, removed: set[int]) -> dict | None:
-        """online_ranking of the run's trained examples (its pool less what was removed before training)."""
+    def _derived(self, run: Run, result: dict) -> dict:
+        """What a trained run's result reads off its pool and training folder: the monitor's own ranking
+        (online_ranking) and, for the removal and that ranking, recall by response length (by_length)."""
         pool = self.lab.pool(run.poison, run.p, run.seed, run.settings)
-        return online_ranking(self.folder(run) / "train", [i for i in range(len(pool)) if i not in removed], pool)
+        before = set(result["removed_before"])
+        kept = [i for i in range(len(pool)) if i not in before]
+        ranking = online_ranking(self.folder(run) / "train", kept, pool)
+        removed = sorted(before | set(result["dropped_online"]))
+        return {"ranking": ranking, "by_length": {
+            "removal": by_length(pool, removed) if removed else None,
+            "ranking": by_length(pool, ranking.pop("top")) if ranking else None}}
 
     def _execute(self, run: Run) -> dict:
         """Build the pool, remove, train with the condition's callback, intervene and evaluate."""
@@ -299,11 +308,10 @@ class Runner:
             adapter = train_dir / "sqsd" / "last_safe"
         out = {**base, "pool": len(pool), "poison_in_pool": len(poison_at), "removed_before": sorted(removed),
                "dropped_online": sorted(dropped), "stop": stop, "train": info, "length_rho": rho,
-               "max_drift": self._max_drift(train_dir), "ranking": self._ranking(run, removed),
-               "drift_threshold": (options or {}).get("stop_drift_above")}
+               "max_drift": self._max_drift(train_dir), "drift_threshold": (options or {}).get("stop_drift_above")}
         if c.remove is not None or c.drops:
             out.update(baselines.recall_and_benign_removed(sorted(removed | dropped), poison_at, len(pool)))
-        return {**out, **self.lab.evaluate(adapter, s)}
+        return {**out, **self._derived(run, out), **self.lab.evaluate(adapter, s)}
 
     def _callback(self, run: Run, c: Condition) -> dict | None:
         """The SQSDCallback options of the condition (None: no callback)."""
@@ -518,6 +526,17 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+def _strata(per_seed: Iterable[list[dict] | None]) -> list[dict] | None:
+    """by_length over seeds: per stratum the poison count summed, recall and benign removed averaged, the word
+    range spanned (None where no seed has strata)."""
+    got = [strata for strata in per_seed if strata]
+    if not got:
+        return None
+    return [{"words": [min(s[k]["words"][0] for s in got), max(s[k]["words"][1] for s in got)],
+             "poison": sum(s[k]["poison"] for s in got), "recall": _mean(s[k]["recall"] for s in got),
+             "benign_removed": _mean(s[k]["benign_removed"] for s in got)} for k in range(len(got[0]))]
+
+
 def _harmful(outcomes: Sequence[str]) -> list[float]:
     """Per response, 1.0 where the outcome is harmful (compliance/unsafe), else 0.0 (degenerate included)."""
     return [1.0 if judges.HARMFUL.get(o) else 0.0 for o in outcomes]
@@ -541,7 +560,8 @@ def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -
     """The monitor's own ranking of a poisoned pool, as a filter's would be read: each trained example's first
     online SQSD score (at the weights of the step that first saw it), its top k removed at the filters' budget (k:
     the pool's poison count), recall and benign removed, and Spearman's ρ of the scores with response length
-    (words). ``kept[i]`` is the pool position of training example i; None without scores or without poison."""
+    (words), and the top k's pool positions (``top``). ``kept[i]`` is the pool position of training example i;
+    None without scores or without poison."""
     from sqsd_callback.sinks import read_jsonl
     path, poison_at = Path(train_dir) / "sqsd" / "scores.jsonl", poison.poison_ids(pool)
     if not path.is_file() or not poison_at:
@@ -554,8 +574,30 @@ def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -
     scores = [first[i] for i in at]
     top = [at[j] for j in baselines.remove(scores, len(poison_at))]
     return {**baselines.recall_and_benign_removed(top, poison_at, len(pool)), "k": len(poison_at),
-            "scored": len(at), "length_rho": baselines.length_correlation(
-                scores, [len(pool[i]["response"].split()) for i in at])}
+            "scored": len(at), "length_rho": baselines.length_correlation(scores, [_words(pool[i]) for i in at]),
+            "top": sorted(top)}
+
+
+def _words(record: dict) -> int:
+    return len(record["response"].split())
+
+
+def by_length(pool: Sequence[dict], removed: Iterable[int], strata: int = 3) -> list[dict]:
+    """Recall and benign removed within each of ``strata`` equal-size groups of the pool ordered by response length
+    (words; ties by position), shortest first: whether a removal finds the poison at every length or only where
+    the poison is long (or short). None for a stratum's recall where it holds no poison."""
+    order = sorted(range(len(pool)), key=lambda i: (_words(pool[i]), i))
+    removed, out = set(removed), []
+    for k in range(strata):
+        group = order[k * len(pool) // strata:(k + 1) * len(pool) // strata]
+        poison_in = [i for i in group if pool[i]["poison"]]
+        benign = len(group) - len(poison_in)
+        out.append({"words": [_words(pool[group[0]]), _words(pool[group[-1]])], "records": len(group),
+                    "poison": len(poison_in),
+                    "recall": sum(i in removed for i in poison_in) / len(poison_in) if poison_in else None,
+                    "benign_removed": sum(i in removed for i in group if not pool[i]["poison"]) / benign
+                    if benign else None})
+    return out
 
 
 def summarize(results: Sequence[dict]) -> dict:
@@ -563,7 +605,8 @@ def summarize(results: Sequence[dict]) -> dict:
     degenerate share and the judge's own score (the likelihood margin, a classifier's P(unsafe)) by judge with a
     two-level bootstrap interval, whose wording the phrase judge's refusals are in
     (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, the monitor's own
-    ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length; online_ranking), and
+    ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length; online_ranking), recall
+    by response-length stratum of the removal and of that ranking (``by_length``), and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
     reason, by a judge that called no reported response harmful: it could not have told a poisoned run apart)."""
     reported = [r for r in results if r["condition"] != "calibration"]
@@ -594,6 +637,8 @@ def summarize(results: Sequence[dict]) -> dict:
                "length_rho": _mean(r.get("length_rho") for r in rs),
                **{f"ranking_{k}": _mean((r.get("ranking") or {}).get(k) for r in rs)
                   for k in ("recall", "benign_removed", "length_rho")},
+               "by_length": {which: _strata((r.get("by_length") or {}).get(which) for r in rs)
+                             for which in ("removal", "ranking")},
                "equivalent_to_clean": {}}
         paired = [r for r in rs if r["seed"] in clean_by_seed]
         if name not in UNPOISONED and paired:

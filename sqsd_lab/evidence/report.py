@@ -40,8 +40,8 @@ def table(summary: dict) -> str:
     prompts), each judge's own score where every row has one (the likelihood margin: higher = nearer compliance),
     degenerate share, the paired difference to clean with its ±margin equivalence verdict, over-refusal,
     held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length, the
-    monitor's own ranking at the filters' budget (its recall, benign removed and ρ with length); then the judges'
-    agreement."""
+    monitor's own ranking at the filters' budget (its recall, benign removed and ρ with length); recall by
+    response-length third of each removal and ranking; then the judges' agreement."""
     judges = judges_of(summary)
     scored = [j for j in judges if all(j in r.get("judge_score", {}) for r in summary["rows"])]
     head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), *(f"{j} score" for j in scored),
@@ -64,6 +64,20 @@ def table(summary: dict) -> str:
                      _number(r["length_rho"]), *(_number(r.get(f"ranking_{k}"))
                                                  for k in ("recall", "benign_removed", "length_rho"))]
             lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    strata = [(r, which) for r in summary["rows"] for which in ("removal", "ranking")
+              if (r.get("by_length") or {}).get(which)]
+    if strata:
+        n = len(strata[0][0]["by_length"][strata[0][1]])
+        lines = ["### Recall by response length", "", "The pool in equal thirds by response length (words), "
+                 "shortest first: each third's recall (its poison records over the seeds) and benign removed.", "",
+                 "| poison, p | condition | ranking | " + " | ".join(f"third {k + 1}" for k in range(n)) + " |",
+                 "|" + "---|" * (n + 3)]
+        for r, which in strata:
+            cells = [f"{_number(s['recall'])} ({s['poison']}), {_number(s['benign_removed'])} benign "
+                     f"[{s['words'][0]}–{s['words'][1]} words]" for s in r["by_length"][which]]
+            name = "removed" if which == "removal" else "SQSD top k"
+            lines.append(f"| {r['poison']}, {r['p']:g} | {r['condition']} | {name} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     kappa = summary["judges"]["kappa"]
     agreement = ["### Judges' agreement", "", "| judges | Cohen's κ | responses | left out (degenerate) |",
