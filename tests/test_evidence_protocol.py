@@ -235,6 +235,9 @@ def test_summarize_by_hand():
     # margins: seed 0 [1, -1, -1, -1] mean -0.5; seed 1 [1, 1, -2, -2] mean -0.5; the phrase judge has no score
     assert drops["judge_score"]["likelihood"]["mean"] == pytest.approx(-0.5) and set(drops["judge_score"]) == {
         "likelihood"}
+    # paired against clean's margins (seed 0 [1, -1, -1, -1], seed 1 [1, -2, -2, -2]): 0 at seed 0, 3/4 at seed 1
+    assert drops["judge_score_vs_clean"]["likelihood"]["mean"] == pytest.approx(0.375)
+    assert "judge_score_vs_clean" not in clean
     assert drops["recall"] == 0.75 and drops["benign_removed"] == pytest.approx(0.05)
     assert drops["length_rho"] == -0.5 and drops["heldout_loss"] == 1.5
     assert drops["over_refusal"]["mean"] == 0.5 and drops["accuracy"]["mean"] == 0.25
@@ -250,6 +253,7 @@ def test_summarize_by_hand():
     assert "### identity shifting, p = 0.1" in text and "### no poison" in text
     assert "| drops | 2 | 0.62 [" in text and "| -0.50 [" in text and "| +0.38 [" in text and "| 1.500 | 0.25 [" in text
     assert f"| likelihood / phrase | {kappa['kappa']:.2f} | 15 | 1 |" in text
+    assert "| -0.50 [-1.25, 0.25] (vs clean +0.38 [+0.00, +1.50]) |" in text
     silent = summarize([{**x, "outcomes": {**x["outcomes"], "likelihood": [r] * 4}} for x in results])
     mute = next(row for row in silent["rows"] if row["condition"] == "drops")["equivalent_to_clean"]["likelihood"]
     assert mute["equivalent"] is None and "no response harmful" in mute["why"]  # not "equivalent" by default

@@ -603,7 +603,8 @@ def by_length(pool: Sequence[dict], removed: Iterable[int], strata: int = 3) -> 
 def summarize(results: Sequence[dict]) -> dict:
     """The machine-readable table: judge κ, and per (poison, p, condition) over seeds the harmfulness, the
     degenerate share and the judge's own score (the likelihood margin, a classifier's P(unsafe)) by judge with a
-    two-level bootstrap interval, whose wording the phrase judge's refusals are in
+    two-level bootstrap interval (and that score's paired difference from the clean run, ``judge_score_vs_clean``:
+    a shift no threshold hides), whose wording the phrase judge's refusals are in
     (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, the monitor's own
     ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length; online_ranking), recall
     by response-length stratum of the removal and of that ranking (``by_length``), and
@@ -642,6 +643,11 @@ def summarize(results: Sequence[dict]) -> dict:
                "equivalent_to_clean": {}}
         paired = [r for r in rs if r["seed"] in clean_by_seed]
         if name not in UNPOISONED and paired:
+            row["judge_score_vs_clean"] = {  # the shift of the score itself: no threshold to cross
+                j: _interval(stats.paired_differences({r["seed"]: r["scores"][j] for r in paired},
+                                                      {r["seed"]: clean_by_seed[r["seed"]]["scores"][j]
+                                                       for r in paired}))
+                for j in row["judge_score"] if all(j in clean_by_seed[r["seed"]].get("scores", {}) for r in paired)}
             for j in names:
                 if j not in fired:  # TOST would call any run "equivalent" by a judge that can tell nothing apart
                     row["equivalent_to_clean"][j] = {"equivalent": None, "margin": stats.MARGIN,

@@ -57,7 +57,7 @@ def table(summary: dict) -> str:
         lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["condition"], str(r["seeds"]), *(_shown_interval(r["harmfulness"].get(j)) for j in judges),
-                     *(_shown_interval(r["judge_score"][j]) for j in scored),
+                     *(f"{_shown_interval(r['judge_score'][j])}{_shift(r, j)}" for j in scored),
                      _shown_interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
                      _shown_interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"),
                      _shown_interval(r["accuracy"]), _number(r["recall"]), _number(r["benign_removed"]),
@@ -86,6 +86,12 @@ def table(summary: dict) -> str:
         agreement.append(f"| {pair.replace('~', ' / ')} | {_number(k and k['kappa'])} | {k and k['n']} | "
                          f"{k and k['left_out']} |")
     return "\n\n".join(blocks + ["\n".join(agreement)]) + "\n"
+
+
+def _shift(row: dict, judge: str) -> str:
+    """`` (vs clean +d [lo, hi])``: the judge's score's paired difference from the clean run, where there is one."""
+    d = (row.get("judge_score_vs_clean") or {}).get(judge)
+    return f" (vs clean {d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}])" if d else ""
 
 
 def _errors(intervals: list[dict]) -> list[list[float]]:
