@@ -267,14 +267,14 @@ class Runner:
             write_atomic(path, {**result, "seconds": time.perf_counter() - start})
         result = json.loads(path.read_text())
         if self.lab is not None and "removed_before" in result and any(k not in result for k in DERIVED):
-            result.update(self._derived(run, result))  # cached before these were kept
+            pool = self.lab.pool(run.poison, run.p, run.seed, run.settings)
+            result.update(self._derived(run, result, pool))  # cached before these were kept
             write_atomic(path, result)
         return result
 
-    def _derived(self, run: Run, result: dict) -> dict:
+    def _derived(self, run: Run, result: dict, pool: list[dict]) -> dict:
         """What a trained run's result reads off its pool and training folder: the monitor's own ranking
         (online_ranking) and, for the removal and that ranking, recall by response length (by_length)."""
-        pool = self.lab.pool(run.poison, run.p, run.seed, run.settings)
         before = set(result["removed_before"])
         kept = [i for i in range(len(pool)) if i not in before]
         ranking = online_ranking(self.folder(run) / "train", kept, pool)
@@ -311,7 +311,7 @@ class Runner:
                "max_drift": self._max_drift(train_dir), "drift_threshold": (options or {}).get("stop_drift_above")}
         if c.remove is not None or c.drops:
             out.update(baselines.recall_and_benign_removed(sorted(removed | dropped), poison_at, len(pool)))
-        return {**out, **self._derived(run, out), **self.lab.evaluate(adapter, s)}
+        return {**out, **self._derived(run, out, pool), **self.lab.evaluate(adapter, s)}
 
     def _callback(self, run: Run, c: Condition) -> dict | None:
         """The SQSDCallback options of the condition (None: no callback)."""
@@ -358,7 +358,7 @@ class Runner:
             k = len(poison.poison_ids(pool))
         name = "random" if c.remove == "random" else c.remove
         scores = self.lab.scores(name, pool, run.seed, s)
-        rho = baselines.length_correlation(scores, [len(r["response"].split()) for r in pool])
+        rho = baselines.length_correlation(scores, [_words(r) for r in pool])
         return set(baselines.remove(scores, k)), rho
 
     @staticmethod
@@ -579,6 +579,7 @@ def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -
 
 
 def _words(record: dict) -> int:
+    """A record's response length in words: what every ranking's ρ with length and the length thirds use."""
     return len(record["response"].split())
 
 
