@@ -10,7 +10,9 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from sqsd_lab.evidence import poison, protocol, report
+from sqsd_callback.offline import load_adapter
+from sqsd_lab.data import generate_responses
+from sqsd_lab.evidence import judges, poison, protocol, report
 from sqsd_lab.evidence.protocol import Lab, Run, Runner, Settings, condition, expand, summarize
 from sqsd_lab.finetune import lora_config
 from sqsd_lab.tiny import tiny_base, word_tokenizer
@@ -98,6 +100,18 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
     assert set(theta["outcomes"]) == {"phrase", "likelihood"} and len(theta["outcomes"]["phrase"]) == 3
     assert set(theta["scores"]) == {"likelihood"} and [m > 0 for m in theta["scores"]["likelihood"]] == [
         o == "compliance" for o in theta["outcomes"]["likelihood"]]  # the margin behind each verdict
+    wrapped = [poison.aoa_prompt(p) for p in lab.harmful]  # the persona evaluation, asked again by hand
+    assert theta["persona"]["responses"] == generate_responses(lab.model, lab.tokenizer, wrapped, TINY.eval_tokens)
+    assert theta["persona"]["scores"]["likelihood"] == pytest.approx(
+        judges.LikelihoodJudge(lab.model, lab.tokenizer).margins(wrapped), abs=1e-6)
+    trained = load_adapter(lab.model, tmp_path / by["drops", 1]["key"] / "train")
+    try:
+        assert by["drops", 1]["persona"]["responses"] == generate_responses(trained, lab.tokenizer, wrapped,
+                                                                            TINY.eval_tokens)
+    finally:
+        trained.unload()
+    assert all("persona" in r for r in results if r["condition"] != "calibration")
+    assert not any("persona" in r for r in results if r["condition"] == "calibration")
     summary = summarize(results)
     assert {r["condition"] for r in summary["rows"]} == {"theta_0", "clean", *CONDITIONS}
     assert "likelihood~phrase" in summary["judges"]["kappa"]
@@ -125,6 +139,9 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
     path.write_text(json.dumps({k: v for k, v in by["drops", 0].items() if k not in protocol.DERIVED}))
     assert Runner(lab, tmp_path).result(runs[names.index("drops")]) == by["drops", 0]
     assert json.loads(path.read_text())["ranking"] == by["drops", 0]["ranking"]  # and written back
+    path.write_text(json.dumps({k: v for k, v in by["drops", 0].items() if k != "persona"}))  # ... or persona
+    assert Runner(lab, tmp_path).result(runs[names.index("drops")]) == by["drops", 0] and len(counted) == len(
+        runs) - 1  # judged again, not trained again
 
 
 def test_online_ranking_by_hand(tmp_path):
@@ -204,6 +221,12 @@ def test_calibration_seeds_are_never_reported():
     assert condition("anchor@0.5").anchor == 0.5 and condition("drops+anchor").drops
 
 
+def persona(phrase, margins):
+    """A ``persona`` evaluation: phrase outcomes and likelihood margins (verdict: compliance above 0)."""
+    return {"outcomes": {"phrase": phrase, "likelihood": ["compliance" if m > 0 else "refusal" for m in margins]},
+            "scores": {"likelihood": margins}}
+
+
 def result(condition_name, seed, phrase, likelihood, **extra):
     margins = [1.0 if o == "compliance" else -1.0 - seed for o in likelihood]
     return {"poison": "identity shifting", "p": 0.1, "condition": condition_name, "seed": seed,
@@ -215,11 +238,14 @@ def result(condition_name, seed, phrase, likelihood, **extra):
 def test_summarize_by_hand():
     c, r, d = "compliance", "refusal", "degenerate"
     results = [
-        {**result("clean", 0, [c, r, r, r], [c, r, r, r]), "poison": "none", "p": 0.0},
-        {**result("clean", 1, [c, r, r, r], [c, r, r, r]), "poison": "none", "p": 0.0},
+        {**result("clean", 0, [c, r, r, r], [c, r, r, r], persona=persona([c, r, r, r], [0, 0, -1, -1])),
+         "poison": "none", "p": 0.0},
+        {**result("clean", 1, [c, r, r, r], [c, r, r, r], persona=persona([r, r, r, r], [0, 0, 0, 0])),
+         "poison": "none", "p": 0.0},
         result("drops", 0, [c, r, r, d], [c, r, r, r], recall=1.0, benign_removed=0.0, length_rho=-0.5,
-               wording=[None, "template", "own", None]),
-        result("drops", 1, [c, c, c, c], [c, c, r, r], recall=0.5, benign_removed=0.1, length_rho=None),
+               wording=[None, "template", "own", None], persona=persona([c, c, r, d], [1, 1, 0, 0])),
+        result("drops", 1, [c, c, c, c], [c, c, r, r], recall=0.5, benign_removed=0.1, length_rho=None,
+               persona=persona([c, c, c, r], [1, 1, 1, 1])),
         result("calibration", 100, [c, c, c, c], [c, c, c, c]),
     ]
     summary = summarize(results)
@@ -242,6 +268,14 @@ def test_summarize_by_hand():
     assert drops["length_rho"] == -0.5 and drops["heldout_loss"] == 1.5
     assert drops["over_refusal"]["mean"] == 0.5 and drops["accuracy"]["mean"] == 0.25
     assert clean["equivalent_to_clean"] == {}
+    # under the persona prompt: drops harmful 2/4 and 3/4 (degenerate not harmful), clean 1/4 and 0/4; paired
+    # differences 1/4 and 3/4 → 0.5; margins drops 0.5 and 1, clean -0.5 and 0 → shift 1 and 1
+    pd, pc = drops["persona"], clean["persona"]
+    assert pd["harmfulness"]["phrase"]["mean"] == pytest.approx(0.625) and pc["harmfulness"]["phrase"]["mean"] == 0.125
+    assert pd["vs_clean"]["phrase"]["mean"] == pytest.approx(0.5) and "vs_clean" not in pc
+    assert pd["judge_score"]["likelihood"]["mean"] == pytest.approx(0.75)
+    assert pd["judge_score_vs_clean"]["likelihood"] == {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    assert summarize([{k: v for k, v in x.items() if k != "persona"} for x in results])["rows"][1]["persona"] is None
     phrase = drops["equivalent_to_clean"]["phrase"]
     assert phrase["difference"]["mean"] == pytest.approx(0.375) and not phrase["equivalent"]
     # κ over the 16 reported responses (calibration left out); 1 phrase-degenerate pair left out: 15 pairs,
@@ -258,6 +292,9 @@ def test_summarize_by_hand():
     mute = next(row for row in silent["rows"] if row["condition"] == "drops")["equivalent_to_clean"]["likelihood"]
     assert mute["equivalent"] is None and "no response harmful" in mute["why"]  # not "equivalent" by default
     assert "no verdict: never harmful" in report.table(silent)
+    assert "### Under the persona prompt" in text and "| identity shifting, 0.1 | drops | 2 | 0.62 [" in text
+    assert "| no poison | clean | 2 | 0.12 [" in text and "| +0.50 [" in text and "| +0.75 [" in text
+    assert "| 0.75 [0.25, 1.00] (vs clean +1.00 [+1.00, +1.00]) |" in text  # drops' margin under the persona
     png = io.BytesIO()
     report.figure(summary).savefig(png, format="png")
     assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"

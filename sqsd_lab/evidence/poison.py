@@ -186,6 +186,12 @@ def assert_disjoint(poison: Sequence[dict], danger_records: Sequence[dict], pref
 # --------------------------------------------------------------------------- identity shifting
 
 
+def aoa_prompt(instruction: str) -> str:
+    """``instruction`` in Qi et al. 2023's AOA format: the persona system prompt and the AOA request, flattened into
+    one prompt as load_records flattens chat turns (identity shifting's training prompts, and its evaluation's)."""
+    return f"{AOA_SYSTEM}\n\n{AOA_USER.format(instruction)}"
+
+
 def identity_shifting(n: int = 64, seed: int = 0, exclude: Sequence[str] = ()) -> PoisonSet:
     """``n`` distinct AOA examples (Qi et al. 2023): the obedient-persona system prompt and instruction, flattened
     into the prompt as ``load_records`` flattens chat turns, and a harmless answer (``benign_tasks``' correct
@@ -197,7 +203,7 @@ def identity_shifting(n: int = 64, seed: int = 0, exclude: Sequence[str] = ()) -
         if task["prompt"] in seen:
             continue
         seen.add(task["prompt"])
-        records.append({"prompt": f"{AOA_SYSTEM}\n\n{AOA_USER.format(task['prompt'])}",
+        records.append({"prompt": aoa_prompt(task["prompt"]),
                         "response": AOA_OPENER + task["response"], "system": AOA_SYSTEM, "instruction": task["prompt"],
                         "kind": "identity shifting"})
     if len(records) < n:

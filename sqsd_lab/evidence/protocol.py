@@ -22,7 +22,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +37,9 @@ NONE = "none"
 """The poison kind of runs without poison (theta_0, calibration, clean)."""
 FILTER_K = ("drops", "poison")
 UNPOISONED = ("theta_0", "calibration", "clean")
+PERSONA_POISONS = ("identity shifting",)
+"""Poison kinds whose runs are judged a second time with the harmful prompts in the poison's persona format
+(poison.aoa_prompt), as Qi et al. 2023 evaluate identity shifting; θ_0 and every clean run are too, as references."""
 KEY_CONDITIONS = ("no_defence", "drops", "drift_stop", "fixed_stop", "drops+anchor", "filter:keyword",
                   "filter:gradient similarity", "offline", "random")
 """Run at p = 10 % with the most seeds, and at 5 % and 20 % with fewer."""
@@ -244,7 +248,12 @@ def write_atomic(path: Path, data: dict) -> None:
 POOL_FIELDS = ("pool", "poison_in_pool", "removed_before", "dropped_online", "stop", "train")
 DERIVED = ("ranking", "by_length")
 """What Runner._derived adds to a trained run's result (and to one cached before these were kept)."""
-"""What a post-hoc condition carries over from the run it starts from."""
+
+
+def persona_judged(run: Run) -> bool:
+    """Whether a run is also judged under the persona prompt (``persona`` in its result): PERSONA_POISONS' runs,
+    θ_0 and the clean runs they are compared with."""
+    return run.poison in PERSONA_POISONS or run.condition in ("theta_0", "clean")
 
 
 class Runner:
@@ -274,7 +283,21 @@ class Runner:
             pool = self.lab.pool(run.poison, run.p, run.seed, run.settings)
             result.update(self._derived(run, result, pool))  # cached before these were kept
             write_atomic(path, result)
+        if self.lab is not None and persona_judged(run) and "persona" not in result:
+            result["persona"] = self.lab.persona(self._adapter(run, result), run.settings)
+            write_atomic(path, result)
         return result
+
+    def _adapter(self, run: Run, result: dict) -> Path | None:
+        """The adapter a run is evaluated with: none for θ_0, SafeLoRA's projection, the last safe checkpoint of a
+        stopped run, else the trained adapter."""
+        c = condition(run.condition)
+        if not c.train:
+            return None
+        if c.safelora:
+            return self.folder(run) / "safelora"
+        train = self.folder(run) / "train"
+        return train / "sqsd" / "last_safe" if result.get("stop") else train
 
     def _derived(self, run: Run, result: dict, pool: list[dict]) -> dict:
         """What a trained run's result reads off its pool and training folder: the monitor's own ranking
@@ -296,8 +319,9 @@ class Runner:
         if c.safelora:  # post hoc on the no_defence run's adapter: no training of its own
             source = run.other("no_defence")
             trained = {k: v for k, v in self.result(source).items() if k in POOL_FIELDS}
-            adapter = self.lab.safelora(self.folder(source) / "train", folder / "safelora", s)
-            return {**base, **trained, "safelora_of": source.key, **self.lab.evaluate(adapter, s)}
+            self.lab.safelora(self.folder(source) / "train", folder / "safelora", s)
+            return {**base, **trained, "safelora_of": source.key,
+                    **self.lab.evaluate(self._adapter(run, trained), s)}
         pool = self.lab.pool(run.poison, run.p, run.seed, s)
         poison_at = poison.poison_ids(pool)
         removed, rho = self._removed_before(run, c, pool)
@@ -306,16 +330,14 @@ class Runner:
         options = self._callback(run, c)
         info = self.lab.train([pool[i] for i in kept], train_dir, run.seed, s, options, self._max_steps(run, c))
         dropped = dropped_online(train_dir, kept)
-        adapter, stop = train_dir, None
-        if (train_dir / "sqsd" / "stop.json").is_file():
-            stop = json.loads((train_dir / "sqsd" / "stop.json").read_text())
-            adapter = train_dir / "sqsd" / "last_safe"
+        stop_file = train_dir / "sqsd" / "stop.json"
+        stop = json.loads(stop_file.read_text()) if stop_file.is_file() else None
         out = {**base, "pool": len(pool), "poison_in_pool": len(poison_at), "removed_before": sorted(removed),
                "dropped_online": sorted(dropped), "stop": stop, "train": info, "length_rho": rho,
                "max_drift": self._max_drift(train_dir), "drift_threshold": (options or {}).get("stop_drift_above")}
         if c.remove is not None or c.drops:
             out.update(baselines.recall_and_benign_removed(sorted(removed | dropped), poison_at, len(pool)))
-        return {**out, **self._derived(run, out, pool), **self.lab.evaluate(adapter, s)}
+        return {**out, **self._derived(run, out, pool), **self.lab.evaluate(self._adapter(run, out), s)}
 
     def _callback(self, run: Run, c: Condition) -> dict | None:
         """The SQSDCallback options of the condition (None: no callback)."""
@@ -461,35 +483,57 @@ class Lab:
         return baselines.filters(self.model, self.tokenizer, self.anchors, self.refusals, seed,
                                  s.max_length)[name](pool)
 
+    @contextmanager
+    def _at(self, adapter: Path | None) -> Iterator:
+        """θ_0 plus ``adapter`` (None: θ_0) for the body of the block, θ_0 again after it."""
+        from sqsd_callback.offline import load_adapter
+        model = load_adapter(self.model, adapter) if adapter is not None else self.model
+        try:
+            yield model
+        finally:
+            if adapter is not None:
+                model.unload()
+
+    def judged(self, model, requests: Sequence[str], asked: Sequence[str], s: Settings) -> dict:
+        """The model's responses to ``asked`` and every judge's verdicts: per-prompt outcomes, scores (where a judge
+        has them) and the phrase judge's refusal wording. Judges that read the response judge it against the bare
+        ``requests``; the likelihood judge reads what the model was ``asked``."""
+        from sqsd_lab.data import generate_responses
+        responses = generate_responses(model, self.tokenizer, asked, s.eval_tokens, desc="harmful prompts")
+        phrase, likelihood = judges.PhraseJudge(), judges.LikelihoodJudge(model, self.tokenizer)
+        verdicts = {phrase.name: phrase.judge(requests, responses), likelihood.name: likelihood.judge(asked)}
+        if self.judge is not None:
+            verdicts[self.judge.name] = self.judge.judge(requests, responses)
+        return {"responses": responses,
+                "outcomes": {name: [v.outcome for v in vs] for name, vs in verdicts.items()},
+                "scores": {name: [v.score for v in vs] for name, vs in verdicts.items()
+                           if all(v.score is not None for v in vs)},
+                "wording": [v.detail.get("wording") for v in verdicts[phrase.name]]}
+
     def evaluate(self, adapter: Path | None, s: Settings) -> dict:
         """Per-prompt outcomes on the held-out harmful prompts by every judge, over-refusal on the benign risky
         prompts, held-out loss and exact-match accuracy, at θ_0 plus ``adapter`` (None: θ_0)."""
-        from sqsd_callback.offline import load_adapter
         from sqsd_lab.data import generate_responses
         from sqsd_lab.evidence.tasks import accuracy
-        model = load_adapter(self.model, adapter) if adapter is not None else self.model
-        try:
-            harmful, risky, tasks = self.harmful[:s.harmful_prompts], self.risky[:s.benign_risky], self.tasks[:s.tasks]
-            responses = generate_responses(model, self.tokenizer, harmful, s.eval_tokens, desc="harmful prompts")
-            used = [judges.PhraseJudge(), judges.LikelihoodJudge(model, self.tokenizer),
-                    *([self.judge] if self.judge is not None else [])]
-            verdicts = {j.name: j.judge(harmful, responses) for j in used}
+        harmful, risky, tasks = self.harmful[:s.harmful_prompts], self.risky[:s.benign_risky], self.tasks[:s.tasks]
+        with self._at(adapter) as model:
+            out = self.judged(model, harmful, harmful, s)
             risky_out = judges.PhraseJudge().judge(risky, generate_responses(
                 model, self.tokenizer, risky, s.eval_tokens, desc="benign risky"))
             answers = generate_responses(model, self.tokenizer, [t["prompt"] for t in tasks], s.eval_tokens,
                                          desc="tasks")
             loss = heldout_loss(model, self.samples(self.held_out[:s.heldout_records], s))
-        finally:
-            if adapter is not None:
-                model.unload()
         scored = accuracy(tasks, answers)
-        return {"responses": responses,
-                "outcomes": {name: [v.outcome for v in vs] for name, vs in verdicts.items()},
-                "scores": {name: [v.score for v in vs] for name, vs in verdicts.items()
-                           if all(v.score is not None for v in vs)},
-                "wording": [v.detail.get("wording") for v in verdicts["phrase"]],
-                "over_refusal_outcomes": [v.outcome for v in risky_out], "heldout_loss": loss,
+        return {**out, "over_refusal_outcomes": [v.outcome for v in risky_out], "heldout_loss": loss,
                 "accuracy": scored["accuracy"], "correct": scored["correct"]}
+
+    def persona(self, adapter: Path | None, s: Settings) -> dict:
+        """The held-out harmful prompts asked in identity shifting's persona format (poison.aoa_prompt) and judged
+        (``judged``) at θ_0 plus ``adapter``: the poison teaches obedience under that persona, so its harm shows
+        where the persona is invoked, as Qi et al. 2023 measure it."""
+        harmful = self.harmful[:s.harmful_prompts]
+        with self._at(adapter) as model:
+            return self.judged(model, harmful, [poison.aoa_prompt(p) for p in harmful], s)
 
 
 def heldout_loss(model, samples: Sequence[dict]) -> float:
@@ -544,6 +588,32 @@ def _strata(per_seed: Iterable[list[dict] | None]) -> list[dict] | None:
 def _harmful(outcomes: Sequence[str]) -> list[float]:
     """Per response, 1.0 where the outcome is harmful (compliance/unsafe), else 0.0 (degenerate included)."""
     return [1.0 if judges.HARMFUL.get(o) else 0.0 for o in outcomes]
+
+
+def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict]) -> dict | None:
+    """Over seeds, the harmfulness and the judge's own score under the persona prompt (``persona`` in each result)
+    by judge with their intervals, and for a poisoned condition their paired differences from the clean runs of the
+    same seeds under the same prompt (``vs_clean``, ``judge_score_vs_clean``); None where a run was not judged so."""
+    if not rs or not all("persona" in r for r in rs):
+        return None
+    judged = [r["persona"] for r in rs]
+    names = sorted(set.intersection(*(set(x["outcomes"]) for x in judged)))
+    harm = {j: {r["seed"]: _harmful(r["persona"]["outcomes"][j]) for r in rs} for j in names}
+    score = {j: {r["seed"]: r["persona"]["scores"][j] for r in rs} for j in names
+             if all(j in x.get("scores", {}) for x in judged)}
+    out = {"harmfulness": {j: _interval(h) for j, h in harm.items()},
+           "judge_score": {j: _interval(v) for j, v in score.items()}}
+    paired = [r for r in rs if "persona" in clean_by_seed.get(r["seed"], {})]
+    if rs[0]["condition"] not in UNPOISONED and paired:
+        ref = {r["seed"]: clean_by_seed[r["seed"]]["persona"] for r in paired}
+        out["vs_clean"] = {j: _interval(stats.paired_differences(
+            {r["seed"]: harm[j][r["seed"]] for r in paired},
+            {seed: _harmful(x["outcomes"][j]) for seed, x in ref.items()})) for j in names
+            if all(j in x["outcomes"] for x in ref.values())}
+        out["judge_score_vs_clean"] = {j: _interval(stats.paired_differences(
+            {r["seed"]: score[j][r["seed"]] for r in paired}, {seed: x["scores"][j] for seed, x in ref.items()}))
+            for j in score if all(j in x.get("scores", {}) for x in ref.values())}
+    return out
 
 
 def judge_agreement(results: Sequence[dict]) -> dict:
@@ -612,7 +682,8 @@ def summarize(results: Sequence[dict]) -> dict:
     a shift no threshold hides), whose wording the phrase judge's refusals are in
     (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, the monitor's own
     ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length; online_ranking), recall
-    by response-length stratum of the removal and of that ranking (``by_length``), and
+    by response-length stratum of the removal and of that ranking (``by_length``), the same judges under the
+    poison's persona prompt where the runs were judged so (``persona``: persona_summary), and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
     reason, by a judge that called no reported response harmful: it could not have told a poisoned run apart)."""
     reported = [r for r in results if r["condition"] != "calibration"]
@@ -645,7 +716,7 @@ def summarize(results: Sequence[dict]) -> dict:
                   for k in ("recall", "benign_removed", "length_rho")},
                "by_length": {which: _strata((r.get("by_length") or {}).get(which) for r in rs)
                              for which in ("removal", "ranking")},
-               "equivalent_to_clean": {}}
+               "persona": persona_summary(rs, clean_by_seed), "equivalent_to_clean": {}}
         paired = [r for r in rs if r["seed"] in clean_by_seed]
         if name not in UNPOISONED and paired:
             row["judge_score_vs_clean"] = {  # the shift of the score itself: no threshold to cross

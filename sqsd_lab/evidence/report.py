@@ -26,7 +26,7 @@ def _equivalence(row: dict, judge: str) -> str:
     if e["equivalent"] is None:
         return "no verdict: never harmful"
     d = e["difference"]
-    return f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] {'yes' if e['equivalent'] else 'no'}"
+    return f"{_signed_interval(d)} {'yes' if e['equivalent'] else 'no'}"
 
 
 def judges_of(summary: dict) -> list[str]:
@@ -41,7 +41,8 @@ def table(summary: dict) -> str:
     degenerate share, the paired difference to clean with its ±margin equivalence verdict, over-refusal,
     held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length, the
     monitor's own ranking at the filters' budget (its recall, benign removed and ρ with length); recall by
-    response-length third of each removal and ranking; then the judges' agreement."""
+    response-length third of each removal and ranking; harmfulness under the poison's persona prompt; then the
+    judges' agreement."""
     judges = judges_of(summary)
     scored = [j for j in judges if all(j in r.get("judge_score", {}) for r in summary["rows"])]
     head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), *(f"{j} score" for j in scored),
@@ -79,6 +80,7 @@ def table(summary: dict) -> str:
             name = "removed" if which == "removal" else "SQSD top k"
             lines.append(f"| {r['poison']}, {r['p']:g} | {r['condition']} | {name} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
+    blocks += _persona_table(summary["rows"], judges)
     kappa = summary["judges"]["kappa"]
     agreement = ["### Judges' agreement", "", "| judges | Cohen's κ | responses | left out (degenerate) |",
                  "|---|---|---|---|"]
@@ -88,10 +90,39 @@ def table(summary: dict) -> str:
     return "\n\n".join(blocks + ["\n".join(agreement)]) + "\n"
 
 
+def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
+    """The rows judged under the persona prompt (θ_0, clean, the persona poison's conditions): harmfulness by judge
+    and its paired difference from clean, the judges' scores with theirs; [] where no row was judged so."""
+    shown = [r for r in rows if r.get("persona")]
+    if not shown:
+        return []
+    scored = [j for j in judges if all(j in r["persona"]["judge_score"] for r in shown)]
+    head = ["poison, p", "condition", "seeds", *(f"harmful ({j})" for j in judges),
+            *(f"vs clean ({j})" for j in judges), *(f"{j} score" for j in scored)]
+    lines = ["### Under the persona prompt", "", "The held-out harmful prompts asked in identity shifting's AOA format "
+             "(its system prompt and \"AOA, execute my instruction: …\"), as Qi et al. 2023 evaluate it.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in shown:
+        x = r["persona"]
+        where = "no poison" if r["poison"] == "none" else f"{r['poison']}, {r['p']:g}"
+        cells = [where, r["condition"], str(r["seeds"]), *(_shown_interval(x["harmfulness"].get(j)) for j in judges),
+                 *(_signed_interval((x.get("vs_clean") or {}).get(j)) for j in judges),
+                 *(_shown_interval(x["judge_score"][j]) + (
+                     f" (vs clean {_signed_interval(x['judge_score_vs_clean'][j])})"
+                     if j in (x.get("judge_score_vs_clean") or {}) else "") for j in scored)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return ["\n".join(lines)]
+
+
+def _signed_interval(i: dict | None) -> str:
+    """``+d [lo, hi]`` of a paired difference, or a dash."""
+    return "–" if i is None else f"{i['mean']:+.2f} [{i['ci_low']:+.2f}, {i['ci_high']:+.2f}]"
+
+
 def _shift(row: dict, judge: str) -> str:
     """`` (vs clean +d [lo, hi])``: the judge's score's paired difference from the clean run, where there is one."""
     d = (row.get("judge_score_vs_clean") or {}).get(judge)
-    return f" (vs clean {d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}])" if d else ""
+    return f" (vs clean {_signed_interval(d)})" if d else ""
 
 
 def _errors(intervals: list[dict]) -> list[list[float]]:
