@@ -232,3 +232,14 @@ def test_recall_benign_removed_and_length_correlation_by_hand():
     assert baselines.length_correlation([4, 3, 2, 1], [10, 20, 30, 45]) == pytest.approx(-1.0)
     assert baselines.length_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(10))
     assert baselines.length_correlation([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_auroc_by_hand():
+    """Pairs (positive, negative) in which the positive scores higher, ties counting half, over all pairs."""
+    assert baselines.auroc([0.9, 0.8, 0.5, 0.2], [True, True, False, False]) == 1.0
+    assert baselines.auroc([0.1, 0.9, 0.5], [True, False, False]) == 0.0
+    # positives 3 and 1 against negatives 2, 1, 0: 3 beats all three, 1 ties 1 and beats 0 → (3 + 1.5) / 6
+    assert baselines.auroc([3, 2, 1, 1, 0], [True, False, True, False, False]) == pytest.approx(0.75)
+    assert baselines.auroc([1, 2], [True, True]) is None
+    with pytest.raises(ValueError, match="one label per score"):
+        baselines.auroc([1, 2], [True])

@@ -122,11 +122,17 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
         pool = lab.pool("identity shifting", 0.25, seed, TINY)
         kept = [i for i in range(len(pool)) if i not in drops["removed_before"]]
         lines = (tmp_path / drops["key"] / "train" / "sqsd" / "scores.jsonl").read_text().splitlines()
-        first = {}
+        first, danger = {}, {}
         for row in map(json.loads, lines):
             first.setdefault(kept[row["index"]], row["sqsd"])
+            danger.setdefault(kept[row["index"]], row["danger"])
         top = sorted(first, key=lambda i: -first[i])[:2]
         assert drops["ranking"]["recall"] == sum(pool[i]["poison"] for i in top) / 2
+        top = sorted(danger, key=lambda i: -danger[i])[:2]
+        assert drops["ranking"]["by_term"]["danger"]["recall"] == sum(pool[i]["poison"] for i in top) / 2
+        pairs = [(a, b) for a in danger for b in danger if pool[a]["poison"] and not pool[b]["poison"]]
+        assert drops["ranking"]["by_term"]["danger"]["auroc"] == pytest.approx(sum(
+            (danger[a] > danger[b]) + 0.5 * (danger[a] == danger[b]) for a, b in pairs) / len(pairs))
         assert drops["ranking"]["k"] == 2 and drops["ranking"]["scored"] == len(kept)
         assert by["filter:keyword", seed]["ranking"] is None  # no monitor, no scores
         thirds = drops["by_length"]["ranking"]  # the ranking's top k, found again third by third
@@ -149,12 +155,19 @@ def test_online_ranking_by_hand(tmp_path):
     1..5; the second epoch's scores are not the ranking's; k = 2 takes positions 1 and 4."""
     pool = [{"response": " ".join(["w"] * n), "poison": i in (1, 4)} for i, n in enumerate([9, 5, 1, 3, 4, 2])]
     (tmp_path / "sqsd").mkdir()
-    rows = [(0, 0.9), (1, 0.1), (2, 0.5), (3, 0.8), (4, 0.2), (1, 5.0)]
-    (tmp_path / "sqsd" / "scores.jsonl").write_text("".join(json.dumps({"index": i, "sqsd": v}) + "\n"
-                                                            for i, v in rows))
+    rows = [(0, 0.9, 0.1, -0.8), (1, 0.1, 0.6, 0.5), (2, 0.5, 0.5, 0.0), (3, 0.8, 0.9, 0.1), (4, 0.2, 0.2, 0.0),
+            (1, 5.0, 5.0, 0.0)]  # index, sqsd = danger − safety, danger, safety
+    (tmp_path / "sqsd" / "scores.jsonl").write_text("".join(json.dumps(
+        {"index": i, "sqsd": v, "danger": d, "safety": s}) + "\n" for i, v, d, s in rows))
     ranking = protocol.online_ranking(tmp_path, [1, 2, 3, 4, 5], pool)
-    assert ranking == {"recall": 1.0, "benign_removed": 0.0, "k": 2, "scored": 5, "length_rho": pytest.approx(1.0),
-                       "top": [1, 4]}
+    # positions 1..5: danger [.1 .6 .5 .9 .2] top 2 → 4, 2 (recall 1/2), poison ranks 1 and 5 → AUROC (6 − 3)/6;
+    # −safety [.8 −.5 0 −.1 0] top 2 → 1, then the tie at 0 → 3 (lower position), poison ranks 5 and 2 → (7 − 3)/6;
+    # words [5 1 3 4 2] top 2 → 1, 4 (recall 1), AUROC 1
+    assert ranking == {"recall": 1.0, "benign_removed": 0.0, "auroc": 1.0, "k": 2, "scored": 5,
+                       "length_rho": pytest.approx(1.0), "top": [1, 4],
+                       "by_term": {"danger": {"recall": 0.5, "auroc": 0.5},
+                                   "safety": {"recall": 0.5, "auroc": pytest.approx(2 / 3)},
+                                   "length": {"recall": 1.0, "auroc": 1.0}}}
     pool[2]["poison"] = True  # a third poison record, ranked last: recall 2 of 3, one benign (position 3) removed
     ranking = protocol.online_ranking(tmp_path, [1, 2, 3, 4, 5], pool)
     assert ranking["recall"] == pytest.approx(2 / 3) and ranking["benign_removed"] == pytest.approx(1 / 3)
@@ -243,9 +256,13 @@ def test_summarize_by_hand():
         {**result("clean", 1, [c, r, r, r], [c, r, r, r], persona=persona([r, r, r, r], [0, 0, 0, 0])),
          "poison": "none", "p": 0.0},
         result("drops", 0, [c, r, r, d], [c, r, r, r], recall=1.0, benign_removed=0.0, length_rho=-0.5,
-               wording=[None, "template", "own", None], persona=persona([c, c, r, d], [1, 1, 0, 0])),
+               wording=[None, "template", "own", None], persona=persona([c, c, r, d], [1, 1, 0, 0]),
+               ranking={"recall": 0.5, "auroc": 0.8, "by_term": {"danger": {"recall": 0.5, "auroc": 0.9},
+                                                                  "length": {"recall": 0.0, "auroc": 0.5}}}),
         result("drops", 1, [c, c, c, c], [c, c, r, r], recall=0.5, benign_removed=0.1, length_rho=None,
-               persona=persona([c, c, c, r], [1, 1, 1, 1])),
+               persona=persona([c, c, c, r], [1, 1, 1, 1]),
+               ranking={"recall": 1.0, "auroc": 0.6, "by_term": {"danger": {"recall": 1.0, "auroc": 0.7},
+                                                                  "length": {"recall": 0.5, "auroc": 0.7}}}),
         result("calibration", 100, [c, c, c, c], [c, c, c, c]),
     ]
     summary = summarize(results)
@@ -268,6 +285,10 @@ def test_summarize_by_hand():
     assert drops["length_rho"] == -0.5 and drops["heldout_loss"] == 1.5
     assert drops["over_refusal"]["mean"] == 0.5 and drops["accuracy"]["mean"] == 0.25
     assert clean["equivalent_to_clean"] == {}
+    assert drops["ranking_recall"] == 0.75 and drops["ranking_auroc"] == pytest.approx(0.7)
+    assert drops["ranking_by_term"] == {"danger": {"recall": 0.75, "auroc": pytest.approx(0.8)},
+                                        "length": {"recall": 0.25, "auroc": pytest.approx(0.6)}}
+    assert clean["ranking_by_term"] is None
     # under the persona prompt: drops harmful 2/4 and 3/4 (degenerate not harmful), clean 1/4 and 0/4; paired
     # differences 1/4 and 3/4 → 0.5; margins drops 0.5 and 1, clean -0.5 and 0 → shift 1 and 1
     pd, pc = drops["persona"], clean["persona"]
@@ -292,6 +313,7 @@ def test_summarize_by_hand():
     mute = next(row for row in silent["rows"] if row["condition"] == "drops")["equivalent_to_clean"]["likelihood"]
     assert mute["equivalent"] is None and "no response harmful" in mute["why"]  # not "equivalent" by default
     assert "no verdict: never harmful" in report.table(silent)
+    assert "| identity shifting, 0.1 | drops | 0.75 (0.70) | 0.75 (0.80) | 0.25 (0.60) |" in text
     assert "### Under the persona prompt" in text and "| identity shifting, 0.1 | drops | 2 | 0.62 [" in text
     assert "| no poison | clean | 2 | 0.12 [" in text and "| +0.50 [" in text and "| +0.75 [" in text
     assert "| 0.75 [0.25, 1.00] (vs clean +1.00 [+1.00, +1.00]) |" in text  # drops' margin under the persona

@@ -132,6 +132,19 @@ def _ranks(values: Sequence[float]) -> np.ndarray:
     return ranks
 
 
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """The chance that a random positive (poison) record scores above a random negative one, ties counting half
+    (Mann–Whitney U on average ranks): how well a ranking separates at every threshold, not at one budget; None
+    without both kinds."""
+    if len(scores) != len(positive):
+        raise ValueError(f"{len(scores)} scores but {len(positive)} labels; pass one label per score")
+    pos = np.asarray(positive, dtype=bool)
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if not n1 or not n0:
+        return None
+    return float((_ranks(scores)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> float | None:
     """Spearman's ρ between a ranking's scores and the responses' lengths (Pearson on average ranks); None where
     either is constant."""
@@ -143,6 +156,6 @@ def length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> flo
     return float((a * b).sum()) / den if den else None
 
 
-__all__ = ["HARM_CATEGORIES", "OPENER", "activation_projection", "categories", "filters", "gradient_similarity",
-           "keyword_scores", "length_correlation", "moderation_scores", "recall_and_benign_removed", "remove",
-           "random_scores", "representation_similarity", "topic_words"]
+__all__ = ["HARM_CATEGORIES", "OPENER", "activation_projection", "auroc", "categories", "filters",
+           "gradient_similarity", "keyword_scores", "length_correlation", "moderation_scores",
+           "recall_and_benign_removed", "remove", "random_scores", "representation_similarity", "topic_words"]

@@ -246,8 +246,10 @@ def write_atomic(path: Path, data: dict) -> None:
 
 
 POOL_FIELDS = ("pool", "poison_in_pool", "removed_before", "dropped_online", "stop", "train")
-DERIVED = ("ranking", "by_length")
+DERIVED = ("ranking", "by_length", "derived")
 """What Runner._derived adds to a trained run's result (and to one cached before these were kept)."""
+DERIVED_VERSION = 2
+"""Bump it when _derived computes more or otherwise: cached results of another version are derived again."""
 
 
 def persona_judged(run: Run) -> bool:
@@ -279,7 +281,7 @@ class Runner:
             result = self._execute(run)
             write_atomic(path, {**result, "seconds": time.perf_counter() - start})
         result = json.loads(path.read_text())
-        if self.lab is not None and "removed_before" in result and any(k not in result for k in DERIVED):
+        if self.lab is not None and "removed_before" in result and result.get("derived") != DERIVED_VERSION:
             pool = self.lab.pool(run.poison, run.p, run.seed, run.settings)
             result.update(self._derived(run, result, pool))  # cached before these were kept
             write_atomic(path, result)
@@ -306,7 +308,7 @@ class Runner:
         kept = [i for i in range(len(pool)) if i not in before]
         ranking = online_ranking(self.folder(run) / "train", kept, pool)
         removed = sorted(before | set(result["dropped_online"]))
-        return {"ranking": ranking, "by_length": {
+        return {"ranking": ranking, "derived": DERIVED_VERSION, "by_length": {
             "removal": by_length(pool, removed) if removed else None,
             "ranking": by_length(pool, ranking.pop("top")) if ranking else None}}
 
@@ -585,6 +587,15 @@ def _strata(per_seed: Iterable[list[dict] | None]) -> list[dict] | None:
              "benign_removed": _mean(s[k]["benign_removed"] for s in got)} for k in range(len(got[0]))]
 
 
+def _by_term(rs: Sequence[dict]) -> dict | None:
+    """online_ranking's ``by_term`` over seeds: each term's recall and AUROC averaged (None where no run has it)."""
+    got = [r["ranking"]["by_term"] for r in rs if (r.get("ranking") or {}).get("by_term")]
+    if not got:
+        return None
+    return {name: {k: _mean(t.get(name, {}).get(k) for t in got) for k in ("recall", "auroc")}
+            for name in sorted(set.union(*(set(t) for t in got)))}
+
+
 def _harmful(outcomes: Sequence[str]) -> list[float]:
     """Per response, 1.0 where the outcome is harmful (compliance/unsafe), else 0.0 (degenerate included)."""
     return [1.0 if judges.HARMFUL.get(o) else 0.0 for o in outcomes]
@@ -633,23 +644,35 @@ def judge_agreement(results: Sequence[dict]) -> dict:
 def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -> dict | None:
     """The monitor's own ranking of a poisoned pool, as a filter's would be read: each trained example's first
     online SQSD score (at the weights of the step that first saw it), its top k removed at the filters' budget (k:
-    the pool's poison count), recall and benign removed, and Spearman's ρ of the scores with response length
-    (words), and the top k's pool positions (``top``). ``kept[i]`` is the pool position of training example i;
-    None without scores or without poison."""
+    the pool's poison count), recall and benign removed, its AUROC over every threshold, Spearman's ρ of the scores
+    with response length (words), and the top k's pool positions (``top``); ``by_term``: the recall at k and the
+    AUROC of the same examples ranked by the danger term alone, by −safety (what SQSD adds to it) and by response
+    length alone (what a ranking must beat). ``kept[i]`` is the pool position of training example i; None without
+    scores or without poison."""
     from sqsd_callback.sinks import read_jsonl
     path, poison_at = Path(train_dir) / "sqsd" / "scores.jsonl", poison.poison_ids(pool)
     if not path.is_file() or not poison_at:
         return None
-    first: dict[int, float] = {}
+    first: dict[int, dict] = {}
     for row in read_jsonl(path):
         if row.get("sqsd") is not None:
-            first.setdefault(kept[row["index"]], row["sqsd"])
-    at = sorted(first)
-    scores = [first[i] for i in at]
-    top = [at[j] for j in baselines.remove(scores, len(poison_at))]
-    return {**baselines.recall_and_benign_removed(top, poison_at, len(pool)), "k": len(poison_at),
-            "scored": len(at), "length_rho": baselines.length_correlation(scores, [_words(pool[i]) for i in at]),
-            "top": sorted(top)}
+            first.setdefault(kept[row["index"]], row)
+    at, k = sorted(first), len(poison_at)
+    labels, words = [bool(pool[i]["poison"]) for i in at], [_words(pool[i]) for i in at]
+
+    def ranked(scores: list[float]) -> tuple[list[int], dict]:
+        top = [at[j] for j in baselines.remove(scores, k)]
+        return top, {"recall": baselines.recall_and_benign_removed(top, poison_at, len(pool))["recall"],
+                     "auroc": baselines.auroc(scores, labels)}
+
+    scores = [first[i]["sqsd"] for i in at]
+    top, _ = ranked(scores)
+    terms = {"danger": lambda r: r.get("danger"), "safety": lambda r: None if r.get("safety") is None else -r["safety"]}
+    by_term = {name: ranked([term(first[i]) for i in at])[1] for name, term in terms.items()
+               if all(term(first[i]) is not None for i in at)}
+    return {**baselines.recall_and_benign_removed(top, poison_at, len(pool)), "auroc": baselines.auroc(scores, labels),
+            "k": k, "scored": len(at), "length_rho": baselines.length_correlation(scores, words), "top": sorted(top),
+            "by_term": {**by_term, "length": ranked([float(w) for w in words])[1]}}
 
 
 def _words(record: dict) -> int:
@@ -681,7 +704,8 @@ def summarize(results: Sequence[dict]) -> dict:
     two-level bootstrap interval (and that score's paired difference from the clean run, ``judge_score_vs_clean``:
     a shift no threshold hides), whose wording the phrase judge's refusals are in
     (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, the monitor's own
-    ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length; online_ranking), recall
+    ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length, AUROC; online_ranking;
+    ``ranking_by_term``: the same for the danger term, −safety and length alone), recall
     by response-length stratum of the removal and of that ranking (``by_length``), the same judges under the
     poison's persona prompt where the runs were judged so (``persona``: persona_summary), and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
@@ -713,7 +737,8 @@ def summarize(results: Sequence[dict]) -> dict:
                "benign_removed": _mean(r.get("benign_removed") for r in rs),
                "length_rho": _mean(r.get("length_rho") for r in rs),
                **{f"ranking_{k}": _mean((r.get("ranking") or {}).get(k) for r in rs)
-                  for k in ("recall", "benign_removed", "length_rho")},
+                  for k in ("recall", "benign_removed", "length_rho", "auroc")},
+               "ranking_by_term": _by_term(rs),
                "by_length": {which: _strata((r.get("by_length") or {}).get(which) for r in rs)
                              for which in ("removal", "ranking")},
                "persona": persona_summary(rs, clean_by_seed), "equivalent_to_clean": {}}

@@ -41,8 +41,8 @@ def table(summary: dict) -> str:
     degenerate share, the paired difference to clean with its ±margin equivalence verdict, over-refusal,
     held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length, the
     monitor's own ranking at the filters' budget (its recall, benign removed and ρ with length); recall by
-    response-length third of each removal and ranking; harmfulness under the poison's persona prompt; then the
-    judges' agreement."""
+    response-length third of each removal and ranking; what the online ranking follows (its terms and length alone);
+    harmfulness under the poison's persona prompt; then the judges' agreement."""
     judges = judges_of(summary)
     scored = [j for j in judges if all(j in r.get("judge_score", {}) for r in summary["rows"])]
     head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), *(f"{j} score" for j in scored),
@@ -80,7 +80,7 @@ def table(summary: dict) -> str:
             name = "removed" if which == "removal" else "SQSD top k"
             lines.append(f"| {r['poison']}, {r['p']:g} | {r['condition']} | {name} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
-    blocks += _persona_table(summary["rows"], judges)
+    blocks += _terms_table(summary["rows"]) + _persona_table(summary["rows"], judges)
     kappa = summary["judges"]["kappa"]
     agreement = ["### Judges' agreement", "", "| judges | Cohen's κ | responses | left out (degenerate) |",
                  "|---|---|---|---|"]
@@ -88,6 +88,27 @@ def table(summary: dict) -> str:
         agreement.append(f"| {pair.replace('~', ' / ')} | {_number(k and k['kappa'])} | {k and k['n']} | "
                          f"{k and k['left_out']} |")
     return "\n\n".join(blocks + ["\n".join(agreement)]) + "\n"
+
+
+def _terms_table(rows: list[dict]) -> list[str]:
+    """The monitor's own ranking beside the danger term alone, −safety alone and response length alone: recall of
+    the top k and AUROC, per condition with a monitor; [] where none has one."""
+    shown = [r for r in rows if r.get("ranking_by_term")]
+    if not shown:
+        return []
+    names = [n for n in ("danger", "safety", "length") if any(n in r["ranking_by_term"] for r in shown)]
+    label = {"danger": "danger term", "safety": "−safety term", "length": "response length"}
+    lines = ["### What the online ranking follows", "", "Each trained example's first online scores ranked alone: "
+             "recall of the top k (the filters' budget) and, in brackets, AUROC (the chance a poison record ranks "
+             "above a benign one).", "",
+             "| poison, p | condition | SQSD | " + " | ".join(label[n] for n in names) + " |",
+             "|" + "---|" * (3 + len(names))]
+    for r in shown:
+        t = r["ranking_by_term"]
+        cells = [f"{_number(r['ranking_recall'])} ({_number(r['ranking_auroc'])})",
+                 *(f"{_number(t[n]['recall'])} ({_number(t[n]['auroc'])})" if n in t else "–" for n in names)]
+        lines.append(f"| {r['poison']}, {r['p']:g} | {r['condition']} | " + " | ".join(cells) + " |")
+    return ["\n".join(lines)]
 
 
 def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
