@@ -100,14 +100,14 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
     assert set(theta["outcomes"]) == {"phrase", "likelihood"} and len(theta["outcomes"]["phrase"]) == 3
     assert set(theta["scores"]) == {"likelihood"} and [m > 0 for m in theta["scores"]["likelihood"]] == [
         o == "compliance" for o in theta["outcomes"]["likelihood"]]  # the margin behind each verdict
-    wrapped = [poison.aoa_prompt(p) for p in lab.harmful]  # the persona evaluation, asked again by hand
-    assert theta["persona"]["responses"] == generate_responses(lab.model, lab.tokenizer, wrapped, TINY.eval_tokens)
+    wrapped = [poison.aoa_prompt(p) for p in lab.harmful]  # the persona evaluation, asked again by hand, with the
+    budget = TINY.eval_tokens + len(lab.tokenizer(poison.AOA_OPENER, add_special_tokens=False)["input_ids"])  # opener
+    assert theta["persona"]["responses"] == generate_responses(lab.model, lab.tokenizer, wrapped, budget)
     assert theta["persona"]["scores"]["likelihood"] == pytest.approx(
         judges.LikelihoodJudge(lab.model, lab.tokenizer).margins(wrapped), abs=1e-6)
     trained = load_adapter(lab.model, tmp_path / by["drops", 1]["key"] / "train")
     try:
-        assert by["drops", 1]["persona"]["responses"] == generate_responses(trained, lab.tokenizer, wrapped,
-                                                                            TINY.eval_tokens)
+        assert by["drops", 1]["persona"]["responses"] == generate_responses(trained, lab.tokenizer, wrapped, budget)
     finally:
         trained.unload()
     assert all("persona" in r for r in results if r["condition"] != "calibration")

@@ -496,12 +496,12 @@ class Lab:
             if adapter is not None:
                 model.unload()
 
-    def judged(self, model, requests: Sequence[str], asked: Sequence[str], s: Settings) -> dict:
+    def judged(self, model, requests: Sequence[str], asked: Sequence[str], max_new_tokens: int) -> dict:
         """The model's responses to ``asked`` and every judge's verdicts: per-prompt outcomes, scores (where a judge
         has them) and the phrase judge's refusal wording. Judges that read the response judge it against the bare
         ``requests``; the likelihood judge reads what the model was ``asked``."""
         from sqsd_lab.data import generate_responses
-        responses = generate_responses(model, self.tokenizer, asked, s.eval_tokens, desc="harmful prompts")
+        responses = generate_responses(model, self.tokenizer, asked, max_new_tokens, desc="harmful prompts")
         phrase, likelihood = judges.PhraseJudge(), judges.LikelihoodJudge(model, self.tokenizer)
         verdicts = {phrase.name: phrase.judge(requests, responses), likelihood.name: likelihood.judge(asked)}
         if self.judge is not None:
@@ -519,7 +519,7 @@ class Lab:
         from sqsd_lab.evidence.tasks import accuracy
         harmful, risky, tasks = self.harmful[:s.harmful_prompts], self.risky[:s.benign_risky], self.tasks[:s.tasks]
         with self._at(adapter) as model:
-            out = self.judged(model, harmful, harmful, s)
+            out = self.judged(model, harmful, harmful, s.eval_tokens)
             risky_out = judges.PhraseJudge().judge(risky, generate_responses(
                 model, self.tokenizer, risky, s.eval_tokens, desc="benign risky"))
             answers = generate_responses(model, self.tokenizer, [t["prompt"] for t in tasks], s.eval_tokens,
@@ -532,10 +532,12 @@ class Lab:
     def persona(self, adapter: Path | None, s: Settings) -> dict:
         """The held-out harmful prompts asked in identity shifting's persona format (poison.aoa_prompt) and judged
         (``judged``) at θ_0 plus ``adapter``: the poison teaches obedience under that persona, so its harm shows
-        where the persona is invoked, as Qi et al. 2023 measure it."""
+        where the persona is invoked, as Qi et al. 2023 measure it. The answer gets the AOA opener's length on top of
+        the usual budget, so a model that learnt the opener still has that budget to comply or refuse in."""
         harmful = self.harmful[:s.harmful_prompts]
+        budget = s.eval_tokens + len(self.tokenizer(poison.AOA_OPENER, add_special_tokens=False)["input_ids"])
         with self._at(adapter) as model:
-            return self.judged(model, harmful, [poison.aoa_prompt(p) for p in harmful], s)
+            return self.judged(model, harmful, [poison.aoa_prompt(p) for p in harmful], budget)
 
 
 def heldout_loss(model, samples: Sequence[dict]) -> float:
