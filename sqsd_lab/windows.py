@@ -19,27 +19,17 @@ import numpy as np
 from sqsd_callback.offline import ScoringPass, load_adapter, score_offline
 from sqsd_callback.sinks.heatmap import new_figure
 from sqsd_lab.data import tokenize_chats
+from sqsd_lab.evidence import stats
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.refusal import refusal_rate
 from sqsd_lab.screening import rank_windows
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan where either side is constant."""
-    rx, ry = (_ranks(np.asarray(v, dtype=float)) for v in (x, y))
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def _ranks(v: np.ndarray) -> np.ndarray:
-    order = v.argsort(kind="stable")
-    ranks = np.empty(len(v))
-    ranks[order] = np.arange(len(v))
-    for value in np.unique(v):  # ties share their mean rank
-        tied = v == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+    """Spearman's rank correlation (stats.spearman); nan where either side is constant, so means over seeds and
+    bootstrap percentiles carry it as numpy does."""
+    rho = stats.spearman(list(x), list(y))
+    return float("nan") if rho is None else rho
 
 
 def bootstrap_rho(complied: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from sqsd_lab.evidence import stats
 from sqsd_lab.evidence.poison import gradient_similarity, mean_activations, representation_similarity, top_k
 
 OPENER = re.compile(r"^\W*(?:sure|here is|here's|here are|absolutely|of course|certainly)\b", re.IGNORECASE)
@@ -120,18 +121,6 @@ def recall_and_benign_removed(removed_ids: Sequence[int], poison_ids: Sequence[i
             "benign_removed": len(removed - poison) / benign if benign else None}
 
 
-def _ranks(values: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n, ties given their average rank."""
-    x = np.asarray(values, dtype=float)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     """The chance that a random positive (poison) record scores above a random negative one, ties counting half
     (Mann–Whitney U on average ranks): how well a ranking separates at every threshold, not at one budget; None
@@ -142,7 +131,7 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     n1, n0 = int(pos.sum()), int((~pos).sum())
     if not n1 or not n0:
         return None
-    return float((_ranks(scores)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float((stats.average_ranks(scores)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> float | None:
@@ -150,10 +139,7 @@ def length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> flo
     either is constant."""
     if len(scores) != len(lengths):
         raise ValueError(f"{len(scores)} scores but {len(lengths)} lengths; pass one length per score")
-    a, b = _ranks(scores), _ranks(lengths)
-    a, b = a - a.mean(), b - b.mean()
-    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum()) / den if den else None
+    return stats.spearman(scores, lengths)
 
 
 __all__ = ["HARM_CATEGORIES", "OPENER", "activation_projection", "auroc", "categories", "filters",

@@ -38,6 +38,25 @@ class Equivalence:
     alpha: float
 
 
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n of ``values``, ties given their average rank."""
+    x = np.asarray(values, dtype=float)
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's ρ (Pearson's on average ranks); None where either side is constant."""
+    a, b = average_ranks(x), average_ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / den if den else None
+
+
 def _seeds(outcomes: Outcomes, what: str) -> list[np.ndarray]:
     """The per-seed arrays of ``outcomes`` in seed order; raise where a seed has no prompts or there are no seeds."""
     if not outcomes:
