@@ -246,6 +246,7 @@ def write_atomic(path: Path, data: dict) -> None:
 
 
 POOL_FIELDS = ("pool", "poison_in_pool", "removed_before", "dropped_online", "stop", "train")
+"""What a post-hoc condition carries over from the run it starts from."""
 DERIVED = ("ranking", "by_length", "derived")
 """What Runner._derived adds to a trained run's result (and to one cached before these were kept)."""
 DERIVED_VERSION = 2
