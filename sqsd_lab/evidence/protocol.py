@@ -624,10 +624,16 @@ def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict]) -> dict 
             {r["seed"]: harm[j][r["seed"]] for r in paired},
             {seed: _harmful(x["outcomes"][j]) for seed, x in ref.items()})) for j in names
             if all(j in x["outcomes"] for x in ref.values())}
-        out["judge_score_vs_clean"] = {j: _interval(stats.paired_differences(
-            {r["seed"]: score[j][r["seed"]] for r in paired}, {seed: x["scores"][j] for seed, x in ref.items()}))
-            for j in score if all(j in x.get("scores", {}) for x in ref.values())}
+        out["judge_score_vs_clean"] = _score_shift({r["seed"]: r["persona"] for r in paired}, ref, score)
     return out
+
+
+def _score_shift(evaluations: dict[int, dict], clean: dict[int, dict], judges: Iterable[str]) -> dict:
+    """Per judge whose score every evaluation (by seed) and the clean one of its seed have: the paired per-prompt
+    difference of the scores with its interval."""
+    return {j: _interval(stats.paired_differences({s: e["scores"][j] for s, e in evaluations.items()},
+                                                  {s: clean[s]["scores"][j] for s in evaluations}))
+            for j in judges if all(j in clean[s].get("scores", {}) for s in evaluations)}
 
 
 def judge_agreement(results: Sequence[dict]) -> dict:
@@ -664,18 +670,22 @@ def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -
     labels, words = [bool(pool[i]["poison"]) for i in at], [_words(pool[i]) for i in at]
 
     def ranked(scores: list[float]) -> tuple[list[int], dict]:
+        """The top k's pool positions, and recall, benign removed and AUROC of ranking by ``scores``."""
         top = [at[j] for j in baselines.remove(scores, k)]
-        return top, {"recall": baselines.recall_and_benign_removed(top, poison_at, len(pool))["recall"],
+        return top, {**baselines.recall_and_benign_removed(top, poison_at, len(pool)),
                      "auroc": baselines.auroc(scores, labels)}
 
+    def alone(scores: list[float]) -> dict:
+        found = ranked(scores)[1]
+        return {"recall": found["recall"], "auroc": found["auroc"]}
+
     scores = [first[i]["sqsd"] for i in at]
-    top, _ = ranked(scores)
+    top, found = ranked(scores)
     terms = {"danger": lambda r: r.get("danger"), "safety": lambda r: None if r.get("safety") is None else -r["safety"]}
-    by_term = {name: ranked([term(first[i]) for i in at])[1] for name, term in terms.items()
+    by_term = {name: alone([term(first[i]) for i in at]) for name, term in terms.items()
                if all(term(first[i]) is not None for i in at)}
-    return {**baselines.recall_and_benign_removed(top, poison_at, len(pool)), "auroc": baselines.auroc(scores, labels),
-            "k": k, "scored": len(at), "length_rho": baselines.length_correlation(scores, words), "top": sorted(top),
-            "by_term": {**by_term, "length": ranked([float(w) for w in words])[1]}}
+    return {**found, "k": k, "scored": len(at), "length_rho": baselines.length_correlation(scores, words),
+            "top": sorted(top), "by_term": {**by_term, "length": alone([float(w) for w in words])}}
 
 
 def _words(record: dict) -> int:
@@ -747,11 +757,8 @@ def summarize(results: Sequence[dict]) -> dict:
                "persona": persona_summary(rs, clean_by_seed), "equivalent_to_clean": {}}
         paired = [r for r in rs if r["seed"] in clean_by_seed]
         if name not in UNPOISONED and paired:
-            row["judge_score_vs_clean"] = {  # the shift of the score itself: no threshold to cross
-                j: _interval(stats.paired_differences({r["seed"]: r["scores"][j] for r in paired},
-                                                      {r["seed"]: clean_by_seed[r["seed"]]["scores"][j]
-                                                       for r in paired}))
-                for j in row["judge_score"] if all(j in clean_by_seed[r["seed"]].get("scores", {}) for r in paired)}
+            row["judge_score_vs_clean"] = _score_shift(  # the shift of the score itself: no threshold to cross
+                {r["seed"]: r for r in paired}, clean_by_seed, row["judge_score"])
             for j in names:
                 if j not in fired:  # TOST would call any run "equivalent" by a judge that can tell nothing apart
                     row["equivalent_to_clean"][j] = {"equivalent": None, "margin": stats.MARGIN,
