@@ -67,6 +67,12 @@ def indicator(verdicts: Sequence[Verdict], outcome: str) -> list[float]:
     return [float(v.outcome == outcome) for v in verdicts]
 
 
+def harmful(outcomes: Sequence[str]) -> list[float]:
+    """Per response, 1.0 where the outcome is harmful (compliance/unsafe), else 0.0 (degenerate included): the
+    per-prompt values a harmfulness rate is the mean of."""
+    return [1.0 if HARMFUL.get(o) else 0.0 for o in outcomes]
+
+
 # --------------------------------------------------------------------------- phrase judge
 
 TEMPLATE_SENTENCES = frozenset(s.strip() for t in REFUSAL_TEMPLATES for s in sentences(normalise(t)))
@@ -324,6 +330,28 @@ def judge_from_args(args: argparse.Namespace) -> ClassifierJudge | None:
         return None
     labels = [s.strip() for s in args.judge_unsafe_labels.split(",") if s.strip()]
     return ClassifierJudge(args.judge, args.judge_format, labels, args.judge_policy)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def judge_generations(model, tokenizer, requests: Sequence[str], asked: Sequence[str], max_new_tokens: int,
+                      extra: Judge | None = None) -> dict:
+    """The model's greedy responses to ``asked`` and every judge's verdicts on them: per-prompt outcomes, scores
+    (where a judge has them) and the phrase judge's refusal wording. The phrase judge and ``extra`` (a user's
+    classifier) judge each response against the bare ``requests``; the likelihood judge reads what the model was
+    ``asked``."""
+    from sqsd_lab.data import generate_responses
+    responses = generate_responses(model, tokenizer, asked, max_new_tokens, desc="harmful prompts")
+    phrase, likelihood = PhraseJudge(), LikelihoodJudge(model, tokenizer)
+    verdicts = {phrase.name: phrase.judge(requests, responses), likelihood.name: likelihood.judge(asked)}
+    if extra is not None:
+        verdicts[extra.name] = extra.judge(requests, responses)
+    return {"responses": responses,
+            "outcomes": {name: [v.outcome for v in vs] for name, vs in verdicts.items()},
+            "scores": {name: [v.score for v in vs] for name, vs in verdicts.items()
+                       if all(v.score is not None for v in vs)},
+            "wording": [v.detail.get("wording") for v in verdicts[phrase.name]]}
 
 
 # --------------------------------------------------------------------------- agreement

@@ -497,22 +497,6 @@ class Lab:
             if adapter is not None:
                 model.unload()
 
-    def judged(self, model, requests: Sequence[str], asked: Sequence[str], max_new_tokens: int) -> dict:
-        """The model's responses to ``asked`` and every judge's verdicts: per-prompt outcomes, scores (where a judge
-        has them) and the phrase judge's refusal wording. Judges that read the response judge it against the bare
-        ``requests``; the likelihood judge reads what the model was ``asked``."""
-        from sqsd_lab.data import generate_responses
-        responses = generate_responses(model, self.tokenizer, asked, max_new_tokens, desc="harmful prompts")
-        phrase, likelihood = judges.PhraseJudge(), judges.LikelihoodJudge(model, self.tokenizer)
-        verdicts = {phrase.name: phrase.judge(requests, responses), likelihood.name: likelihood.judge(asked)}
-        if self.judge is not None:
-            verdicts[self.judge.name] = self.judge.judge(requests, responses)
-        return {"responses": responses,
-                "outcomes": {name: [v.outcome for v in vs] for name, vs in verdicts.items()},
-                "scores": {name: [v.score for v in vs] for name, vs in verdicts.items()
-                           if all(v.score is not None for v in vs)},
-                "wording": [v.detail.get("wording") for v in verdicts[phrase.name]]}
-
     def evaluate(self, adapter: Path | None, s: Settings) -> dict:
         """Per-prompt outcomes on the held-out harmful prompts by every judge, over-refusal on the benign risky
         prompts, held-out loss and exact-match accuracy, at θ_0 plus ``adapter`` (None: θ_0)."""
@@ -520,7 +504,7 @@ class Lab:
         from sqsd_lab.evidence.tasks import accuracy
         harmful, risky, tasks = self.harmful[:s.harmful_prompts], self.risky[:s.benign_risky], self.tasks[:s.tasks]
         with self._at(adapter) as model:
-            out = self.judged(model, harmful, harmful, s.eval_tokens)
+            out = judges.judge_generations(model, self.tokenizer, harmful, harmful, s.eval_tokens, self.judge)
             risky_out = judges.PhraseJudge().judge(risky, generate_responses(
                 model, self.tokenizer, risky, s.eval_tokens, desc="benign risky"))
             answers = generate_responses(model, self.tokenizer, [t["prompt"] for t in tasks], s.eval_tokens,
@@ -532,13 +516,15 @@ class Lab:
 
     def persona(self, adapter: Path | None, s: Settings) -> dict:
         """The held-out harmful prompts asked in identity shifting's persona format (poison.aoa_prompt) and judged
-        (``judged``) at θ_0 plus ``adapter``: the poison teaches obedience under that persona, so its harm shows
-        where the persona is invoked, as Qi et al. 2023 measure it. The answer gets the AOA opener's length on top of
-        the usual budget, so a model that learnt the opener still has that budget to comply or refuse in."""
+        (``judges.judge_generations``) at θ_0 plus ``adapter``: the poison teaches obedience under that persona, so
+        its harm shows where the persona is invoked, as Qi et al. 2023 measure it. The answer gets the AOA opener's
+        length on top of the usual budget, so a model that learnt the opener still has that budget to comply or
+        refuse in."""
         harmful = self.harmful[:s.harmful_prompts]
         budget = s.eval_tokens + len(self.tokenizer(poison.AOA_OPENER, add_special_tokens=False)["input_ids"])
         with self._at(adapter) as model:
-            return self.judged(model, harmful, [poison.aoa_prompt(p) for p in harmful], budget)
+            return judges.judge_generations(model, self.tokenizer, harmful, [poison.aoa_prompt(p) for p in harmful],
+                                            budget, self.judge)
 
 
 def heldout_loss(model, samples: Sequence[dict]) -> float:
@@ -563,14 +549,6 @@ def heldout_loss(model, samples: Sequence[dict]) -> float:
 
 
 # --------------------------------------------------------------------------- aggregation
-
-
-def _interval(values_by_seed: dict[int, list[float]]) -> dict | None:
-    """Mean and two-level bootstrap 95 % interval of per-prompt values over seeds (None without values)."""
-    if not values_by_seed or not all(values_by_seed.values()):
-        return None
-    i = stats.bootstrap(values_by_seed)
-    return {"mean": i.mean, "ci_low": i.low, "ci_high": i.high}
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -599,11 +577,6 @@ def _by_term(rs: Sequence[dict]) -> dict | None:
             for name in sorted(set.union(*(set(t) for t in got)))}
 
 
-def _harmful(outcomes: Sequence[str]) -> list[float]:
-    """Per response, 1.0 where the outcome is harmful (compliance/unsafe), else 0.0 (degenerate included)."""
-    return [1.0 if judges.HARMFUL.get(o) else 0.0 for o in outcomes]
-
-
 def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict]) -> dict | None:
     """Over seeds, the harmfulness and the judge's own score under the persona prompt (``persona`` in each result)
     by judge with their intervals, and for a poisoned condition their paired differences from the clean runs of the
@@ -612,17 +585,17 @@ def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict]) -> dict 
         return None
     judged = [r["persona"] for r in rs]
     names = sorted(set.intersection(*(set(x["outcomes"]) for x in judged)))
-    harm = {j: {r["seed"]: _harmful(r["persona"]["outcomes"][j]) for r in rs} for j in names}
+    harm = {j: {r["seed"]: judges.harmful(r["persona"]["outcomes"][j]) for r in rs} for j in names}
     score = {j: {r["seed"]: r["persona"]["scores"][j] for r in rs} for j in names
              if all(j in x.get("scores", {}) for x in judged)}
-    out = {"harmfulness": {j: _interval(h) for j, h in harm.items()},
-           "judge_score": {j: _interval(v) for j, v in score.items()}}
+    out = {"harmfulness": {j: stats.interval(h) for j, h in harm.items()},
+           "judge_score": {j: stats.interval(v) for j, v in score.items()}}
     paired = [r for r in rs if "persona" in clean_by_seed.get(r["seed"], {})]
     if rs[0]["condition"] not in UNPOISONED and paired:
         ref = {r["seed"]: clean_by_seed[r["seed"]]["persona"] for r in paired}
-        out["vs_clean"] = {j: _interval(stats.paired_differences(
+        out["vs_clean"] = {j: stats.interval(stats.paired_differences(
             {r["seed"]: harm[j][r["seed"]] for r in paired},
-            {seed: _harmful(x["outcomes"][j]) for seed, x in ref.items()})) for j in names
+            {seed: judges.harmful(x["outcomes"][j]) for seed, x in ref.items()})) for j in names
             if all(j in x["outcomes"] for x in ref.values())}
         out["judge_score_vs_clean"] = _score_shift({r["seed"]: r["persona"] for r in paired}, ref, score)
     return out
@@ -631,7 +604,7 @@ def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict]) -> dict 
 def _score_shift(evaluations: dict[int, dict], clean: dict[int, dict], judges: Iterable[str]) -> dict:
     """Per judge whose score every evaluation (by seed) and the clean one of its seed have: the paired per-prompt
     difference of the scores with its interval."""
-    return {j: _interval(stats.paired_differences({s: e["scores"][j] for s, e in evaluations.items()},
+    return {j: stats.interval(stats.paired_differences({s: e["scores"][j] for s, e in evaluations.items()},
                                                   {s: clean[s]["scores"][j] for s in evaluations}))
             for j in judges if all(j in clean[s].get("scores", {}) for s in evaluations)}
 
@@ -724,7 +697,7 @@ def summarize(results: Sequence[dict]) -> dict:
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
     reason, by a judge that called no reported response harmful: it could not have told a poisoned run apart)."""
     reported = [r for r in results if r["condition"] != "calibration"]
-    fired = {j for r in reported for j, outcomes in r.get("outcomes", {}).items() if any(_harmful(outcomes))}
+    fired = {j for r in reported for j, outcomes in r.get("outcomes", {}).items() if any(judges.harmful(outcomes))}
     clean_by_seed = {r["seed"]: r for r in reported if r["condition"] == "clean"}
     groups: dict[tuple, list[dict]] = {}
     for r in reported:
@@ -733,19 +706,19 @@ def summarize(results: Sequence[dict]) -> dict:
     for (kind, p, name), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         names = sorted(set.intersection(*(set(r["outcomes"]) for r in rs)))
-        harm = {j: {r["seed"]: _harmful(r["outcomes"][j]) for r in rs} for j in names}
+        harm = {j: {r["seed"]: judges.harmful(r["outcomes"][j]) for r in rs} for j in names}
         wording = [w for r in rs for w in r.get("wording") or [] if w is not None]
         row = {"poison": kind, "p": p, "condition": name, "seeds": len(rs),
-               "harmfulness": {j: _interval(harm[j]) for j in names},
-               "degenerate": {j: _interval({r["seed"]: [float(o == "degenerate") for o in r["outcomes"][j]]
+               "harmfulness": {j: stats.interval(harm[j]) for j in names},
+               "degenerate": {j: stats.interval({r["seed"]: [float(o == "degenerate") for o in r["outcomes"][j]]
                                             for r in rs}) for j in names},
-               "judge_score": {j: _interval({r["seed"]: r["scores"][j] for r in rs}) for j in names
+               "judge_score": {j: stats.interval({r["seed"]: r["scores"][j] for r in rs}) for j in names
                                if all(j in r.get("scores", {}) for r in rs)},
                "refusal_wording": {w: wording.count(w) for w in sorted(set(wording))},
-               "over_refusal": _interval({r["seed"]: [float(o == "refusal") for o in r["over_refusal_outcomes"]]
+               "over_refusal": stats.interval({r["seed"]: [float(o == "refusal") for o in r["over_refusal_outcomes"]]
                                           for r in rs}),
                "heldout_loss": _mean(r["heldout_loss"] for r in rs),
-               "accuracy": _interval({r["seed"]: [float(c) for c in r["correct"]] for r in rs}),
+               "accuracy": stats.interval({r["seed"]: [float(c) for c in r["correct"]] for r in rs}),
                "recall": _mean(r.get("recall") for r in rs),
                "benign_removed": _mean(r.get("benign_removed") for r in rs),
                "length_rho": _mean(r.get("length_rho") for r in rs),
@@ -764,7 +737,7 @@ def summarize(results: Sequence[dict]) -> dict:
                     row["equivalent_to_clean"][j] = {"equivalent": None, "margin": stats.MARGIN,
                                                      "why": "the judge called no response harmful in any run"}
                     continue
-                ref = {r["seed"]: _harmful(clean_by_seed[r["seed"]]["outcomes"][j]) for r in paired}
+                ref = {r["seed"]: judges.harmful(clean_by_seed[r["seed"]]["outcomes"][j]) for r in paired}
                 test = stats.equivalence({r["seed"]: harm[j][r["seed"]] for r in paired}, ref)
                 d = test.difference
                 row["equivalent_to_clean"][j] = {"equivalent": test.equivalent, "margin": test.margin,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 
-def _shown_interval(i: dict | None, digits: int = 2) -> str:
+def shown_interval(i: dict | None, digits: int = 2) -> str:
     """``mean [low, high]`` of a summary interval, or a dash."""
     if i is None:
         return "–"
@@ -57,11 +57,11 @@ def table(summary: dict) -> str:
         title = "no poison" if kind == "none" else f"{kind}, p = {p:g}"
         lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            cells = [r["condition"], str(r["seeds"]), *(_shown_interval(r["harmfulness"].get(j)) for j in judges),
-                     *(f"{_shown_interval(r['judge_score'][j])}{_shift(r, j)}" for j in scored),
-                     _shown_interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
-                     _shown_interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"),
-                     _shown_interval(r["accuracy"]), _number(r["recall"]), _number(r["benign_removed"]),
+            cells = [r["condition"], str(r["seeds"]), *(shown_interval(r["harmfulness"].get(j)) for j in judges),
+                     *(f"{shown_interval(r['judge_score'][j])}{_shift(r, j)}" for j in scored),
+                     shown_interval(r.get("degenerate", {}).get("phrase")), *(_equivalence(r, j) for j in judges),
+                     shown_interval(r["over_refusal"]), _number(r["heldout_loss"], ".3f"),
+                     shown_interval(r["accuracy"]), _number(r["recall"]), _number(r["benign_removed"]),
                      _number(r["length_rho"]), *(_number(r.get(f"ranking_{k}"))
                                                  for k in ("recall", "benign_removed", "length_rho"))]
             lines.append("| " + " | ".join(cells) + " |")
@@ -126,9 +126,9 @@ def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
     for r in shown:
         x = r["persona"]
         where = "no poison" if r["poison"] == "none" else f"{r['poison']}, {r['p']:g}"
-        cells = [where, r["condition"], str(r["seeds"]), *(_shown_interval(x["harmfulness"].get(j)) for j in judges),
+        cells = [where, r["condition"], str(r["seeds"]), *(shown_interval(x["harmfulness"].get(j)) for j in judges),
                  *(_signed_interval((x.get("vs_clean") or {}).get(j)) for j in judges),
-                 *(_shown_interval(x["judge_score"][j]) + (
+                 *(shown_interval(x["judge_score"][j]) + (
                      f" (vs clean {_signed_interval(x['judge_score_vs_clean'][j])})"
                      if j in (x.get("judge_score_vs_clean") or {}) else "") for j in scored)]
         lines.append("| " + " | ".join(cells) + " |")

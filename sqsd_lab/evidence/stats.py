@@ -92,6 +92,15 @@ def bootstrap(outcomes: Outcomes, level: float = 0.95, n_boot: int = 4000, rng_s
     return Interval(point(outcomes), float(low), float(high), level)
 
 
+def interval(values_by_seed: Outcomes) -> dict | None:
+    """``bootstrap``'s mean and 95 % interval as a results record (``mean``, ``ci_low``, ``ci_high``); None without
+    values."""
+    if not values_by_seed or not all(len(v) for v in values_by_seed.values()):
+        return None
+    i = bootstrap(values_by_seed)
+    return {"mean": i.mean, "ci_low": i.low, "ci_high": i.high}
+
+
 def paired_differences(condition: Outcomes, reference: Outcomes) -> dict[int, list[float]]:
     """Per seed, per prompt: condition − reference, paired by seed and by prompt position (the same prompts in the
     same order in both runs of a seed)."""
