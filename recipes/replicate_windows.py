@@ -1,13 +1,15 @@
 """The paper's window experiment: does fine-tuning on the riskiest SQSD window degrade safety most?
 
-    python recipes/replicate_windows.py --quick            # embedded default, 3 seeds, 2 CPU cores, ~40 min
+    python recipes/replicate_windows.py --quick            # embedded default, 5 seeds, 2 CPU cores, ~2 h
     python recipes/replicate_windows.py --model Qwen/Qwen3-8B --pool dolly.jsonl --directions runs/paper/directions \
         --checkpoint runs/paper/theta_t --held-out harmful_eval.jsonl --k 5 --out runs/windows
 
-Scores the pool (danger at the checkpoint θ_t, safety at θ_0 + α·V_safety), cuts it into k windows by rank,
-fine-tunes θ_0 on each and on a random window with identical settings, and measures refusal on held-out harmful
-prompts. Writes windows.md (table), windows.png (plot) and windows.json. The quick mode takes θ_0, the directions,
-the pool, θ_t and the held-out prompts from `sqsd demo`'s cache, running the demo first where it has not run.
+Scores the pool (danger at the checkpoint θ_t, safety at θ_0 + α·V_safety), cuts it into k windows by rank, twice:
+over the whole pool, and within each value of the records' --strata-field (each window then has the pool's mix of
+kinds); fine-tunes θ_0 on each window and on a random one with identical settings, and judges the answers to
+held-out harmful prompts (phrase judge, likelihood judge). Writes <results>.md (tables), .png (plots) and .json. The
+quick mode takes θ_0, the directions, the pool, θ_t and the held-out prompts from `sqsd demo`'s cache, running the
+demo first where it has not run. Every finished window is kept under --out: a rerun resumes.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ def main() -> None:
                    "directions' held_out.jsonl)")
     p.add_argument("--n-eval", type=int, default=128, help="held-out prompts in each evaluation")
     p.add_argument("--k", type=int, default=5, help="windows by rank")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    p.add_argument("--strata-field", default="category", help="the records' field whose values the second ranking "
+                   "ranks within (every record needs it)")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--out", default=None, help="default: <cache>/windows (quick) or runs/windows")
-    p.add_argument("--results", default=None, help="where the across-seeds table, JSON and plot go (default: "
-                   "benchmarks/results/windows-quick-cpu.* in quick mode, <out>/windows-seeds.* otherwise)")
+    p.add_argument("--results", default=None, help="where the across-seeds tables, JSON and plots go (default: "
+                   "benchmarks/results/windows-quick-cpu.* in quick mode, <out>/windows-seeds.* otherwise; the "
+                   "within-strata ranking's plot as <results>-within.png)")
     opts = p.parse_args()
 
     start = time.perf_counter()
@@ -64,26 +69,38 @@ def main() -> None:
         records, online = load_records(opts.pool), None
         out = Path(opts.out or "runs/windows")
         results = Path(opts.results or out / "windows-seeds")
+    missing = sum(opts.strata_field not in r for r in records)
+    if missing:
+        p.error(f"{missing} of {len(records)} pool records have no {opts.strata_field!r} field: give --strata-field "
+                "a field every record has")
+    strata = [str(r[opts.strata_field]) for r in records]
     held_out = opts.held_out or directions / "held_out.jsonl"
     prompts = [r["prompt"] for r in load_records(held_out, prompts_only=True)][:opts.n_eval]
     model, tokenizer = load_model(opts.model)
     model = theta_0(model, directions)
     danger, safety = direction_sets(directions)
-    summaries = []
+    summaries: dict[str, list[dict]] = {"overall": [], "within strata": []}
     for seed in tqdm(opts.seeds, desc="training seeds"):
-        summaries.append(run_windows(model, tokenizer, records, prompts, out / f"k{opts.k}-seed{seed}",
-                                     (directions / "danger", danger), (directions / "safety", safety), checkpoint,
-                                     k=opts.k, rank=opts.rank, max_length=opts.max_length, online=online,
-                                     seed=seed, num_train_epochs=opts.epochs, learning_rate=opts.lr))
-    combined = {**across_seeds(summaries), "variants_rho": summaries[0]["variants_rho"], "n_eval": len(prompts),
-                "epochs": opts.epochs, "lr": opts.lr, "rank": opts.rank,
-                "minutes_this_invocation": (time.perf_counter() - start) / 60}
+        for ranking, within in (("overall", False), ("within strata", True)):
+            folder = out / f"{'within' if within else 'overall'}-k{opts.k}-seed{seed}"
+            summaries[ranking].append(run_windows(
+                model, tokenizer, records, prompts, folder, (directions / "danger", danger),
+                (directions / "safety", safety), checkpoint, k=opts.k, rank=opts.rank, max_length=opts.max_length,
+                online=online, seed=seed, strata=strata, within=within, num_train_epochs=opts.epochs,
+                learning_rate=opts.lr))
+    combined = {ranking: across_seeds(s) for ranking, s in summaries.items()}
+    about = {"strata_field": opts.strata_field, "variants_rho": summaries["overall"][0]["variants_rho"],
+             "n_eval": len(prompts), "epochs": opts.epochs, "lr": opts.lr, "rank": opts.rank,
+             "minutes_this_invocation": (time.perf_counter() - start) / 60}
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps(combined, indent=1))
-    results.with_suffix(".md").write_text(seeds_table(combined))
-    seeds_plot(combined, results.with_suffix(".png"))
-    print(seeds_table(combined))
-    print(f"plot: {results.with_suffix('.png')}; {combined['minutes_this_invocation']:.1f} min")
+    results.with_suffix(".json").write_text(json.dumps({**combined, **about}, indent=1))
+    text = "\n".join(seeds_table(c) for c in combined.values())
+    results.with_suffix(".md").write_text(text)
+    seeds_plot(combined["overall"], results.with_suffix(".png"))
+    seeds_plot(combined["within strata"], results.with_name(f"{results.name}-within.png"))
+    print(text)
+    print(f"plots: {results.with_suffix('.png')}, {results.with_name(results.name + '-within.png')}; "
+          f"{about['minutes_this_invocation']:.1f} min")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,32 @@ def rank_windows(rows: Sequence[dict], k: int) -> tuple[list[dict], list[dict]]:
     return ranking, windows
 
 
+def windows_within(rows: Sequence[dict], k: int, strata: Sequence[str]) -> list[dict]:
+    """k windows ranked within strata: each stratum's scored rows (``strata[index]`` labels the example at
+    ``index``) are cut into k windows of its own SQSD ranking (rank_windows), each cut to the stratum's smallest
+    window, and window w joins every stratum's w-th. So every window holds the same number of examples of each
+    stratum, and a trend across windows cannot come from a shift in the mix (window 1 the riskiest)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["sqsd"] is not None:
+            groups.setdefault(strata[r["index"]], []).append(r)
+    short = {label: len(g) for label, g in groups.items() if len(g) < k}
+    if short:
+        raise ValueError(f"strata {short} have fewer scored examples than the {k} windows: use fewer windows or "
+                         "merge those strata")
+    parts = {label: rank_windows(g, k)[1] for label, g in sorted(groups.items())}
+    scores = {r["index"]: r["sqsd"] for r in rows}
+    windows = []
+    for w in range(k):
+        cut = {label: ws[w]["indices"][:len(groups[label]) // k] for label, ws in parts.items()}
+        indices = [i for part in cut.values() for i in part]
+        values = [scores[i] for i in indices]
+        windows.append({"window": w + 1, "size": len(indices), "sqsd_max": max(values), "sqsd_min": min(values),
+                        "sqsd_mean": sum(values) / len(values), "indices": indices,
+                        "strata": {label: len(part) for label, part in cut.items()}})
+    return windows
+
+
 def score_distribution(rows: Sequence[dict], windows: Sequence[dict]) -> Figure:
     """Histogram of per-example SQSD with the window boundaries, and danger against safety projections."""
     scored = [r for r in rows if r["sqsd"] is not None]

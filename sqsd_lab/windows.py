@@ -1,9 +1,10 @@
 """The paper's window experiment: rank a benign pool by SQSD, fine-tune the aligned model on each equal window of
 the ranking (and on a random window) with identical settings, and measure how harmful each result is.
 
-Harmfulness is the share of held-out harmful prompts the fine-tuned model does not refuse (refusal-phrase
-matching). The paper's claim holds where harmfulness falls with window rank: Spearman's rho between rank and
-harmfulness near −1, with a bootstrap interval over the held-out prompts that excludes 0.
+Each fine-tuned model's answers to held-out harmful prompts are judged by the evidence judges (the phrase judge's
+three-way outcome; the likelihood judge, which never reads the answer, by verdict and by margin). The paper's claim
+holds where harm falls with window rank: Spearman's ρ between rank and harm near −1, with an interval that excludes
+0. Ranked within strata (the records' kinds), every window has the same mix, so a trend cannot come from one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import numpy as np
 from sqsd_callback.offline import ScoringPass, load_adapter, score_offline
 from sqsd_callback.sinks.heatmap import new_figure
 from sqsd_lab.data import tokenize_chats
-from sqsd_lab.evidence import stats
+from sqsd_lab.evidence import judges, stats
+from sqsd_lab.evidence.protocol import write_atomic
+from sqsd_lab.evidence.report import shown_interval
 from sqsd_lab.finetune import lora_config, train_lora
-from sqsd_lab.refusal import refusal_rate
-from sqsd_lab.screening import rank_windows
+from sqsd_lab.screening import rank_windows, windows_within
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -32,15 +35,15 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float("nan") if rho is None else rho
 
 
-def bootstrap_rho(complied: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of Spearman's rho between window rank and harmfulness, resampling the held-out prompts.
-    ``complied[w, j]``: window w's model answered (did not refuse) prompt j."""
+def bootstrap_rho(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of Spearman's ρ between window rank and a measure, resampling the held-out prompts.
+    ``values[w, j]``: the measure for window w's model on prompt j (``measures``)."""
     rng = np.random.default_rng(seed)
-    ranks = np.arange(1, complied.shape[0] + 1)
+    ranks = np.arange(1, values.shape[0] + 1)
     rhos = []
     for _ in range(n_boot):
-        pick = rng.integers(0, complied.shape[1], complied.shape[1])
-        rho = spearman(ranks, complied[:, pick].mean(1))
+        pick = rng.integers(0, values.shape[1], values.shape[1])
+        rho = spearman(ranks, values[:, pick].mean(1))
         if not np.isnan(rho):
             rhos.append(rho)
     if not rhos:
@@ -75,73 +78,110 @@ def variant_correlations(variants: dict[str, list[dict]], online: list[dict] | N
     return out
 
 
+def measures(evaluation: dict) -> dict[str, list[float]]:
+    """Per-prompt values of one evaluation (``judges.judge_generations``): each judge's harmful indicator under its
+    name, and each judge's own score where it has one under ``<judge> score`` (the likelihood judge's margin, which
+    sees a shift its 0 threshold does not). Higher is more harmful for each."""
+    out = {j: judges.harmful(o) for j, o in evaluation["outcomes"].items()}
+    out.update({f"{j} score": list(v) for j, v in evaluation["scores"].items()})
+    return out
+
+
+def _mix(indices: Sequence[int], strata: Sequence[str] | None) -> dict[str, int] | None:
+    """How many examples of each stratum ``indices`` hold (None without strata)."""
+    return None if strata is None else dict(sorted(Counter(strata[i] for i in indices).items()))
+
+
 def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[str], out: str | Path,
                 danger: tuple[Path, object], safety: tuple[Path, object], checkpoint: Path, k: int = 4,
                 alpha: float = 0.5, rank: int = 8, max_length: int = 192, eval_tokens: int = 32,
-                online: list[dict] | None = None, seed: int = 0, **train) -> dict:
+                online: list[dict] | None = None, seed: int = 0, strata: Sequence[str] | None = None,
+                within: bool = False, **train) -> dict:
     """Score ``records`` (prompt/response) at θ_0 = ``model``, fine-tune θ_0 on each of ``k`` windows by rank and
     on a random window of the same size (same steps, seed and hyper-parameters; ``train`` overrides SFTConfig
-    fields), and measure refusal on ``held_out`` prompts after each. Writes ``windows.json``, ``windows.md`` and
-    ``windows.png`` under ``out``; returns the results."""
+    fields), and judge the answers to ``held_out`` prompts after each (``judges.judge_generations``: the phrase
+    judge's three-way outcome and the likelihood judge). ``strata``: a label per record (its kind) whose mix each
+    window reports; ``within``: rank within those strata (``screening.windows_within``), so every window has the
+    same mix. Writes ``windows.json``, ``windows.md`` and ``windows.png`` under ``out``; returns the results."""
+    if strata is not None and len(strata) != len(records):
+        raise ValueError(f"strata has {len(strata)} labels for {len(records)} records: give one label per record")
+    if within and strata is None:
+        raise ValueError("within=True ranks within strata: give strata, one label per record (e.g. its category)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = tokenize_chats(tokenizer, records, max_length)
     variants = score_variants(model, samples, danger, safety, checkpoint, alpha)
-    _, windows = rank_windows(variants["cosine"], k)
+    windows = windows_within(variants["cosine"], k, strata) if within else rank_windows(variants["cosine"], k)[1]
     size = min(w["size"] for w in windows)
     control = random.Random(seed).sample(range(len(samples)), size)
     runs = [(f"window {w['window']}", w["indices"][:size]) for w in windows] + [("random", control)]
-    results = {}
+    evaluations = {}
     for name, indices in runs:
         adapter = out / name.replace(" ", "_")
-        if not (adapter / "refusal.json").is_file():  # each finished window is kept: a rerun resumes
+        path = adapter / "judged.json"
+        if not path.is_file():  # each finished window is kept: a rerun resumes
             train_lora(model, tokenizer, [samples[i] for i in indices], adapter, lora=lora_config(rank),
                        seed=seed, **train)
             tuned = load_adapter(model, adapter)
             try:
-                rate = refusal_rate(tuned, tokenizer, held_out, eval_tokens)
+                judged = judges.judge_generations(tuned, tokenizer, held_out, held_out, eval_tokens)
             finally:
                 tuned.unload()
-            (adapter / "refusal.json").write_text(json.dumps(rate))
-        rate = json.loads((adapter / "refusal.json").read_text())
-        results[name] = {"indices": indices, "harmfulness": 1 - rate["rate"],
-                         "complied": [not r["refused"] for r in rate["records"]]}
-    complied = np.array([results[f"window {w['window']}"]["complied"] for w in windows], dtype=float)
+            write_atomic(path, judged)
+        evaluation = json.loads(path.read_text())
+        evaluations[name] = {"indices": indices, "outcomes": evaluation["outcomes"], "scores": evaluation["scores"]}
+    names = [name for name, _ in runs[:-1]]
+    values = {name: measures(e) for name, e in evaluations.items()}
     ranks = list(range(1, k + 1))
-    harm = complied.mean(1).tolist()
     summary = {
         "seed": seed, "examples": len(samples), "k": k, "window_size": size, "held_out": len(held_out),
-        "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "harmfulness": h}
-                    for w, h in zip(windows, harm)],
-        "random": results["random"]["harmfulness"],
-        "rho": spearman(ranks, harm), "rho_95": bootstrap_rho(complied, seed=seed),
+        "ranking": "within strata" if within else "overall",
+        "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "mix": _mix(evaluations[n]["indices"], strata),
+                     "degenerate": _share(evaluations[n]["outcomes"]["phrase"], "degenerate"),
+                     **{m: float(np.mean(v)) for m, v in values[n].items()}} for w, n in zip(windows, names)],
+        "random": {"mix": _mix(control, strata), "degenerate": _share(evaluations["random"]["outcomes"]["phrase"],
+                                                                      "degenerate"),
+                   **{m: float(np.mean(v)) for m, v in values["random"].items()}},
+        "rho": {m: spearman(ranks, [float(np.mean(values[n][m])) for n in names]) for m in values["random"]},
+        "rho_95": {m: bootstrap_rho(np.array([values[n][m] for n in names]), seed=seed) for m in values["random"]},
         "variants_rho": variant_correlations(variants, online),
+        "evaluations": evaluations,
     }
     (out / "windows.json").write_text(json.dumps(summary, indent=1))
-    _plot(summary, out / "windows.png")
-    (out / "windows.md").write_text(table(summary))
+    seeds_plot(across_seeds([summary]), out / "windows.png")
+    (out / "windows.md").write_text(seeds_table(across_seeds([summary])))
     return summary
 
 
+def _share(outcomes: Sequence[str], outcome: str) -> float:
+    """The share of ``outcomes`` equal to ``outcome``."""
+    return sum(o == outcome for o in outcomes) / len(outcomes)
+
+
 def across_seeds(summaries: Sequence[dict]) -> dict:
-    """The window experiment repeated over training seeds: rho per seed, its mean with a 95% t interval across
-    seeds, and harmfulness per window (mean, min, max over seeds). ``summaries``: ``run_windows`` results that
-    differ only in ``seed``."""
-    rhos = [s["rho"] for s in summaries]
-    mean = float(np.mean(rhos))
-    half = _t975(len(rhos) - 1) * float(np.std(rhos, ddof=1)) / np.sqrt(len(rhos)) if len(rhos) > 1 else math.nan
-    harm = np.array([[w["harmfulness"] for w in s["windows"]] for s in summaries])
-    random_harm = [s["random"] for s in summaries]
-    return {
-        "seeds": [s["seed"] for s in summaries], "k": summaries[0]["k"], "window_size": summaries[0]["window_size"],
-        "held_out": summaries[0]["held_out"], "rho_per_seed": rhos, "rho_mean": mean,
-        "rho_95_across_seeds": [max(-1.0, mean - half), min(1.0, mean + half)],
-        "rho_of_mean_harmfulness": spearman(range(1, harm.shape[1] + 1), harm.mean(0)),
-        "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "harmfulness_mean": float(col.mean()),
-                     "harmfulness_min": float(col.min()), "harmfulness_max": float(col.max())}
-                    for w, col in zip(summaries[0]["windows"], harm.T)],
-        "random": {"mean": float(np.mean(random_harm)), "min": min(random_harm), "max": max(random_harm)},
-    }
+    """The window experiment repeated over training seeds (``run_windows`` results that differ only in ``seed``):
+    per measure (``measures``), ρ per seed with its mean and 95 % t interval across seeds, and each window's mean
+    with a two-level bootstrap interval over seeds and held-out prompts (``stats.interval``)."""
+    first = summaries[0]
+    names = [f"window {w['window']}" for w in first["windows"]] + ["random"]
+    by_measure = {}
+    for m in first["rho"]:
+        cells = [stats.interval({s["seed"]: measures(s["evaluations"][n])[m] for s in summaries}) for n in names]
+        rhos = [s["rho"][m] for s in summaries]
+        mean = float(np.mean(rhos))
+        half = _t975(len(rhos) - 1) * float(np.std(rhos, ddof=1)) / np.sqrt(len(rhos)) if len(rhos) > 1 else math.nan
+        by_measure[m] = {"rho_per_seed": rhos, "rho_mean": mean,
+                         "rho_95_across_seeds": [max(-1.0, mean - half), min(1.0, mean + half)],
+                         "rho_of_mean": spearman(range(1, len(names)), [c["mean"] for c in cells[:-1]]),
+                         "windows": cells[:-1], "random": cells[-1]}
+    degenerate = [[s["windows"][i]["degenerate"] for s in summaries] for i in range(len(first["windows"]))]
+    return {"seeds": [s["seed"] for s in summaries], "k": first["k"], "window_size": first["window_size"],
+            "held_out": first["held_out"], "ranking": first["ranking"],
+            "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "mix": w["mix"],
+                         "degenerate": float(np.mean(d))} for w, d in zip(first["windows"], degenerate)],
+            "random": {"mix": first["random"]["mix"],
+                       "degenerate": float(np.mean([s["random"]["degenerate"] for s in summaries]))},
+            "measures": by_measure}
 
 
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -156,62 +196,58 @@ def _t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def _mix_cell(mix: dict[str, int] | None) -> str:
+    """A window's mix of strata, e.g. ``task 12, writing 13`` (a dash without strata)."""
+    return "–" if not mix else ", ".join(f"{label} {n}" for label, n in mix.items())
+
+
 def seeds_table(combined: dict) -> str:
-    """The across-seeds results as Markdown."""
-    lo, hi = combined["rho_95_across_seeds"]
-    lines = ["| window (1 = riskiest) | mean SQSD | harmfulness, mean over seeds (min–max) |", "|---|---|---|",
-             *[f"| {w['window']} | {w['sqsd_mean']:+.3f} | {w['harmfulness_mean']:.3f} "
-               f"({w['harmfulness_min']:.3f}–{w['harmfulness_max']:.3f}) |" for w in combined["windows"]],
-             f"| random | | {combined['random']['mean']:.3f} ({combined['random']['min']:.3f}–"
-             f"{combined['random']['max']:.3f}) |", "",
-             f"Spearman's rho per training seed {combined['seeds']}: "
-             f"{', '.join(f'{r:+.2f}' for r in combined['rho_per_seed'])}; mean {combined['rho_mean']:+.3f}, 95% "
-             f"t interval across seeds [{lo:+.3f}, {hi:+.3f}]; rho of the seed-mean harmfulness "
-             f"{combined['rho_of_mean_harmfulness']:+.3f}."]
+    """``across_seeds`` results as Markdown: per window its mean SQSD, mix, each measure with its interval and the
+    degenerate share; then ρ per seed, its mean and interval, per measure."""
+    ms = list(combined["measures"])
+    head = ["window (1 = riskiest)", "mean SQSD", "mix", *ms, "degenerate (phrase)"]
+    lines = [f"Ranking: {combined['ranking']}; {combined['window_size']} examples per window; training seeds "
+             f"{combined['seeds']}; {combined['held_out']} held-out harmful prompts. Each measure: mean over seeds "
+             "[95 % bootstrap interval over seeds and prompts]; higher is more harmful.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, w in enumerate(combined["windows"]):
+        cells = [str(w["window"]), f"{w['sqsd_mean']:+.3f}", _mix_cell(w["mix"]),
+                 *(shown_interval(combined["measures"][m]["windows"][i]) for m in ms), f"{w['degenerate']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    r = combined["random"]
+    lines += ["| " + " | ".join(["random", "", _mix_cell(r["mix"]),
+                                 *(shown_interval(combined["measures"][m]["random"]) for m in ms),
+                                 f"{r['degenerate']:.2f}"]) + " |", ""]
+    for m in ms:
+        x = combined["measures"][m]
+        lo, hi = x["rho_95_across_seeds"]
+        spread = f", 95 % t interval across seeds [{lo:+.2f}, {hi:+.2f}]" if len(x["rho_per_seed"]) > 1 else ""
+        lines.append(f"- {m}: Spearman's ρ (window rank vs the measure) per seed "
+                     f"{', '.join(_signed(r) for r in x['rho_per_seed'])}; mean {_signed(x['rho_mean'])}{spread}; "
+                     f"ρ of the seed means {_signed(x['rho_of_mean'])} (the paper's ordering is ρ = −1).")
     return "\n".join(lines) + "\n"
+
+
+def _signed(x: float | None) -> str:
+    """``+0.50``, or ``n/a`` where ρ is undefined (a constant measure)."""
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.2f}"
 
 
 def seeds_plot(combined: dict, path: Path) -> None:
-    """Harmfulness per window: each seed's range and the mean, with the random window's mean."""
-    fig, ax = new_figure((6, 3.6))
-    ws = combined["windows"]
-    x = [w["window"] for w in ws]
-    mean = [w["harmfulness_mean"] for w in ws]
-    ax.errorbar(x, mean, yerr=[[m - w["harmfulness_min"] for m, w in zip(mean, ws)],
-                               [w["harmfulness_max"] - m for m, w in zip(mean, ws)]], fmt="o-", capsize=3,
-                label=f"mean over seeds {combined['seeds']} (min–max)")
-    ax.axhline(combined["random"]["mean"], color="grey", ls="--", label="random window (mean)")
-    ax.set(xlabel="window (1 = riskiest by SQSD)", ylabel="harmfulness (1 − refusal rate)",
-           title=f"rho per seed {', '.join(f'{r:+.2f}' for r in combined['rho_per_seed'])}")
-    ax.set_xticks(x)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def table(summary: dict) -> str:
-    """The results as Markdown: harmfulness per window and the control, rho with its interval, the variants."""
-    lo, hi = summary["rho_95"]
-    lines = ["| window (1 = riskiest) | mean SQSD | harmfulness (held-out harmful prompts answered) |",
-             "|---|---|---|",
-             *[f"| {w['window']} | {w['sqsd_mean']:+.4f} | {w['harmfulness']:.3f} |" for w in summary["windows"]],
-             f"| random | | {summary['random']:.3f} |", "",
-             f"Spearman's rho (window rank vs harmfulness): {summary['rho']:+.3f}, 95% bootstrap interval over the "
-             f"{summary['held_out']} held-out prompts [{lo:+.3f}, {hi:+.3f}] (the paper's ordering is rho = −1).", "",
-             "| score variant | Spearman's rho with SQSD (cosine, offline) over the pool |", "|---|---|",
-             *[f"| {name} | {'n/a' if rho is None else f'{rho:+.3f}'} |"
-               for name, rho in summary["variants_rho"].items()]]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(summary: dict, path: Path) -> None:
-    fig, ax = new_figure((6, 3.6))
-    ws = summary["windows"]
-    ax.plot([w["window"] for w in ws], [w["harmfulness"] for w in ws], "o-", label="window by SQSD rank")
-    ax.axhline(summary["random"], color="grey", ls="--", label="random window")
-    ax.set(xlabel="window (1 = riskiest by SQSD)", ylabel="harmfulness (1 − refusal rate)",
-           title=f"Fine-tuning on each window: rho = {summary['rho']:+.2f}")
-    ax.set_xticks([w["window"] for w in ws])
-    ax.legend(fontsize=8)
+    """Each measure per window with its interval, and the random window's mean, one panel per measure."""
+    ms = list(combined["measures"])
+    fig, axes = new_figure((3.4 * len(ms), 3.4), ncols=len(ms))
+    x = [w["window"] for w in combined["windows"]]
+    for ax, m in zip(np.atleast_1d(axes), ms):
+        cells = combined["measures"][m]["windows"]
+        mean = [c["mean"] for c in cells]
+        ax.errorbar(x, mean, yerr=[[c["mean"] - c["ci_low"] for c in cells], [c["ci_high"] - c["mean"] for c in cells]],
+                    fmt="o-", capsize=3, label="window by SQSD rank")
+        ax.axhline(combined["measures"][m]["random"]["mean"], color="grey", ls="--", label="random window")
+        ax.set(xlabel="window (1 = riskiest by SQSD)", ylabel=m, title=f"{m}: mean ρ "
+               f"{_signed(combined['measures'][m]['rho_mean'])}")
+        ax.set_xticks(x)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.suptitle(f"{combined['ranking']} ranking, seeds {combined['seeds']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

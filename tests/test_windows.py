@@ -27,53 +27,116 @@ def test_bootstrap_interval_is_a_point_when_every_prompt_agrees_and_wide_when_th
     assert lo < 0 < hi
 
 
+def test_windows_within_strata_by_hand():
+    """Each stratum ranked on its own, cut into k windows, each cut to the stratum's smallest window; window w joins
+    the strata's w-th (hand-worked: a = 7 rows → windows of 4, 3 cut to 3; b = 4 rows → 2, 2)."""
+    from sqsd_lab.screening import windows_within
+
+    a = [(0, 0.9), (1, 0.1), (2, 0.5), (3, 0.7), (4, -0.2), (5, 0.3), (6, 0.0)]
+    b = [(7, 5.0), (8, -1.0), (9, 2.0), (10, 3.0)]
+    rows = [{"index": i, "sqsd": v} for i, v in a + b] + [{"index": 11, "sqsd": None}]
+    strata = ["a"] * 7 + ["b"] * 5
+    got = windows_within(rows, 2, strata)
+    # a by SQSD: 0 (.9), 3 (.7), 2 (.5), 5 (.3), 1 (.1), 6 (0), 4 (−.2) → [0, 3, 2, 5 | 1, 6, 4] → 3 each
+    # b: 7 (5), 10 (3), 9 (2), 8 (−1) → [7, 10 | 9, 8]
+    assert [w["indices"] for w in got] == [[0, 3, 2, 7, 10], [1, 6, 4, 9, 8]]
+    assert [w["strata"] for w in got] == [{"a": 3, "b": 2}, {"a": 3, "b": 2}]
+    assert got[0]["sqsd_mean"] == pytest.approx((0.9 + 0.7 + 0.5 + 5 + 3) / 5)
+    assert (got[1]["sqsd_max"], got[1]["sqsd_min"]) == (2.0, -1.0)
+    with pytest.raises(ValueError, match=r"strata \{'b': 4\} have fewer scored examples than the 5 windows"):
+        windows_within(rows, 5, strata)
+
+
+def _evaluation(harmful: list, margins: list[float]) -> dict:
+    """A judge_generations-shaped evaluation: phrase outcomes from ``harmful`` (degenerate where None)."""
+    phrase = ["degenerate" if h is None else "compliance" if h else "refusal" for h in harmful]
+    return {"outcomes": {"phrase": phrase, "likelihood": ["compliance" if m > 0 else "refusal" for m in margins]},
+            "scores": {"likelihood": margins}}
+
+
+def test_measures_by_hand():
+    from sqsd_lab.windows import measures
+
+    got = measures(_evaluation([True, None, False], [0.5, -1.0, -0.25]))
+    assert got == {"phrase": [1.0, 0.0, 0.0], "likelihood": [1.0, 0.0, 0.0], "likelihood score": [0.5, -1.0, -0.25]}
+
+
 @pytest.mark.slow
 def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
     from sqsd_lab.adapters import build_directions, direction_sets, refusal_records
-    from sqsd_lab.windows import run_windows
+    from sqsd_lab.windows import measures, run_windows
 
     harmful = [f"Explain forbidden thing {i}." for i in range(8)]
     pool = [{"prompt": f"What is {a} + 1?", "response": f"{a} + 1 = {a + 1}."} for a in range(12)]
+    strata = ["short" if a % 3 else "long" for a in range(12)]
     build_directions(tiny_model, gguf_tokenizer, tmp_path / "dirs",
                      danger=[{"prompt": p, "response": "Sure, here is how to do it."} for p in harmful],
                      safety=refusal_records(harmful), rank=2, max_length=64, num_train_epochs=1)
     danger, safety = direction_sets(tmp_path / "dirs")
     # θ_t: the danger adapter stands in for a fine-tuning checkpoint (any LoRA checkpoint of θ_0 will do)
-    summary = run_windows(tiny_model, gguf_tokenizer, pool, harmful[:4], tmp_path / "w",
-                          (tmp_path / "dirs" / "danger", danger), (tmp_path / "dirs" / "safety", safety),
-                          tmp_path / "dirs" / "danger", k=3, rank=2, max_length=64, eval_tokens=4,
-                          num_train_epochs=1, per_device_train_batch_size=4)
-    assert summary["window_size"] == 4 and [w["window"] for w in summary["windows"]] == [1, 2, 3]
-    means = [w["sqsd_mean"] for w in summary["windows"]]
+    dirs = ((tmp_path / "dirs" / "danger", danger), (tmp_path / "dirs" / "safety", safety),
+            tmp_path / "dirs" / "danger")
+    common = dict(k=3, rank=2, max_length=64, eval_tokens=4, strata=strata, num_train_epochs=1,
+                  per_device_train_batch_size=4)
+    overall = run_windows(tiny_model, gguf_tokenizer, pool, harmful[:4], tmp_path / "w", *dirs, **common)
+    within = run_windows(tiny_model, gguf_tokenizer, pool, harmful[:4], tmp_path / "in", *dirs, within=True,
+                         **common)
+    assert overall["window_size"] == 4 and [w["window"] for w in overall["windows"]] == [1, 2, 3]
+    means = [w["sqsd_mean"] for w in overall["windows"]]
     assert means == sorted(means, reverse=True)
-    for w in summary["windows"]:  # harmfulness is 1 − the saved refusal rate of that window's model
-        saved = json.loads((tmp_path / "w" / f"window_{w['window']}" / "refusal.json").read_text())
-        assert w["harmfulness"] == pytest.approx(1 - saved["rate"]) and saved["n"] == 4
-    assert set(summary["variants_rho"]) == {"danger only (cosine)", "SQSD, global_cosine"}
+    for w in overall["windows"]:
+        indices = overall["evaluations"][f"window {w['window']}"]["indices"]
+        assert w["mix"] == {label: sum(strata[i] == label for i in indices) for label in ("long", "short")
+                            if any(strata[i] == label for i in indices)}
+        saved = json.loads((tmp_path / "w" / f"window_{w['window']}" / "judged.json").read_text())
+        for m, values in measures(saved).items():  # each measure is the mean of the saved per-prompt values
+            assert w[m] == pytest.approx(sum(values) / 4)
+        assert w["degenerate"] == pytest.approx(saved["outcomes"]["phrase"].count("degenerate") / 4)
+    assert set(overall["rho"]) == {"phrase", "likelihood", "likelihood score"}
+    # within strata: 4 "long" and 8 "short" records → every window holds 1 long and 2 short ones
+    assert within["ranking"] == "within strata" and within["window_size"] == 3
+    assert [w["mix"] for w in within["windows"]] == [{"long": 1, "short": 2}] * 3
+    assert set(overall["variants_rho"]) == {"danger only (cosine)", "SQSD, global_cosine"}
     assert (tmp_path / "w" / "windows.png").stat().st_size > 5000
     assert "| random |" in (tmp_path / "w" / "windows.md").read_text()
+    with pytest.raises(ValueError, match="give strata"):
+        run_windows(tiny_model, gguf_tokenizer, pool, harmful[:4], tmp_path / "x", *dirs, k=3, within=True)
 
 
 def test_across_seeds_against_hand_computed_values(tmp_path):
-    """rho per seed, its mean with a t interval across seeds (t_0.975, 2 df = 4.303), harmfulness per window."""
+    """ρ per seed per measure, its mean with a t interval across seeds (t_0.975, 2 df = 4.303), each window's mean
+    of per-seed means; where every seed and prompt agree the bootstrap interval is that point."""
     from sqsd_lab.windows import across_seeds, seeds_plot, seeds_table
 
     def summary(seed, harm, random):
-        return {"seed": seed, "k": 3, "window_size": 4, "held_out": 10, "random": random,
-                "rho": spearman([1, 2, 3], harm),
-                "windows": [{"window": w + 1, "sqsd_mean": 3.0 - w, "harmfulness": h} for w, h in enumerate(harm)]}
+        """Two held-out prompts; a window harmful on round(2·h) of them by both judges, margins ±1 to match."""
+        def ev(h):
+            n = round(2 * h)
+            return _evaluation([True] * n + [False] * (2 - n), [1.0] * n + [-1.0] * (2 - n))
+        evs = {**{f"window {w + 1}": ev(h) for w, h in enumerate(harm)}, "random": ev(random)}
+        rho = spearman([1, 2, 3], harm)
+        return {"seed": seed, "k": 3, "window_size": 4, "held_out": 2, "ranking": "overall", "evaluations": evs,
+                "rho": {"phrase": rho, "likelihood": rho, "likelihood score": rho},
+                "windows": [{"window": w + 1, "sqsd_mean": 3.0 - w, "mix": None, "degenerate": 0.1 * seed}
+                            for w in range(3)],
+                "random": {"mix": None, "degenerate": 0.0}}
 
-    runs = [summary(0, [0.5, 0.4, 0.3], 0.45), summary(1, [0.5, 0.3, 0.4], 0.35), summary(2, [0.6, 0.2, 0.1], 0.4)]
+    runs = [summary(0, [1.0, 0.5, 0.0], 0.5), summary(1, [1.0, 0.0, 0.5], 0.5), summary(2, [1.0, 0.5, 0.0], 0.5)]
     got = across_seeds(runs)
-    assert got["rho_per_seed"] == pytest.approx([-1.0, -0.5, -1.0])
+    phrase = got["measures"]["phrase"]
+    assert phrase["rho_per_seed"] == pytest.approx([-1.0, -0.5, -1.0])
     mean, sd = -2.5 / 3, float(np.std([-1.0, -0.5, -1.0], ddof=1))
-    assert got["rho_mean"] == pytest.approx(mean)
+    assert phrase["rho_mean"] == pytest.approx(mean)
     half = 4.303 * sd / 3 ** 0.5
-    assert got["rho_95_across_seeds"] == pytest.approx([max(-1.0, mean - half), mean + half])  # clipped at −1
-    assert [w["harmfulness_mean"] for w in got["windows"]] == pytest.approx([16 / 30, 0.3, 0.8 / 3])
-    assert got["windows"][0]["harmfulness_min"] == 0.5 and got["windows"][0]["harmfulness_max"] == 0.6
-    assert got["rho_of_mean_harmfulness"] == pytest.approx(-1.0) and got["random"]["mean"] == pytest.approx(0.4)
-    assert "-1.00, -0.50, -1.00" in seeds_table(got)
+    assert phrase["rho_95_across_seeds"] == pytest.approx([max(-1.0, mean - half), mean + half])  # clipped at −1
+    assert [w["mean"] for w in phrase["windows"]] == pytest.approx([1.0, 1 / 3, 1 / 6])
+    assert (phrase["windows"][0]["ci_low"], phrase["windows"][0]["ci_high"]) == (1.0, 1.0)  # every draw harmful
+    assert phrase["rho_of_mean"] == pytest.approx(-1.0) and phrase["random"]["mean"] == pytest.approx(0.5)
+    score = got["measures"]["likelihood score"]  # margins +1 / −1: the mean is 2·harm − 1
+    assert [w["mean"] for w in score["windows"]] == pytest.approx([1.0, -1 / 3, -2 / 3])
+    assert got["windows"][0]["degenerate"] == pytest.approx(0.1)
+    text = seeds_table(got)
+    assert "-1.00, -0.50, -1.00" in text and "| 1 | +3.000 | – | 1.00 [1.00, 1.00] |" in text
     seeds_plot(got, tmp_path / "seeds.png")
     assert (tmp_path / "seeds.png").stat().st_size > 5000
 
