@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from sqsd_callback.sinks import read_jsonl
 from sqsd_lab.adapters import direction_sets, theta_0
-from sqsd_lab.data import load_model, load_records
+from sqsd_lab.data import load_model, load_records, tokenize_chats
 from sqsd_lab.demo import run_demo
-from sqsd_lab.windows import across_seeds, run_windows, seeds_plot, seeds_table
+from sqsd_lab.windows import across_seeds, run_windows, score_variants, seeds_plot, seeds_table
 
 
 def main() -> None:
@@ -79,15 +79,17 @@ def main() -> None:
     model, tokenizer = load_model(opts.model)
     model = theta_0(model, directions)
     danger, safety = direction_sets(directions)
+    sets = ((directions / "danger", danger), (directions / "safety", safety), checkpoint)
+    samples = tokenize_chats(tokenizer, records, opts.max_length)
+    variants = score_variants(model, samples, *sets, alpha=0.5)  # neither the seed nor the ranking changes them
     summaries: dict[str, list[dict]] = {"overall": [], "within strata": []}
     for seed in tqdm(opts.seeds, desc="training seeds"):
         for ranking, within in (("overall", False), ("within strata", True)):
             folder = out / f"{'within' if within else 'overall'}-k{opts.k}-seed{seed}"
             summaries[ranking].append(run_windows(
-                model, tokenizer, records, prompts, folder, (directions / "danger", danger),
-                (directions / "safety", safety), checkpoint, k=opts.k, rank=opts.rank, max_length=opts.max_length,
-                online=online, seed=seed, strata=strata, within=within, num_train_epochs=opts.epochs,
-                learning_rate=opts.lr))
+                model, tokenizer, records, prompts, folder, *sets, k=opts.k, alpha=0.5, rank=opts.rank,
+                max_length=opts.max_length, online=online, seed=seed, strata=strata, within=within,
+                variants=variants, num_train_epochs=opts.epochs, learning_rate=opts.lr))
     combined = {ranking: across_seeds(s) for ranking, s in summaries.items()}
     about = {"strata_field": opts.strata_field, "variants_rho": summaries["overall"][0]["variants_rho"],
              "n_eval": len(prompts), "epochs": opts.epochs, "lr": opts.lr, "rank": opts.rank,

@@ -96,13 +96,14 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
                 danger: tuple[Path, object], safety: tuple[Path, object], checkpoint: Path, k: int = 4,
                 alpha: float = 0.5, rank: int = 8, max_length: int = 192, eval_tokens: int = 32,
                 online: list[dict] | None = None, seed: int = 0, strata: Sequence[str] | None = None,
-                within: bool = False, **train) -> dict:
+                within: bool = False, variants: dict[str, list[dict]] | None = None, **train) -> dict:
     """Score ``records`` (prompt/response) at θ_0 = ``model``, fine-tune θ_0 on each of ``k`` windows by rank and
     on a random window of the same size (same steps, seed and hyper-parameters; ``train`` overrides SFTConfig
     fields), and judge the answers to ``held_out`` prompts after each (``judges.judge_generations``: the phrase
     judge's three-way outcome and the likelihood judge). ``strata``: a label per record (its kind) whose mix each
     window reports; ``within``: rank within those strata (``screening.windows_within``), so every window has the
-    same mix. Writes ``windows.json``, ``windows.md`` and ``windows.png`` under ``out``; returns the results."""
+    same mix. ``variants``: ``score_variants``' rows where the caller has them (they depend on neither the seed nor
+    the ranking). Writes ``windows.json``, ``windows.md`` and ``windows.png`` under ``out``; returns the results."""
     if strata is not None and len(strata) != len(records):
         raise ValueError(f"strata has {len(strata)} labels for {len(records)} records: give one label per record")
     if within and strata is None:
@@ -110,7 +111,8 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = tokenize_chats(tokenizer, records, max_length)
-    variants = score_variants(model, samples, danger, safety, checkpoint, alpha)
+    if variants is None:
+        variants = score_variants(model, samples, danger, safety, checkpoint, alpha)
     windows = windows_within(variants["cosine"], k, strata) if within else rank_windows(variants["cosine"], k)[1]
     size = min(w["size"] for w in windows)
     control = random.Random(seed).sample(range(len(samples)), size)
