@@ -1,6 +1,6 @@
 """The paper's window experiment: does fine-tuning on the riskiest SQSD window degrade safety most?
 
-    python recipes/replicate_windows.py --quick            # embedded default, 5 seeds, 2 CPU cores, ~2 h
+    python recipes/replicate_windows.py --quick            # embedded default, 5 seeds, 2 CPU cores, ~75 min
     python recipes/replicate_windows.py --model Qwen/Qwen3-8B --pool dolly.jsonl --directions runs/paper/directions \
         --checkpoint runs/paper/theta_t --held-out harmful_eval.jsonl --k 5 --out runs/windows
 
@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--checkpoint", help="fine-tuning LoRA checkpoint θ_t where danger is taken (full mode)")
     p.add_argument("--held-out", help="held-out harmful prompts, a `prompt` per record (full mode: default the "
                    "directions' held_out.jsonl)")
-    p.add_argument("--n-eval", type=int, default=128, help="held-out prompts in each evaluation")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out prompts in each evaluation (default: 64 with "
+                   "--quick, 128 otherwise)")
     p.add_argument("--k", type=int, default=5, help="windows by rank")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
     p.add_argument("--strata-field", default="category", help="the records' field whose values the second ranking "
@@ -75,7 +76,8 @@ def main() -> None:
                 "a field every record has")
     strata = [str(r[opts.strata_field]) for r in records]
     held_out = opts.held_out or directions / "held_out.jsonl"
-    prompts = [r["prompt"] for r in load_records(held_out, prompts_only=True)][:opts.n_eval]
+    n_eval = opts.n_eval or (64 if opts.quick else 128)
+    prompts = [r["prompt"] for r in load_records(held_out, prompts_only=True)][:n_eval]
     model, tokenizer = load_model(opts.model)
     model = theta_0(model, directions)
     danger, safety = direction_sets(directions)

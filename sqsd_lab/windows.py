@@ -103,7 +103,9 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
     judge's three-way outcome and the likelihood judge). ``strata``: a label per record (its kind) whose mix each
     window reports; ``within``: rank within those strata (``screening.windows_within``), so every window has the
     same mix. ``variants``: ``score_variants``' rows where the caller has them (they depend on neither the seed nor
-    the ranking). Writes ``windows.json``, ``windows.md`` and ``windows.png`` under ``out``; returns the results."""
+    the ranking). Each window's adapter and judged answers are kept under ``out`` with what made them, and reused
+    by a rerun that would make them alike. Writes ``windows.json``, ``windows.md`` and ``windows.png`` under
+    ``out``; returns the results."""
     if strata is not None and len(strata) != len(records):
         raise ValueError(f"strata has {len(strata)} labels for {len(records)} records: give one label per record")
     if within and strata is None:
@@ -121,16 +123,19 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
     for name, indices in runs:
         adapter = out / name.replace(" ", "_")
         path = adapter / "judged.json"
-        if not path.is_file():  # each finished window is kept: a rerun resumes
+        made = {"indices": list(indices), "seed": seed, "rank": rank, "max_length": max_length, "train": train,
+                "held_out": list(held_out), "eval_tokens": eval_tokens}
+        evaluation = json.loads(path.read_text()) if path.is_file() else None
+        if evaluation is None or evaluation.get("made") != made:  # a finished window is kept: a rerun resumes
             train_lora(model, tokenizer, [samples[i] for i in indices], adapter, lora=lora_config(rank),
                        seed=seed, **train)
             tuned = load_adapter(model, adapter)
             try:
-                judged = judges.judge_generations(tuned, tokenizer, held_out, held_out, eval_tokens)
+                evaluation = {**judges.judge_generations(tuned, tokenizer, held_out, held_out, eval_tokens),
+                              "made": made}
             finally:
                 tuned.unload()
-            write_atomic(path, judged)
-        evaluation = json.loads(path.read_text())
+            write_atomic(path, evaluation)
         evaluations[name] = {"indices": indices, "outcomes": evaluation["outcomes"], "scores": evaluation["scores"]}
     names = [name for name, _ in runs[:-1]]
     values = {name: measures(e) for name, e in evaluations.items()}

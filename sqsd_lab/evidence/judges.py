@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from collections import Counter
@@ -149,33 +150,47 @@ class LikelihoodJudge:
 
     @torch.no_grad()
     def token_means(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        """Mean log-probability per token of each continuation after its chat-formatted prompt (right-padded
-        batches, so positions are those of the unpadded sequence)."""
+        """Mean log-probability per token of each continuation after its chat-formatted prompt. Consecutive pairs
+        with one prompt (``margins`` asks for every continuation after each prompt) share one forward pass over it:
+        its key/value cache is repeated for a batch of right-padded continuations, at the positions they have in
+        the unpadded sequence."""
         tok, model = self.tokenizer, self.model
-        seqs = []
-        for prompt, cont in pairs:
-            head = tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        groups: list[tuple[str, list[tuple[int, list[int]]]]] = []  # (prompt, [(pair position, tail ids)])
+        for i, (prompt, cont) in enumerate(pairs):
             tail = tok(cont, add_special_tokens=False)["input_ids"]
             if not tail:
                 raise ValueError(f"continuation {cont!r} has no tokens; remove it")
-            seqs.append((head, tail))
+            if not groups or groups[-1][0] != prompt:
+                groups.append((prompt, []))
+            groups[-1][1].append((i, tail))
         was_training = model.training
         model.eval()
-        out: list[float] = []
+        out = [0.0] * len(pairs)
         try:
-            for start in range(0, len(seqs), self.batch_size):
-                batch = seqs[start:start + self.batch_size]
-                width = max(len(h) + len(t) for h, t in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, (h, t) in enumerate(batch):
-                    ids[row, :len(h) + len(t)] = torch.tensor(h + t)
-                    mask[row, :len(h) + len(t)] = 1
-                logp = model(input_ids=ids.to(model.device),
-                             attention_mask=mask.to(model.device)).logits.float().log_softmax(-1).cpu()
-                for row, (h, t) in enumerate(batch):
-                    positions = torch.arange(len(h) - 1, len(h) + len(t) - 1)
-                    out.append(logp[row, positions, torch.tensor(t)].mean().item())
+            for prompt, items in groups:
+                head = tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+                first = model(input_ids=torch.tensor([head], device=model.device), use_cache=True)
+                last = first.logits[0, -1].float().log_softmax(-1).cpu()  # each continuation's first token
+                # the cache's name in outputs and inputs: ``cache`` from transformers 5, ``past_key_values`` before
+                key = "cache" if "cache" in first else "past_key_values"
+                for start in range(0, len(items), self.batch_size):
+                    batch = items[start:start + self.batch_size]
+                    width = max(len(t) for _, t in batch)
+                    ids = torch.zeros(len(batch), width, dtype=torch.long)
+                    mask = torch.zeros(len(batch), len(head) + width, dtype=torch.long)
+                    mask[:, :len(head)] = 1
+                    for row, (_, t) in enumerate(batch):
+                        ids[row, :len(t)] = torch.tensor(t)
+                        mask[row, len(head):len(head) + len(t)] = 1
+                    cache = copy.deepcopy(first[key])
+                    cache.batch_repeat_interleave(len(batch))
+                    positions = torch.arange(len(head), len(head) + width).expand(len(batch), -1)
+                    logp = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 position_ids=positions.to(model.device), use_cache=True,
+                                 **{key: cache}).logits.float().log_softmax(-1).cpu()
+                    for row, (i, t) in enumerate(batch):
+                        values = [last[t[0]].item()] + [logp[row, j - 1, t[j]].item() for j in range(1, len(t))]
+                        out[i] = sum(values) / len(values)
         finally:
             model.train(was_training)
         return out
