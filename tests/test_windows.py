@@ -101,6 +101,13 @@ def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
     assert "| random |" in (tmp_path / "w" / "windows.md").read_text()
     with pytest.raises(ValueError, match="give strata"):
         run_windows(tiny_model, gguf_tokenizer, pool, harmful[:4], tmp_path / "x", *dirs, k=3, within=True)
+    # a rerun alike reuses every window; one with other held-out prompts makes each window again
+    saved = tmp_path / "w" / "window_1" / "judged.json"
+    stamp = saved.stat().st_mtime_ns
+    again = run_windows(tiny_model, gguf_tokenizer, pool, harmful[:4], tmp_path / "w", *dirs, **common)
+    assert saved.stat().st_mtime_ns == stamp and again["windows"] == overall["windows"]
+    fewer = run_windows(tiny_model, gguf_tokenizer, pool, harmful[:2], tmp_path / "w", *dirs, **common)
+    assert fewer["held_out"] == 2 and len(json.loads(saved.read_text())["responses"]) == 2
 
 
 def test_across_seeds_against_hand_computed_values(tmp_path):
