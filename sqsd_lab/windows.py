@@ -145,19 +145,27 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
         "ranking": "within strata" if within else "overall",
         "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "mix": _mix(evaluations[n]["indices"], strata),
                      "degenerate": _share(evaluations[n]["outcomes"]["phrase"], "degenerate"),
-                     **{m: float(np.mean(v)) for m, v in values[n].items()}} for w, n in zip(windows, names)],
+                     "measures": {m: float(np.mean(v)) for m, v in values[n].items()}} for w, n in zip(windows, names)],
         "random": {"mix": _mix(control, strata), "degenerate": _share(evaluations["random"]["outcomes"]["phrase"],
                                                                       "degenerate"),
-                   **{m: float(np.mean(v)) for m, v in values["random"].items()}},
-        "rho": {m: spearman(ranks, [float(np.mean(values[n][m])) for n in names]) for m in values["random"]},
-        "rho_95": {m: bootstrap_rho(np.array([values[n][m] for n in names]), seed=seed) for m in values["random"]},
+                   "measures": {m: float(np.mean(v)) for m, v in values["random"].items()}},
+        # ρ is undefined (None) for a measure that is the same in every window
+        "rho": {m: stats.spearman(ranks, [float(np.mean(values[n][m])) for n in names]) for m in values["random"]},
+        "rho_95": {m: _defined(bootstrap_rho(np.array([values[n][m] for n in names]), seed=seed))
+                   for m in values["random"]},
         "variants_rho": variant_correlations(variants, online),
         "evaluations": evaluations,
     }
     (out / "windows.json").write_text(json.dumps(summary, indent=1))
-    seeds_plot(across_seeds([summary]), out / "windows.png")
-    (out / "windows.md").write_text(seeds_table(across_seeds([summary])))
+    combined = across_seeds([summary])
+    seeds_plot(combined, out / "windows.png")
+    (out / "windows.md").write_text(seeds_table(combined))
     return summary
+
+
+def _defined(interval: tuple[float, float]) -> list[float] | None:
+    """An interval, or None where it is undefined (nan)."""
+    return None if any(math.isnan(x) for x in interval) else list(interval)
 
 
 def _share(outcomes: Sequence[str], outcome: str) -> float:
@@ -175,11 +183,15 @@ def across_seeds(summaries: Sequence[dict]) -> dict:
     for m in first["rho"]:
         cells = [stats.interval({s["seed"]: measures(s["evaluations"][n])[m] for s in summaries}) for n in names]
         rhos = [s["rho"][m] for s in summaries]
-        mean = float(np.mean(rhos))
-        half = _t975(len(rhos) - 1) * float(np.std(rhos, ddof=1)) / np.sqrt(len(rhos)) if len(rhos) > 1 else math.nan
+        mean = half = None  # where a seed's ρ is undefined, so are their mean and its interval
+        if all(r is not None for r in rhos):
+            mean = float(np.mean(rhos))
+            if len(rhos) > 1:
+                half = _t975(len(rhos) - 1) * float(np.std(rhos, ddof=1)) / np.sqrt(len(rhos))
         by_measure[m] = {"rho_per_seed": rhos, "rho_mean": mean,
-                         "rho_95_across_seeds": [max(-1.0, mean - half), min(1.0, mean + half)],
-                         "rho_of_mean": spearman(range(1, len(names)), [c["mean"] for c in cells[:-1]]),
+                         "rho_95_across_seeds": None if half is None else [max(-1.0, mean - half),
+                                                                           min(1.0, mean + half)],
+                         "rho_of_mean": stats.spearman(range(1, len(names)), [c["mean"] for c in cells[:-1]]),
                          "windows": cells[:-1], "random": cells[-1]}
     degenerate = [[s["windows"][i]["degenerate"] for s in summaries] for i in range(len(first["windows"]))]
     return {"seeds": [s["seed"] for s in summaries], "k": first["k"], "window_size": first["window_size"],
@@ -227,8 +239,8 @@ def seeds_table(combined: dict) -> str:
                                  f"{r['degenerate']:.2f}"]) + " |", ""]
     for m in ms:
         x = combined["measures"][m]
-        lo, hi = x["rho_95_across_seeds"]
-        spread = f", 95 % t interval across seeds [{lo:+.2f}, {hi:+.2f}]" if len(x["rho_per_seed"]) > 1 else ""
+        spread = "" if x["rho_95_across_seeds"] is None else (
+            ", 95 % t interval across seeds [{:+.2f}, {:+.2f}]".format(*x["rho_95_across_seeds"]))
         lines.append(f"- {m}: Spearman's ρ (window rank vs the measure) per seed "
                      f"{', '.join(_signed(r) for r in x['rho_per_seed'])}; mean {_signed(x['rho_mean'])}{spread}; "
                      f"ρ of the seed means {_signed(x['rho_of_mean'])} (the paper's ordering is ρ = −1).")
@@ -237,7 +249,7 @@ def seeds_table(combined: dict) -> str:
 
 def _signed(x: float | None) -> str:
     """``+0.50``, or ``n/a`` where ρ is undefined (a constant measure)."""
-    return "n/a" if x is None or math.isnan(x) else f"{x:+.2f}"
+    return "n/a" if x is None else f"{x:+.2f}"
 
 
 def seeds_plot(combined: dict, path: Path) -> None:

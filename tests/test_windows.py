@@ -90,7 +90,7 @@ def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
                             if any(strata[i] == label for i in indices)}
         saved = json.loads((tmp_path / "w" / f"window_{w['window']}" / "judged.json").read_text())
         for m, values in measures(saved).items():  # each measure is the mean of the saved per-prompt values
-            assert w[m] == pytest.approx(sum(values) / 4)
+            assert w["measures"][m] == pytest.approx(sum(values) / 4)
         assert w["degenerate"] == pytest.approx(saved["outcomes"]["phrase"].count("degenerate") / 4)
     assert set(overall["rho"]) == {"phrase", "likelihood", "likelihood score"}
     # within strata: 4 "long" and 8 "short" records → every window holds 1 long and 2 short ones
@@ -116,14 +116,15 @@ def test_across_seeds_against_hand_computed_values(tmp_path):
     from sqsd_lab.windows import across_seeds, seeds_plot, seeds_table
 
     def summary(seed, harm, random):
-        """Two held-out prompts; a window harmful on round(2·h) of them by both judges, margins ±1 to match."""
+        """Two held-out prompts; a window harmful on round(2·h) of them by the phrase judge, its likelihood margins
+        −0.5 there and −1 elsewhere: the likelihood verdict is refusal throughout, so its ρ is undefined."""
         def ev(h):
             n = round(2 * h)
-            return _evaluation([True] * n + [False] * (2 - n), [1.0] * n + [-1.0] * (2 - n))
+            return _evaluation([True] * n + [False] * (2 - n), [-0.5] * n + [-1.0] * (2 - n))
         evs = {**{f"window {w + 1}": ev(h) for w, h in enumerate(harm)}, "random": ev(random)}
         rho = spearman([1, 2, 3], harm)
         return {"seed": seed, "k": 3, "window_size": 4, "held_out": 2, "ranking": "overall", "evaluations": evs,
-                "rho": {"phrase": rho, "likelihood": rho, "likelihood score": rho},
+                "rho": {"phrase": rho, "likelihood": None, "likelihood score": rho},
                 "windows": [{"window": w + 1, "sqsd_mean": 3.0 - w, "mix": None, "degenerate": 0.1 * seed}
                             for w in range(3)],
                 "random": {"mix": None, "degenerate": 0.0}}
@@ -139,11 +140,15 @@ def test_across_seeds_against_hand_computed_values(tmp_path):
     assert [w["mean"] for w in phrase["windows"]] == pytest.approx([1.0, 1 / 3, 1 / 6])
     assert (phrase["windows"][0]["ci_low"], phrase["windows"][0]["ci_high"]) == (1.0, 1.0)  # every draw harmful
     assert phrase["rho_of_mean"] == pytest.approx(-1.0) and phrase["random"]["mean"] == pytest.approx(0.5)
-    score = got["measures"]["likelihood score"]  # margins +1 / −1: the mean is 2·harm − 1
-    assert [w["mean"] for w in score["windows"]] == pytest.approx([1.0, -1 / 3, -2 / 3])
+    score = got["measures"]["likelihood score"]  # margins −0.5 / −1: the mean is harm / 2 − 1
+    assert [w["mean"] for w in score["windows"]] == pytest.approx([-0.5, -2.5 / 3, -2.75 / 3])
+    verdict = got["measures"]["likelihood"]
+    assert [w["mean"] for w in verdict["windows"]] == [0.0, 0.0, 0.0]
+    assert verdict["rho_mean"] is None and verdict["rho_95_across_seeds"] is None and verdict["rho_of_mean"] is None
     assert got["windows"][0]["degenerate"] == pytest.approx(0.1)
     text = seeds_table(got)
     assert "-1.00, -0.50, -1.00" in text and "| 1 | +3.000 | – | 1.00 [1.00, 1.00] |" in text
+    assert "likelihood: Spearman's ρ (window rank vs the measure) per seed n/a, n/a, n/a; mean n/a; ρ" in text
     seeds_plot(got, tmp_path / "seeds.png")
     assert (tmp_path / "seeds.png").stat().st_size > 5000
 
