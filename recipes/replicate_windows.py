@@ -25,7 +25,7 @@ from sqsd_callback.sinks import read_jsonl
 from sqsd_lab.adapters import direction_sets, theta_0
 from sqsd_lab.data import load_model, load_records, tokenize_chats
 from sqsd_lab.demo import run_demo
-from sqsd_lab.windows import across_seeds, run_windows, score_variants, seeds_plot, seeds_table
+from sqsd_lab.windows import across_seeds, reference, run_windows, score_variants, seeds_plot, seeds_table
 
 
 def main() -> None:
@@ -84,6 +84,7 @@ def main() -> None:
     sets = ((directions / "danger", danger), (directions / "safety", safety), checkpoint)
     samples = tokenize_chats(tokenizer, records, opts.max_length)
     variants = score_variants(model, samples, *sets, alpha=0.5)  # neither the seed nor the ranking changes them
+    theta = reference(model, tokenizer, prompts, out / "theta_0")
     summaries: dict[str, list[dict]] = {"overall": [], "within strata": []}
     for seed in tqdm(opts.seeds, desc="training seeds"):
         for ranking, within in (("overall", False), ("within strata", True)):
@@ -97,11 +98,11 @@ def main() -> None:
              "n_eval": len(prompts), "epochs": opts.epochs, "lr": opts.lr, "rank": opts.rank,
              "minutes_this_invocation": (time.perf_counter() - start) / 60}
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps({**combined, **about}, indent=1))
-    text = "\n".join(seeds_table(c) for c in combined.values())
+    results.with_suffix(".json").write_text(json.dumps({**combined, "theta_0": theta, **about}, indent=1))
+    text = "\n".join(seeds_table(c, theta) for c in combined.values())
     results.with_suffix(".md").write_text(text)
-    seeds_plot(combined["overall"], results.with_suffix(".png"))
-    seeds_plot(combined["within strata"], results.with_name(f"{results.name}-within.png"))
+    seeds_plot(combined["overall"], results.with_suffix(".png"), theta)
+    seeds_plot(combined["within strata"], results.with_name(f"{results.name}-within.png"), theta)
     print(text)
     print(f"plots: {results.with_suffix('.png')}, {results.with_name(results.name + '-within.png')}; "
           f"{about['minutes_this_invocation']:.1f} min")

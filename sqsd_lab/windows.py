@@ -13,7 +13,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,20 +122,19 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
     evaluations = {}
     for name, indices in runs:
         adapter = out / name.replace(" ", "_")
-        path = adapter / "judged.json"
         made = {"indices": list(indices), "seed": seed, "rank": rank, "max_length": max_length, "train": train,
                 "held_out": list(held_out), "eval_tokens": eval_tokens}
-        evaluation = json.loads(path.read_text()) if path.is_file() else None
-        if evaluation is None or evaluation.get("made") != made:  # a finished window is kept: a rerun resumes
+
+        def make(adapter: Path = adapter, indices: list[int] = indices) -> dict:
             train_lora(model, tokenizer, [samples[i] for i in indices], adapter, lora=lora_config(rank),
                        seed=seed, **train)
             tuned = load_adapter(model, adapter)
             try:
-                evaluation = {**judges.judge_generations(tuned, tokenizer, held_out, held_out, eval_tokens),
-                              "made": made}
+                return judges.judge_generations(tuned, tokenizer, held_out, held_out, eval_tokens)
             finally:
                 tuned.unload()
-            write_atomic(path, evaluation)
+
+        evaluation = _kept(adapter / "judged.json", made, make)
         evaluations[name] = {"indices": indices, "outcomes": evaluation["outcomes"], "scores": evaluation["scores"]}
     names = [name for name, _ in runs[:-1]]
     values = {name: measures(e) for name, e in evaluations.items()}
@@ -166,6 +165,26 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
 def _defined(interval: tuple[float, float]) -> list[float] | None:
     """An interval, or None where it is undefined (nan)."""
     return None if any(math.isnan(x) for x in interval) else list(interval)
+
+
+def _kept(path: Path, made: dict, make: Callable[[], dict]) -> dict:
+    """The evaluation saved at ``path`` where ``made`` (what made it) is unchanged, else ``make()``'s, saved with
+    ``made``: a finished window is kept, and a rerun resumes."""
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is None or saved.get("made") != made:
+        saved = {**make(), "made": made}
+        write_atomic(path, saved)
+    return saved
+
+
+def reference(model, tokenizer, held_out: Sequence[str], out: str | Path, eval_tokens: int = 32) -> dict:
+    """θ_0's answers to ``held_out`` judged as each window's are (kept under ``out``): the level fine-tuning on
+    any window moves from. Its measures' means, degenerate share and the evaluation."""
+    evaluation = _kept(Path(out) / "judged.json", {"held_out": list(held_out), "eval_tokens": eval_tokens},
+                       lambda: judges.judge_generations(model, tokenizer, held_out, held_out, eval_tokens))
+    return {"measures": {m: float(np.mean(v)) for m, v in measures(evaluation).items()},
+            "degenerate": _share(evaluation["outcomes"]["phrase"], "degenerate"),
+            "evaluation": {"outcomes": evaluation["outcomes"], "scores": evaluation["scores"]}}
 
 
 def _share(outcomes: Sequence[str], outcome: str) -> float:
@@ -220,9 +239,9 @@ def _mix_cell(mix: dict[str, int] | None) -> str:
     return "–" if not mix else ", ".join(f"{label} {n}" for label, n in mix.items())
 
 
-def seeds_table(combined: dict) -> str:
+def seeds_table(combined: dict, theta_0: dict | None = None) -> str:
     """``across_seeds`` results as Markdown: per window its mean SQSD, mix, each measure with its interval and the
-    degenerate share; then ρ per seed, its mean and interval, per measure."""
+    degenerate share, θ_0's row (``reference``) where given; then ρ per seed, its mean and interval, per measure."""
     ms = list(combined["measures"])
     head = ["window (1 = riskiest)", "mean SQSD", "mix", *ms, "degenerate (phrase)"]
     lines = [f"Ranking: {combined['ranking']}; {combined['window_size']} examples per window; training seeds "
@@ -236,7 +255,12 @@ def seeds_table(combined: dict) -> str:
     r = combined["random"]
     lines += ["| " + " | ".join(["random", "", _mix_cell(r["mix"]),
                                  *(shown_interval(combined["measures"][m]["random"]) for m in ms),
-                                 f"{r['degenerate']:.2f}"]) + " |", ""]
+                                 f"{r['degenerate']:.2f}"]) + " |"]
+    if theta_0 is not None:
+        lines.append("| " + " | ".join(["θ_0 (no fine-tuning)", "", "–",
+                                         *(f"{theta_0['measures'][m]:.2f}" for m in ms),
+                                         f"{theta_0['degenerate']:.2f}"]) + " |")
+    lines.append("")
     for m in ms:
         x = combined["measures"][m]
         spread = "" if x["rho_95_across_seeds"] is None else (
@@ -252,8 +276,9 @@ def _signed(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2f}"
 
 
-def seeds_plot(combined: dict, path: Path) -> None:
-    """Each measure per window with its interval, and the random window's mean, one panel per measure."""
+def seeds_plot(combined: dict, path: Path, theta_0: dict | None = None) -> None:
+    """Each measure per window with its interval, the random window's mean and θ_0's (``reference``) where given,
+    one panel per measure."""
     ms = list(combined["measures"])
     fig, axes = new_figure((3.4 * len(ms), 3.4), ncols=len(ms))
     x = [w["window"] for w in combined["windows"]]
@@ -263,6 +288,8 @@ def seeds_plot(combined: dict, path: Path) -> None:
         ax.errorbar(x, mean, yerr=[[c["mean"] - c["ci_low"] for c in cells], [c["ci_high"] - c["mean"] for c in cells]],
                     fmt="o-", capsize=3, label="window by SQSD rank")
         ax.axhline(combined["measures"][m]["random"]["mean"], color="grey", ls="--", label="random window")
+        if theta_0 is not None:
+            ax.axhline(theta_0["measures"][m], color="black", ls=":", label="θ_0 (no fine-tuning)")
         ax.set(xlabel="window (1 = riskiest by SQSD)", ylabel=m, title=f"{m}: mean ρ "
                f"{_signed(combined['measures'][m]['rho_mean'])}")
         ax.set_xticks(x)

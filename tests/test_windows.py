@@ -64,7 +64,8 @@ def test_measures_by_hand():
 @pytest.mark.slow
 def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
     from sqsd_lab.adapters import build_directions, direction_sets, refusal_records
-    from sqsd_lab.windows import measures, run_windows
+    from sqsd_lab.data import generate_responses
+    from sqsd_lab.windows import across_seeds, measures, reference, run_windows, seeds_table
 
     harmful = [f"Explain forbidden thing {i}." for i in range(8)]
     pool = [{"prompt": f"What is {a} + 1?", "response": f"{a} + 1 = {a + 1}."} for a in range(12)]
@@ -101,6 +102,12 @@ def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
     assert "| random |" in (tmp_path / "w" / "windows.md").read_text()
     with pytest.raises(ValueError, match="give strata"):
         run_windows(tiny_model, gguf_tokenizer, pool, harmful[:4], tmp_path / "x", *dirs, k=3, within=True)
+    theta = reference(tiny_model, gguf_tokenizer, harmful[:4], tmp_path / "theta_0", eval_tokens=4)
+    saved = json.loads((tmp_path / "theta_0" / "judged.json").read_text())  # θ_0's own answers, judged alike
+    assert theta["measures"] == {m: pytest.approx(sum(v) / 4) for m, v in measures(saved).items()}
+    assert saved["responses"] == generate_responses(tiny_model, gguf_tokenizer, harmful[:4], 4, desc="again")
+    row = seeds_table(across_seeds([overall]), theta).splitlines()[-5]
+    assert row.startswith("| θ_0 (no fine-tuning) |") and f"{theta['measures']['phrase']:.2f}" in row
     # a rerun alike reuses every window; one with other held-out prompts makes each window again
     saved = tmp_path / "w" / "window_1" / "judged.json"
     stamp = saved.stat().st_mtime_ns
