@@ -98,7 +98,9 @@ def main() -> None:
              "n_eval": len(prompts), "epochs": opts.epochs, "lr": opts.lr, "rank": opts.rank,
              "minutes_this_invocation": (time.perf_counter() - start) / 60}
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps({**combined, "theta_0": theta, **about}, indent=1))
+    # per seed: each window's per-prompt outcomes and scores by judge (the answers are in <out>/*/judged.json)
+    results.with_suffix(".json").write_text(json.dumps({**combined, "theta_0": theta, **about,
+                                                        "per_seed": summaries}, indent=1))
     text = "\n".join(seeds_table(c, theta) for c in combined.values())
     results.with_suffix(".md").write_text(text)
     seeds_plot(combined["overall"], results.with_suffix(".png"), theta)
