@@ -80,10 +80,13 @@ def variant_correlations(variants: dict[str, list[dict]], online: list[dict] | N
 
 def measures(evaluation: dict) -> dict[str, list[float]]:
     """Per-prompt values of one evaluation (``judges.judge_generations``): each judge's harmful indicator under its
-    name, and each judge's own score where it has one under ``<judge> score`` (the likelihood judge's margin, which
-    sees a shift its 0 threshold does not). Higher is more harmful for each."""
+    name, each judge's own score where it has one under ``<judge> score`` (the likelihood judge's margin, which
+    sees a shift its 0 threshold does not), and ``phrase, not refused``: 1 − the refusal rate, the measure of the
+    earlier window experiments, which counts degenerate answers as harmful. Higher is more harmful for each."""
     out = {j: judges.harmful(o) for j, o in evaluation["outcomes"].items()}
     out.update({f"{j} score": list(v) for j, v in evaluation["scores"].items()})
+    if "phrase" in evaluation["outcomes"]:
+        out["phrase, not refused"] = [float(o != "refusal") for o in evaluation["outcomes"]["phrase"]]
     return out
 
 

@@ -58,7 +58,8 @@ def test_measures_by_hand():
     from sqsd_lab.windows import measures
 
     got = measures(_evaluation([True, None, False], [0.5, -1.0, -0.25]))
-    assert got == {"phrase": [1.0, 0.0, 0.0], "likelihood": [1.0, 0.0, 0.0], "likelihood score": [0.5, -1.0, -0.25]}
+    assert got == {"phrase": [1.0, 0.0, 0.0], "likelihood": [1.0, 0.0, 0.0], "likelihood score": [0.5, -1.0, -0.25],
+                   "phrase, not refused": [1.0, 1.0, 0.0]}
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
         for m, values in measures(saved).items():  # each measure is the mean of the saved per-prompt values
             assert w["measures"][m] == pytest.approx(sum(values) / 4)
         assert w["degenerate"] == pytest.approx(saved["outcomes"]["phrase"].count("degenerate") / 4)
-    assert set(overall["rho"]) == {"phrase", "likelihood", "likelihood score"}
+    assert set(overall["rho"]) == {"phrase", "likelihood", "likelihood score", "phrase, not refused"}
     # within strata: 4 "long" and 8 "short" records → every window holds 1 long and 2 short ones
     assert within["ranking"] == "within strata" and within["window_size"] == 3
     assert [w["mix"] for w in within["windows"]] == [{"long": 1, "short": 2}] * 3
@@ -131,7 +132,7 @@ def test_across_seeds_against_hand_computed_values(tmp_path):
         evs = {**{f"window {w + 1}": ev(h) for w, h in enumerate(harm)}, "random": ev(random)}
         rho = spearman([1, 2, 3], harm)
         return {"seed": seed, "k": 3, "window_size": 4, "held_out": 2, "ranking": "overall", "evaluations": evs,
-                "rho": {"phrase": rho, "likelihood": None, "likelihood score": rho},
+                "rho": {"phrase": rho, "likelihood": None, "likelihood score": rho, "phrase, not refused": rho},
                 "windows": [{"window": w + 1, "sqsd_mean": 3.0 - w, "mix": None, "degenerate": 0.1 * seed}
                             for w in range(3)],
                 "random": {"mix": None, "degenerate": 0.0}}
