@@ -107,8 +107,10 @@ def test_run_windows_on_a_tiny_model(tmp_path, tiny_model, gguf_tokenizer):
     saved = json.loads((tmp_path / "theta_0" / "judged.json").read_text())  # θ_0's own answers, judged alike
     assert theta["measures"] == {m: pytest.approx(sum(v) / 4) for m, v in measures(saved).items()}
     assert saved["responses"] == generate_responses(tiny_model, gguf_tokenizer, harmful[:4], 4, desc="again")
-    row = seeds_table(across_seeds([overall]), theta).splitlines()[-5]
-    assert row.startswith("| θ_0 (no fine-tuning) |") and f"{theta['measures']['phrase']:.2f}" in row
+    lines = seeds_table(across_seeds([overall]), theta).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| random |"))
+    assert lines[at + 1].startswith("| θ_0 (no fine-tuning) |")
+    assert lines[at + 1].split(" | ")[3] == f"{theta['measures']['phrase']:.2f}"  # after the row name, SQSD, mix
     # a rerun alike reuses every window; one with other held-out prompts makes each window again
     saved = tmp_path / "w" / "window_1" / "judged.json"
     stamp = saved.stat().st_mtime_ns
