@@ -10,7 +10,6 @@ holds where harm falls with window rank: Spearman's ρ between rank and harm nea
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,19 +34,20 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float("nan") if rho is None else rho
 
 
-def bootstrap_rho(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of Spearman's ρ between window rank and a measure, resampling the held-out prompts.
-    ``values[w, j]``: the measure for window w's model on prompt j (``measures``)."""
+def bootstrap_rho(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% interval of Spearman's ρ between window rank and a measure, resampling the held-out prompts (None where
+    no resample has a defined ρ: the measure is the same in every window). ``values[w, j]``: the measure for window
+    w's model on prompt j (``measures``)."""
     rng = np.random.default_rng(seed)
     ranks = np.arange(1, values.shape[0] + 1)
     rhos = []
     for _ in range(n_boot):
         pick = rng.integers(0, values.shape[1], values.shape[1])
-        rho = spearman(ranks, values[:, pick].mean(1))
-        if not np.isnan(rho):
+        rho = stats.spearman(ranks, values[:, pick].mean(1))
+        if rho is not None:
             rhos.append(rho)
     if not rhos:
-        return float("nan"), float("nan")
+        return None
     return float(np.percentile(rhos, 2.5)), float(np.percentile(rhos, 97.5))
 
 
@@ -146,15 +146,11 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
         "seed": seed, "examples": len(samples), "k": k, "window_size": size, "held_out": len(held_out),
         "ranking": "within strata" if within else "overall",
         "windows": [{"window": w["window"], "sqsd_mean": w["sqsd_mean"], "mix": _mix(evaluations[n]["indices"], strata),
-                     "degenerate": _share(evaluations[n]["outcomes"]["phrase"], "degenerate"),
-                     "measures": {m: float(np.mean(v)) for m, v in values[n].items()}} for w, n in zip(windows, names)],
-        "random": {"mix": _mix(control, strata), "degenerate": _share(evaluations["random"]["outcomes"]["phrase"],
-                                                                      "degenerate"),
-                   "measures": {m: float(np.mean(v)) for m, v in values["random"].items()}},
+                     **_levels(evaluations[n])} for w, n in zip(windows, names)],
+        "random": {"mix": _mix(control, strata), **_levels(evaluations["random"])},
         # ρ is undefined (None) for a measure that is the same in every window
         "rho": {m: stats.spearman(ranks, [float(np.mean(values[n][m])) for n in names]) for m in values["random"]},
-        "rho_95": {m: _defined(bootstrap_rho(np.array([values[n][m] for n in names]), seed=seed))
-                   for m in values["random"]},
+        "rho_95": {m: bootstrap_rho(np.array([values[n][m] for n in names]), seed=seed) for m in values["random"]},
         "variants_rho": variant_correlations(variants, online),
         "evaluations": evaluations,
     }
@@ -163,11 +159,6 @@ def run_windows(model, tokenizer, records: Sequence[dict], held_out: Sequence[st
     seeds_plot(combined, out / "windows.png")
     (out / "windows.md").write_text(seeds_table(combined))
     return summary
-
-
-def _defined(interval: tuple[float, float]) -> list[float] | None:
-    """An interval, or None where it is undefined (nan)."""
-    return None if any(math.isnan(x) for x in interval) else list(interval)
 
 
 def _kept(path: Path, made: dict, make: Callable[[], dict]) -> dict:
@@ -185,14 +176,14 @@ def reference(model, tokenizer, held_out: Sequence[str], out: str | Path, eval_t
     any window moves from. Its measures' means, degenerate share and the evaluation."""
     evaluation = _kept(Path(out) / "judged.json", {"held_out": list(held_out), "eval_tokens": eval_tokens},
                        lambda: judges.judge_generations(model, tokenizer, held_out, held_out, eval_tokens))
-    return {"measures": {m: float(np.mean(v)) for m, v in measures(evaluation).items()},
-            "degenerate": _share(evaluation["outcomes"]["phrase"], "degenerate"),
-            "evaluation": {"outcomes": evaluation["outcomes"], "scores": evaluation["scores"]}}
+    return {**_levels(evaluation), "evaluation": {"outcomes": evaluation["outcomes"], "scores": evaluation["scores"]}}
 
 
-def _share(outcomes: Sequence[str], outcome: str) -> float:
-    """The share of ``outcomes`` equal to ``outcome``."""
-    return sum(o == outcome for o in outcomes) / len(outcomes)
+def _levels(evaluation: dict) -> dict:
+    """One evaluation's phrase-judged degenerate share and each measure's mean over its prompts."""
+    phrase = evaluation["outcomes"]["phrase"]
+    return {"degenerate": phrase.count("degenerate") / len(phrase),
+            "measures": {m: float(np.mean(v)) for m, v in measures(evaluation).items()}}
 
 
 def across_seeds(summaries: Sequence[dict]) -> dict:
@@ -201,9 +192,10 @@ def across_seeds(summaries: Sequence[dict]) -> dict:
     with a two-level bootstrap interval over seeds and held-out prompts (``stats.interval``)."""
     first = summaries[0]
     names = [f"window {w['window']}" for w in first["windows"]] + ["random"]
+    values = {n: {s["seed"]: measures(s["evaluations"][n]) for s in summaries} for n in names}
     by_measure = {}
     for m in first["rho"]:
-        cells = [stats.interval({s["seed"]: measures(s["evaluations"][n])[m] for s in summaries}) for n in names]
+        cells = [stats.interval({seed: v[m] for seed, v in values[n].items()}) for n in names]
         rhos = [s["rho"][m] for s in summaries]
         mean = half = None  # where a seed's ρ is undefined, so are their mean and its interval
         if all(r is not None for r in rhos):

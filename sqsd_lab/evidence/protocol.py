@@ -605,7 +605,7 @@ def _score_shift(evaluations: dict[int, dict], clean: dict[int, dict], judges: I
     """Per judge whose score every evaluation (by seed) and the clean one of its seed have: the paired per-prompt
     difference of the scores with its interval."""
     return {j: stats.interval(stats.paired_differences({s: e["scores"][j] for s, e in evaluations.items()},
-                                                  {s: clean[s]["scores"][j] for s in evaluations}))
+                                                       {s: clean[s]["scores"][j] for s in evaluations}))
             for j in judges if all(j in clean[s].get("scores", {}) for s in evaluations)}
 
 
@@ -711,12 +711,12 @@ def summarize(results: Sequence[dict]) -> dict:
         row = {"poison": kind, "p": p, "condition": name, "seeds": len(rs),
                "harmfulness": {j: stats.interval(harm[j]) for j in names},
                "degenerate": {j: stats.interval({r["seed"]: [float(o == "degenerate") for o in r["outcomes"][j]]
-                                            for r in rs}) for j in names},
+                                                 for r in rs}) for j in names},
                "judge_score": {j: stats.interval({r["seed"]: r["scores"][j] for r in rs}) for j in names
                                if all(j in r.get("scores", {}) for r in rs)},
                "refusal_wording": {w: wording.count(w) for w in sorted(set(wording))},
-               "over_refusal": stats.interval({r["seed"]: [float(o == "refusal") for o in r["over_refusal_outcomes"]]
-                                          for r in rs}),
+               "over_refusal": stats.interval({r["seed"]: [float(o == "refusal")
+                                                           for o in r["over_refusal_outcomes"]] for r in rs}),
                "heldout_loss": _mean(r["heldout_loss"] for r in rs),
                "accuracy": stats.interval({r["seed"]: [float(c) for c in r["correct"]] for r in rs}),
                "recall": _mean(r.get("recall") for r in rs),
