@@ -34,9 +34,10 @@ from sqsd_callback.sinks import read_jsonl
 from sqsd_lab.adapters import init_seed, theta_0
 from sqsd_lab.data import load_model, tokenize_chats
 from sqsd_lab.demo import DemoSizes, run_demo
+from sqsd_lab.evidence import stats
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.protect import BY_NAME, Experiment, Inputs, Settings, poisoned_pool, summarize, table
-from sqsd_lab.windows import spearman
+from sqsd_lab.windows import shown_rho
 
 CONDITIONS = ("drop z-score > 2", "robust z > 3, kept out")
 
@@ -86,10 +87,11 @@ def rankings(cache: Path, out: Path, model, tokenizer, weak, strong, safety) -> 
             "median_abs": {"danger weak": statistics.median(map(abs, d_weak)),
                            "danger strong": statistics.median(map(abs, d_strong)),
                            "safety": statistics.median(map(abs, s))},
-            "rho_danger_terms": spearman(d_weak, d_strong),
-            "rho_sqsd_rankings": spearman([a - c for a, c in zip(d_weak, s)], [b - c for b, c in zip(d_strong, s)]),
-            "rho_sqsd_weak_with_safety": spearman([a - c for a, c in zip(d_weak, s)], s),
-            "rho_sqsd_strong_with_safety": spearman([b - c for b, c in zip(d_strong, s)], s)}
+            "rho_danger_terms": stats.spearman(d_weak, d_strong),
+            "rho_sqsd_rankings": stats.spearman([a - c for a, c in zip(d_weak, s)],
+                                                [b - c for b, c in zip(d_strong, s)]),
+            "rho_sqsd_weak_with_safety": stats.spearman([a - c for a, c in zip(d_weak, s)], s),
+            "rho_sqsd_strong_with_safety": stats.spearman([b - c for b, c in zip(d_strong, s)], s)}
 
 
 def main() -> None:
@@ -142,9 +144,10 @@ def main() -> None:
             f"One monitored fine-tune (seed 0, first epoch, {rk['examples']} examples): median |danger| "
             f"{rk['median_abs']['danger weak']:.3f} (demo's set) and {rk['median_abs']['danger strong']:.3f} "
             f"(stronger) against median |safety| {rk['median_abs']['safety']:.3f}; Spearman's rho between the two "
-            f"danger terms {rk['rho_danger_terms']:+.2f}, between the two SQSD rankings "
-            f"{rk['rho_sqsd_rankings']:+.2f}; SQSD with the safety term {rk['rho_sqsd_weak_with_safety']:+.2f} "
-            f"(demo's set) and {rk['rho_sqsd_strong_with_safety']:+.2f} (stronger).\n\n"
+            f"danger terms {shown_rho(rk['rho_danger_terms'])}, between the two SQSD rankings "
+            f"{shown_rho(rk['rho_sqsd_rankings'])}; SQSD with the safety term "
+            f"{shown_rho(rk['rho_sqsd_weak_with_safety'])} "
+            f"(demo's set) and {shown_rho(rk['rho_sqsd_strong_with_safety'])} (stronger).\n\n"
             f"Protection with the stronger danger set (p = 10%):\n\n{table(summary)}")
     res.with_suffix(".md").write_text(text)
     print(text)

@@ -26,10 +26,11 @@ from sqsd_callback.sinks import read_jsonl
 from sqsd_callback.sinks.heatmap import new_figure
 from sqsd_lab.data import tokenize_chats
 from sqsd_lab.demo import run_demo
+from sqsd_lab.evidence import stats
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.protect import Experiment, Inputs, Settings, poisoned_pool
 from sqsd_lab.refusal import refusal_rate
-from sqsd_lab.windows import spearman
+from sqsd_lab.windows import shown_rho
 
 SIGNALS = ("drift", "drift_danger", "drift_safety", "projection/danger/danger", "projection/safety/safety", "norm")
 
@@ -93,8 +94,8 @@ def main() -> None:
     out = Path(opts.cache) / "drift_signals"
     exp = Experiment(Inputs.from_demo(opts.cache, Path(opts.cache) / "protect"), out, Settings())
     points = [pt for p in (0.0, 0.1) for pt in run(exp, p, opts.seed, opts.every, out)]
-    rho = {s: spearman([pt[s] for pt in points], [pt["harmfulness"] for pt in points]) for s in SIGNALS}
-    within = {f"p={p:g}": {s: spearman([pt[s] for pt in points if pt["p"] == p],
+    rho = {s: stats.spearman([pt[s] for pt in points], [pt["harmfulness"] for pt in points]) for s in SIGNALS}
+    within = {f"p={p:g}": {s: stats.spearman([pt[s] for pt in points if pt["p"] == p],
                                        [pt["harmfulness"] for pt in points if pt["p"] == p]) for s in SIGNALS}
               for p in (0.0, 0.1)}
     result = {"seed": opts.seed, "every": opts.every, "points": points, "rho_all": rho, "rho_within": within,
@@ -103,7 +104,8 @@ def main() -> None:
     res.parent.mkdir(parents=True, exist_ok=True)
     res.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = ["| signal | rho with harmfulness, both runs | within clean | within poisoned |", "|---|---|---|---|",
-             *[f"| {s} | {rho[s]:+.2f} | {within['p=0'][s]:+.2f} | {within['p=0.1'][s]:+.2f} |" for s in SIGNALS],
+             *[f"| {s} | {shown_rho(rho[s])} | {shown_rho(within['p=0'][s])} | {shown_rho(within['p=0.1'][s])} |"
+               for s in SIGNALS],
              "", f"Checkpoints every {opts.every} steps of two monitored fine-tunes (seed {opts.seed}): the clean "
              f"pool and the 10%-poisoned pool; harmfulness on {len(exp.held_out)} held-out harmful prompts."]
     res.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -32,8 +32,9 @@ from sqsd_callback.offline import ScoringPass, paper_passes, score_offline
 from sqsd_callback.sinks import read_jsonl
 from sqsd_lab.adapters import direction_sets, theta_0
 from sqsd_lab.data import load_model, tokenize_chats
+from sqsd_lab.evidence import stats
 from sqsd_lab.finetune import lora_config
-from sqsd_lab.windows import spearman
+from sqsd_lab.windows import shown_rho
 
 
 def main() -> None:
@@ -96,7 +97,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     short = [f"({i + 1})" for i in range(len(names))]
     lines = ["| | score variant | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(names),
-             *[f"| ({i + 1}) | {a} | " + " | ".join(f"{rho[a][b]:+.2f}" for b in names) + " |"
+             *[f"| ({i + 1}) | {a} | " + " | ".join(shown_rho(rho[a][b]) for b in names) + " |"
                for i, a in enumerate(names)], "",
              f"Spearman's rho over the {len(samples)} records of sqsd demo's pool; {result['minutes']:.1f} min.", "",
              "| | score variant | " + " | ".join(terms[names[0]]) + " |", "|---|---|" + "---|" * len(terms[names[0]]),
@@ -116,9 +117,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.split("(")[0].lower()).strip("-")
 
 
-def _rho(a: dict, b: dict) -> float:
+def _rho(a: dict, b: dict) -> float | None:
     common = sorted(set(a) & set(b))
-    return spearman([a[i] for i in common], [b[i] for i in common])
+    return stats.spearman([a[i] for i in common], [b[i] for i in common])
 
 
 if __name__ == "__main__":

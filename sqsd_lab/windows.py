@@ -27,13 +27,6 @@ from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.screening import rank_windows, windows_within
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (stats.spearman); nan where either side is constant, so means over seeds and
-    bootstrap percentiles carry it as numpy does."""
-    rho = stats.spearman(list(x), list(y))
-    return float("nan") if rho is None else rho
-
-
 def bootstrap_rho(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
     """95% interval of Spearman's ρ between window rank and a measure, resampling the held-out prompts (None where
     no resample has a defined ρ: the measure is the same in every window). ``values[w, j]``: the measure for window
@@ -60,8 +53,9 @@ def score_variants(model, samples: Sequence[dict], danger: tuple[Path, object], 
             for metric in ("cosine", "global_cosine")}
 
 
-def variant_correlations(variants: dict[str, list[dict]], online: list[dict] | None) -> dict[str, float]:
-    """Spearman's rho of each score variant with the reference (SQSD, cosine, offline) over the pool."""
+def variant_correlations(variants: dict[str, list[dict]], online: list[dict] | None) -> dict[str, float | None]:
+    """Spearman's rho of each score variant with the reference (SQSD, cosine, offline) over the pool (None where it
+    is undefined: fewer than 3 scored records, or a constant side)."""
     ref = {r["index"]: r["sqsd"] for r in variants["cosine"] if r["sqsd"] is not None}
     others = {"danger only (cosine)": {r["index"]: r["danger"] for r in variants["cosine"]},
               "SQSD, global_cosine": {r["index"]: r["sqsd"] for r in variants["global_cosine"]}}
@@ -74,7 +68,7 @@ def variant_correlations(variants: dict[str, list[dict]], online: list[dict] | N
     out = {}
     for name, values in others.items():
         common = [i for i in ref if values.get(i) is not None]
-        out[name] = spearman([ref[i] for i in common], [values[i] for i in common]) if len(common) > 2 else None
+        out[name] = stats.spearman([ref[i] for i in common], [values[i] for i in common]) if len(common) > 2 else None
     return out
 
 
@@ -261,12 +255,12 @@ def seeds_table(combined: dict, theta_0: dict | None = None) -> str:
         spread = "" if x["rho_95_across_seeds"] is None else (
             ", 95 % t interval across seeds [{:+.2f}, {:+.2f}]".format(*x["rho_95_across_seeds"]))
         lines.append(f"- {m}: Spearman's ρ (window rank vs the measure) per seed "
-                     f"{', '.join(_signed(r) for r in x['rho_per_seed'])}; mean {_signed(x['rho_mean'])}{spread}; "
-                     f"ρ of the seed means {_signed(x['rho_of_mean'])} (the paper's ordering is ρ = −1).")
+                     f"{', '.join(shown_rho(r) for r in x['rho_per_seed'])}; mean {shown_rho(x['rho_mean'])}{spread}; "
+                     f"ρ of the seed means {shown_rho(x['rho_of_mean'])} (the paper's ordering is ρ = −1).")
     return "\n".join(lines) + "\n"
 
 
-def _signed(x: float | None) -> str:
+def shown_rho(x: float | None) -> str:
     """``+0.50``, or ``n/a`` where ρ is undefined (a constant measure)."""
     return "n/a" if x is None else f"{x:+.2f}"
 
@@ -286,7 +280,7 @@ def seeds_plot(combined: dict, path: Path, theta_0: dict | None = None) -> None:
         if theta_0 is not None:
             ax.axhline(theta_0["measures"][m], color="black", ls=":", label="θ_0 (no fine-tuning)")
         ax.set(xlabel="window (1 = riskiest by SQSD)", ylabel=m, title=f"{m}: mean ρ "
-               f"{_signed(combined['measures'][m]['rho_mean'])}")
+               f"{shown_rho(combined['measures'][m]['rho_mean'])}")
         ax.set_xticks(x)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.suptitle(f"{combined['ranking']} ranking, seeds {combined['seeds']}", fontsize=9)

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from sqsd_lab.windows import bootstrap_rho, spearman
+from sqsd_lab.evidence.stats import spearman
+from sqsd_lab.windows import bootstrap_rho, variant_correlations
 
 
 def test_spearman_hand_computed():
@@ -15,7 +16,15 @@ def test_spearman_hand_computed():
     assert spearman([1, 2, 3, 4, 5], [0.2, 0.1, 0.4, 0.3, 0.5]) == pytest.approx(0.8)
     # ties take mean ranks: y ranks (1.5, 1.5, 3) against x (1, 2, 3): Pearson of those = 0.8660
     assert spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(math.sqrt(3) / 2)
-    assert math.isnan(spearman([1, 2, 3], [7, 7, 7]))
+    assert spearman([1, 2, 3], [7, 7, 7]) is None
+
+
+def test_variant_correlations_are_null_not_nan_where_undefined():
+    """A constant variant has no rank correlation: None, which JSON writes as null (NaN is not JSON)."""
+    rows = [{"index": i, "sqsd": s, "danger": 0.5} for i, s in enumerate([0.3, 0.1, 0.2, 0.4])]
+    rho = variant_correlations({"cosine": rows, "global_cosine": rows}, None)
+    assert rho == {"danger only (cosine)": None, "SQSD, global_cosine": pytest.approx(1.0)}
+    json.dumps(rho, allow_nan=False)
 
 
 def test_bootstrap_interval_is_a_point_when_every_prompt_agrees_and_wide_when_they_do_not():
