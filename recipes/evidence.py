@@ -6,19 +6,24 @@ cached under --cache by its key, then the machine-readable summary.
     python recipes/evidence.py --full --cache runs/evidence --only drops,clean --seeds 0 1
 
 A rerun reads every finished run from the cache and runs only the rest; the summary is rewritten after each run.
+Then every poisoned pool of the plan is screened before training (sqsd_lab.evidence.screen: what each filter and
+SQSD's offline score would remove), its per-record scores cached under --cache too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from sqsd_lab.evidence import report
+from sqsd_lab.evidence.files import write_atomic
 from sqsd_lab.evidence.judges import add_judge_arguments, judge_from_args
-from sqsd_lab.evidence.protocol import Run, Runner, embedded_lab, plan, write_atomic, write_summary
+from sqsd_lab.evidence.protocol import Run, Runner, embedded_lab, plan, poisoned_pools, write_summary
+from sqsd_lab.evidence.screen import screen
 
 
 def estimate(pending: list[Run], measured: dict) -> tuple[float, float]:
@@ -51,11 +56,12 @@ def main() -> None:
     only = [c.strip() for c in opts.only.split(",") if c.strip()] or None
     runs = plan("quick" if opts.quick else "full", opts.seeds, only)
     cache = Path(opts.cache)
+    screened = cache / "screening.json"
     if opts.cached_only:
         runner = Runner(None, cache)
         results = [runner.result(r) for r in runs if runner.done(r)]
         print(f"{len(results)} of the plan's {len(runs)} runs are cached")
-        publish(results, summary)
+        publish(results, summary, _screened(screened, runs))
         print(f"summary: {summary}")
         return
     lab = embedded_lab(opts.demo_cache, cache / "inputs", judge_from_args(opts))
@@ -73,13 +79,28 @@ def main() -> None:
                        f"{time.perf_counter() - start:.0f} s): about {left / 3600:.1f} h for the {len(pending)} left")
             timed = True
         publish(results, summary)
+    pools = {at: lab.pool(*at, runs[0].settings) for at in poisoned_pools(runs)}
+    screening = screen(lab, pools, runs[0].settings, cache)
+    write_atomic(screened, {"pools": screening})
+    publish(results, summary, screening)
     print(f"summary: {summary}")
 
 
-def publish(results: list[dict], summary: Path) -> None:
-    """The summary (JSON), every run's result beside it (<name>-runs.json), the tables (.md) and the figure (.png)."""
-    written = write_summary(results, summary)
-    write_atomic(summary.with_name(f"{summary.stem}-runs.json"), {"runs": results})
+def _screened(path: Path, runs: list[Run]) -> list[dict] | None:
+    """The cached screening of the plan's pools (None unless every pool of the plan is in it)."""
+    if not path.is_file():
+        return None
+    pools = {(r["poison"], r["p"], r["seed"]): r for r in json.loads(path.read_text())["pools"]}
+    wanted = poisoned_pools(runs)
+    return [pools[at] for at in wanted] if all(at in pools for at in wanted) else None
+
+
+def publish(results: list[dict], summary: Path, screening: list[dict] | None = None) -> None:
+    """The summary (JSON), every run's result beside it (<name>-runs.json, with the pools' screening), the tables
+    (.md) and the figure (.png)."""
+    written = write_summary(results, summary, screening)
+    write_atomic(summary.with_name(f"{summary.stem}-runs.json"),
+                 {"runs": results, **({"screening": screening} if screening else {})})
     summary.with_suffix(".md").write_text(report.table(written), encoding="utf-8")
     report.figure(written).savefig(summary.with_suffix(".png"), dpi=120)
 

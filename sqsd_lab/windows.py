@@ -21,7 +21,7 @@ from sqsd_callback.offline import ScoringPass, load_adapter, score_offline
 from sqsd_callback.sinks.heatmap import new_figure
 from sqsd_lab.data import tokenize_chats
 from sqsd_lab.evidence import judges, stats
-from sqsd_lab.evidence.protocol import write_atomic
+from sqsd_lab.evidence.files import write_atomic
 from sqsd_lab.evidence.report import shown_interval
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.screening import rank_windows, windows_within

@@ -12,7 +12,7 @@ from peft import get_peft_model
 
 from sqsd_callback.offline import load_adapter
 from sqsd_lab.data import generate_responses
-from sqsd_lab.evidence import judges, poison, protocol, report
+from sqsd_lab.evidence import baselines, files, judges, poison, protocol, report, screen
 from sqsd_lab.evidence.protocol import Lab, Run, Runner, Settings, condition, expand, summarize
 from sqsd_lab.finetune import lora_config
 from sqsd_lab.tiny import tiny_base, word_tokenizer
@@ -209,7 +209,7 @@ def test_a_killed_run_leaves_no_result(lab, tmp_path, monkeypatch):
         runner.result(run)
     assert not runner.done(run)
     monkeypatch.setattr(lab, "evaluate", lambda adapter, s: {"outcomes": {}})
-    monkeypatch.setattr(protocol.os, "replace", killed)  # killed while writing
+    monkeypatch.setattr(files.os, "replace", killed)  # killed while writing
     with pytest.raises(KeyboardInterrupt):
         runner.result(run)
     assert not runner.done(run) and not list(runner.folder(run).glob("result.json"))
@@ -320,3 +320,73 @@ def test_summarize_by_hand():
     png = io.BytesIO()
     report.figure(summary).savefig(png, format="png")
     assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _auroc_by_pairs(scores, labels):
+    pairs = [(a, b) for a in range(len(scores)) for b in range(len(scores)) if labels[a] and not labels[b]]
+    return sum((scores[a] > scores[b]) + 0.5 * (scores[a] == scores[b]) for a, b in pairs) / len(pairs)
+
+
+def test_screen_against_each_filter_scored_on_its_own_pool(lab, counted, tmp_path, monkeypatch):
+    """screen scores the union of the pools once per filter; each pool's removal, recall, benign removed and AUROC
+    equal those of the filter run on that pool alone (Lab.scores, as a filter condition does, AUROC by pairs), and a
+    second screen reads every score from the cache."""
+    pools = {("identity shifting", 0.25, s): lab.pool("identity shifting", 0.25, s, TINY) for s in (0, 1)}
+    results = screen.screen(lab, pools, TINY, tmp_path)
+    assert [(r["poison"], r["p"], r["seed"]) for r in results] == list(pools)
+    for r, ((_, _, seed), pool) in zip(results, pools.items()):
+        at, labels = poison.poison_ids(pool), [x["poison"] for x in pool]
+        assert r["poison_in_pool"] == len(at) == 2 and set(r["screens"]) == set(screen.SCREENS)
+        rows = lab.offline_rows(pool, TINY)
+        oracle = {name: lab.scores(name, pool, seed, TINY) for name in protocol.BASELINES}
+        oracle["offline"] = lab.scores("offline", pool, seed, TINY)
+        oracle["offline danger term"] = [x["danger"] for x in rows]
+        for name, scores in oracle.items():
+            got = r["screens"][name]
+            removed = set(baselines.remove(scores, len(at)))
+            assert got["found"] == [float(i in removed) for i in at], name
+            assert got["recall"] == sum(i in removed for i in at) / len(at)
+            assert got["benign_removed"] == len(removed - set(at)) / (len(pool) - len(at))
+            assert got["auroc"] == pytest.approx(_auroc_by_pairs(scores, labels), abs=1e-12), name
+    file = screen.scores_file(tmp_path, TINY)
+    assert file.is_file() and set(json.loads(file.read_text())) == set(screen.PER_RECORD)
+
+    def unused(*args):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(lab, "scores", unused)
+    monkeypatch.setattr(lab, "offline_rows", unused)
+    assert screen.screen(lab, pools, TINY, tmp_path) == results  # every per-record score read from the cache
+    rows = screen.summarize_screens(results)
+    keyword = next(x for x in rows if x["screen"] == "keyword")
+    assert keyword["seeds"] == 2 and keyword["recall"]["mean"] == pytest.approx(
+        sum(r["screens"]["keyword"]["recall"] for r in results) / 2)
+    assert keyword["recall"]["ci_low"] <= keyword["recall"]["mean"] <= keyword["recall"]["ci_high"]
+    assert keyword["auroc"] == pytest.approx(sum(r["screens"]["keyword"]["auroc"] for r in results) / 2)
+    assert [x["screen"] for x in rows] == list(screen.SCREENS)
+    assert "### Screening before training" in report.table({**summarize([]), "screening": rows})
+
+
+def test_screen_scores_only_records_it_has_not_seen(tmp_path):
+    """A record is scored once per filter however many pools hold it; a new pool scores only its new records."""
+    seen = []
+
+    class Counting:
+        def scores(self, name, records, seed, s):
+            seen.extend((name, r["response"]) for r in records)
+            return [float(len(r["response"])) for r in records]
+
+        def offline_rows(self, records, s):
+            seen.extend(("offline", r["response"]) for r in records)
+            return [{"sqsd": float(len(r["response"])), "danger": 1.0} for r in records]
+
+    def pool(responses, poisoned):
+        return [{"prompt": "p", "response": x, "poison": x in poisoned} for x in responses]
+
+    first = {("k", 0.5, 0): pool(["a", "bb"], {"bb"}), ("k", 0.5, 1): pool(["bb", "a"], {"bb"})}
+    screen.screen(Counting(), first, TINY, tmp_path)
+    per_record = len(screen.PER_RECORD) - 1  # the offline score and its danger term come from one pass
+    assert len(seen) == 2 * per_record
+    seen.clear()
+    screen.screen(Counting(), {**first, ("k", 0.5, 2): pool(["a", "ccc"], {"ccc"})}, TINY, tmp_path)
+    assert sorted(set(seen)) == sorted({(n, "ccc") for n, _ in seen}) and len(seen) == per_record

@@ -7,6 +7,8 @@ bootstrap over seeds and prompts, paired differences against a reference run, an
 their exact-match scorer. ``poison``: poison pools disjoint from the danger set's sources and elicitation,
 identity-shifting examples, benign examples selected by similarity to harmful anchors, and their mixing into a
 training pool. ``baselines``: the filters users would otherwise pick (keywords, prompt moderation, gradient and
-representation similarity, activation projection, random), recall and length correlation. ``data/``: the prompt
+representation similarity, activation projection, random), recall and length correlation. ``screen``: what each
+filter and SQSD's offline score would remove from a pool before training. ``protocol``: the experiment's runs,
+their cache and summary; ``report``: its tables and figure; ``files``: atomic results files. ``data/``: the prompt
 set and the likelihood judge's continuations.
 """

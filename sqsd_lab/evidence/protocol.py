@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +27,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sqsd_lab.evidence import baselines, judges, poison, stats
+from sqsd_lab.evidence.files import cached_jsonl, write_atomic
+from sqsd_lab.evidence.screen import summarize_screens
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.protect import dropped_online
 
@@ -235,14 +236,6 @@ def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | No
 
 
 # --------------------------------------------------------------------------- the runner
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that ``path`` is either absent or complete: a temporary file, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 POOL_FIELDS = ("pool", "poison_in_pool", "removed_before", "dropped_online", "stop", "train")
@@ -478,13 +471,16 @@ class Lab:
     def scores(self, name: str, pool: list[dict], seed: int, s: Settings) -> list[float]:
         """A removal's risk scores over the pool: a baseline's, or ``offline`` (sqsd score, no --checkpoint)."""
         if name == "offline":
-            from sqsd_callback.offline import paper_passes, score_offline
-            passes = paper_passes([(self.directions / "danger", self.danger)],
-                                  [(self.directions / "safety", self.safety)])
-            rows = score_offline(self.model, self.samples(pool, s), passes)
-            return [r["sqsd"] if r["sqsd"] is not None else float("-inf") for r in rows]
+            return [r["sqsd"] if r["sqsd"] is not None else float("-inf") for r in self.offline_rows(pool, s)]
         return baselines.filters(self.model, self.tokenizer, self.anchors, self.refusals, seed,
                                  s.max_length)[name](pool)
+
+    def offline_rows(self, records: Sequence[dict], s: Settings) -> list[dict]:
+        """``sqsd score``'s rows for ``records`` at θ_0 with the paper's passes (SQSD and its danger and safety
+        terms; ``sqsd`` None where a record has no response token left)."""
+        from sqsd_callback.offline import paper_passes, score_offline
+        passes = paper_passes([(self.directions / "danger", self.danger)], [(self.directions / "safety", self.safety)])
+        return score_offline(self.model, self.samples(records, s), passes)
 
     @contextmanager
     def _at(self, adapter: Path | None) -> Iterator:
@@ -551,12 +547,6 @@ def heldout_loss(model, samples: Sequence[dict]) -> float:
 # --------------------------------------------------------------------------- aggregation
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    """The mean of the values that are not None (None where none is)."""
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
-
-
 def _strata(per_seed: Iterable[list[dict] | None]) -> list[dict] | None:
     """by_length over seeds: per stratum the poison count summed, recall and benign removed averaged, the word
     range spanned (None where no seed has strata)."""
@@ -564,8 +554,8 @@ def _strata(per_seed: Iterable[list[dict] | None]) -> list[dict] | None:
     if not got:
         return None
     return [{"words": [min(s[k]["words"][0] for s in got), max(s[k]["words"][1] for s in got)],
-             "poison": sum(s[k]["poison"] for s in got), "recall": _mean(s[k]["recall"] for s in got),
-             "benign_removed": _mean(s[k]["benign_removed"] for s in got)} for k in range(len(got[0]))]
+             "poison": sum(s[k]["poison"] for s in got), "recall": stats.mean_present(s[k]["recall"] for s in got),
+             "benign_removed": stats.mean_present(s[k]["benign_removed"] for s in got)} for k in range(len(got[0]))]
 
 
 def _by_term(rs: Sequence[dict]) -> dict | None:
@@ -573,7 +563,7 @@ def _by_term(rs: Sequence[dict]) -> dict | None:
     got = [r["ranking"]["by_term"] for r in rs if (r.get("ranking") or {}).get("by_term")]
     if not got:
         return None
-    return {name: {k: _mean(t.get(name, {}).get(k) for t in got) for k in ("recall", "auroc")}
+    return {name: {k: stats.mean_present(t.get(name, {}).get(k) for t in got) for k in ("recall", "auroc")}
             for name in sorted(set.union(*(set(t) for t in got)))}
 
 
@@ -717,12 +707,12 @@ def summarize(results: Sequence[dict]) -> dict:
                "refusal_wording": {w: wording.count(w) for w in sorted(set(wording))},
                "over_refusal": stats.interval({r["seed"]: [float(o == "refusal")
                                                            for o in r["over_refusal_outcomes"]] for r in rs}),
-               "heldout_loss": _mean(r["heldout_loss"] for r in rs),
+               "heldout_loss": stats.mean_present(r["heldout_loss"] for r in rs),
                "accuracy": stats.interval({r["seed"]: [float(c) for c in r["correct"]] for r in rs}),
-               "recall": _mean(r.get("recall") for r in rs),
-               "benign_removed": _mean(r.get("benign_removed") for r in rs),
-               "length_rho": _mean(r.get("length_rho") for r in rs),
-               **{f"ranking_{k}": _mean((r.get("ranking") or {}).get(k) for r in rs)
+               "recall": stats.mean_present(r.get("recall") for r in rs),
+               "benign_removed": stats.mean_present(r.get("benign_removed") for r in rs),
+               "length_rho": stats.mean_present(r.get("length_rho") for r in rs),
+               **{f"ranking_{k}": stats.mean_present((r.get("ranking") or {}).get(k) for r in rs)
                   for k in ("recall", "benign_removed", "length_rho", "auroc")},
                "ranking_by_term": _by_term(rs),
                "by_length": {which: _strata((r.get("by_length") or {}).get(which) for r in rs)
@@ -748,27 +738,25 @@ def summarize(results: Sequence[dict]) -> dict:
     return {"protocol": PROTOCOL_VERSION, "judges": {"kappa": judge_agreement(reported)}, "rows": rows}
 
 
-def write_summary(results: Sequence[dict], path: str | Path) -> dict:
-    """summarize(results) written (atomically) to ``path``; refuses an empty result list."""
+def write_summary(results: Sequence[dict], path: str | Path, screening: Sequence[dict] | None = None) -> dict:
+    """summarize(results) written (atomically) to ``path``, with the pools' screening before training
+    (``screening``: screen.summarize_screens of screen.screen's results) where given; refuses an empty result
+    list."""
     if not results:
         raise ValueError("no results to summarize; run the plan first (recipes/evidence.py)")
     summary = summarize(results)
+    if screening:
+        summary["screening"] = summarize_screens(screening)
     write_atomic(Path(path), summary)
     return summary
 
 
+def poisoned_pools(runs: Sequence[Run]) -> list[tuple[str, float, int]]:
+    """The (poison kind, share, seed) of every poisoned pool a plan trains on, in plan order."""
+    return list(dict.fromkeys((r.poison, r.p, r.seed) for r in runs if condition(r.condition).poisoned))
+
+
 # --------------------------------------------------------------------------- the embedded default's lab
-
-
-def _cached_jsonl(path: Path, make: Callable[[], list[dict]]) -> list[dict]:
-    """Records read from ``path``, made and written (atomically) first where it is missing."""
-    if not path.is_file():
-        rows = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def embedded_lab(demo_cache: str | Path, inputs: str | Path, judge=None) -> Lab:
@@ -784,7 +772,7 @@ def embedded_lab(demo_cache: str | Path, inputs: str | Path, judge=None) -> Lab:
     directions, inputs = Path(demo_cache) / "directions", Path(inputs)
     model, tokenizer = load_model(None)
     def cached(name: str, make: Callable[[], list[dict]]) -> list[dict]:
-        return _cached_jsonl(inputs / f"{name}.jsonl", make)
+        return cached_jsonl(inputs / f"{name}.jsonl", make)
 
     benign = cached("benign", lambda: benign_records(model, tokenizer, 200, 140, seed=1))
     clean, held_out = benign[:-64], benign[-64:]

@@ -42,7 +42,8 @@ def table(summary: dict) -> str:
     held-out loss, task accuracy, recall, benign removed and the ranking's Spearman ρ with response length, the
     monitor's own ranking at the filters' budget (its recall, benign removed and ρ with length); recall by
     response-length third of each removal and ranking; what the online ranking follows (its terms and length alone);
-    harmfulness under the poison's persona prompt; then the judges' agreement."""
+    harmfulness under the poison's persona prompt; the pools' screening before training; then the judges'
+    agreement."""
     judges = judges_of(summary)
     scored = [j for j in judges if all(j in r.get("judge_score", {}) for r in summary["rows"])]
     head = ["condition", "seeds", *(f"harmful ({j})" for j in judges), *(f"{j} score" for j in scored),
@@ -80,7 +81,8 @@ def table(summary: dict) -> str:
             name = "removed" if which == "removal" else "SQSD top k"
             lines.append(f"| {r['poison']}, {r['p']:g} | {r['condition']} | {name} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
-    blocks += _terms_table(summary["rows"]) + _persona_table(summary["rows"], judges)
+    blocks += (_terms_table(summary["rows"]) + _persona_table(summary["rows"], judges)
+               + _screening_table(summary.get("screening") or []))
     kappa = summary["judges"]["kappa"]
     agreement = ["### Judges' agreement", "", "| judges | Cohen's κ | responses | left out (degenerate) |",
                  "|---|---|---|---|"]
@@ -108,6 +110,22 @@ def _terms_table(rows: list[dict]) -> list[str]:
         cells = [f"{_number(r['ranking_recall'])} ({_number(r['ranking_auroc'])})",
                  *(f"{_number(t[n]['recall'])} ({_number(t[n]['auroc'])})" if n in t else "–" for n in names)]
         lines.append(f"| {r['poison']}, {r['p']:g} | {r['condition']} | " + " | ".join(cells) + " |")
+    return ["\n".join(lines)]
+
+
+def _screening_table(rows: list[dict]) -> list[str]:
+    """Each pool screened before training by every filter and SQSD's offline score at the filters' budget: recall
+    (95 % interval over seeds and poison records), benign removed, AUROC, ρ with length; [] without screening."""
+    if not rows:
+        return []
+    lines = ["### Screening before training", "", "Each poisoned pool of the plan scored before any training by every "
+             "filter and by SQSD's offline score (`sqsd score` at θ₀, and its danger term alone); its top k removed, "
+             "k the pool's poison count. No model was trained for this table.", "",
+             "| poison, p | screen | seeds | recall | benign removed | AUROC | ρ with length |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['poison']}, {r['p']:g} | {r['screen']} | {r['seeds']} | {shown_interval(r['recall'])} | "
+                     f"{_number(r['benign_removed'])} | {_number(r['auroc'])} | {_number(r['length_rho'])} |")
     return ["\n".join(lines)]
 
 

@@ -8,7 +8,7 @@ variation widen the interval; percentile intervals, from a fixed RNG seed so a t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +55,12 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     a, b = a - a.mean(), b - b.mean()
     den = float(np.sqrt((a * a).sum() * (b * b).sum()))
     return float((a * b).sum()) / den if den else None
+
+
+def mean_present(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None (None where none is): a measure averaged over the runs that have it."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def _seeds(outcomes: Outcomes, what: str) -> list[np.ndarray]:

@@ -1,0 +1,110 @@
+"""Screening before training: for each poisoned pool of a plan, what every filter and SQSD's offline score would
+remove at the filters' budget (k = the pool's poison count): recall, benign removed, AUROC over every threshold and
+Spearman's ρ with response length, without fine-tuning anything. The filters without a training run of their own
+in the quick plan (moderation, representation similarity, activation projection) and SQSD's offline danger term
+alone are read here on every poison kind.
+
+Every screen but ``random`` scores a record by itself, so each record is scored once per screen however many pools
+hold it, and the scores are cached in one file per Settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from sqsd_lab.evidence import baselines, stats
+from sqsd_lab.evidence.files import write_atomic
+from sqsd_lab.evidence.poison import poison_ids
+
+SCREENS = ("keyword", "moderation", "gradient similarity", "representation similarity", "activation projection",
+           "offline", "offline danger term", "random")
+"""What a pool is screened by: the baseline filters (baselines.filters), SQSD's offline score (``sqsd score``, the
+README's protocol) and its danger term alone, and a random draw of the same count."""
+PER_RECORD = tuple(n for n in SCREENS if n != "random")
+
+
+def record_key(record: Mapping) -> str:
+    """A stable name for a record's content (every field), under which its scores are cached."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def scores_file(cache: str | Path, settings) -> Path:
+    """Where the per-record screen scores of one Settings are cached."""
+    text = json.dumps(asdict(settings), sort_keys=True)
+    return Path(cache) / f"screen-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+
+
+def score_records(lab, pools: Sequence[Sequence[dict]], settings, path: Path) -> dict[str, dict[str, float]]:
+    """``{screen: {record_key: score}}`` for every record of ``pools`` and every per-record screen, reading
+    ``path`` and scoring only what it lacks (each screen's scores are written atomically as soon as they exist)."""
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    unique = {record_key(r): r for pool in pools for r in pool}
+    for name in PER_RECORD:
+        have = known.setdefault(name, {})
+        missing = [k for k in unique if k not in have]
+        if not missing:
+            continue
+        records = [unique[k] for k in missing]
+        if name in ("offline", "offline danger term"):
+            rows = lab.offline_rows(records, settings)
+            offline = [r["sqsd"] if r["sqsd"] is not None else float("-inf") for r in rows]
+            danger = [r["danger"] if r.get("danger") is not None else float("-inf") for r in rows]
+            known.setdefault("offline", {}).update(zip(missing, offline))
+            known.setdefault("offline danger term", {}).update(zip(missing, danger))
+        else:
+            have.update(zip(missing, lab.scores(name, records, 0, settings)))
+        write_atomic(path, known)
+    return known
+
+
+def screen_pool(pool: Sequence[dict], scores: Mapping[str, Sequence[float]]) -> dict[str, dict]:
+    """Per screen, its removal at the filters' budget over one pool: recall, benign removed, AUROC, ρ with
+    response length, and which poison records it found (``found``, in pool order)."""
+    at = poison_ids(pool)
+    labels, words = [bool(r["poison"]) for r in pool], [len(r["response"].split()) for r in pool]
+    out = {}
+    for name, values in scores.items():
+        removed = set(baselines.remove(values, len(at)))
+        out[name] = {**baselines.recall_and_benign_removed(sorted(removed), at, len(pool)),
+                     "auroc": baselines.auroc(values, labels),
+                     "length_rho": baselines.length_correlation(values, words),
+                     "found": [float(i in removed) for i in at]}
+    return out
+
+
+def screen(lab, pools: Mapping[tuple[str, float, int], Sequence[dict]], settings, cache: str | Path) -> list[dict]:
+    """Every poisoned pool (keyed by poison kind, share, seed) screened by every SCREENS entry: one result per
+    pool, ``{"poison", "p", "seed", "pool", "poison_in_pool", "screens": screen_pool(...)}``; the per-record
+    scores come from (and go to) the cache, ``random`` is drawn per pool from its seed as the random filter is."""
+    known = score_records(lab, list(pools.values()), settings, scores_file(cache, settings))
+    results = []
+    for (kind, p, seed), pool in pools.items():
+        keys = [record_key(r) for r in pool]
+        scores = {name: [known[name][k] for k in keys] for name in PER_RECORD}
+        scores["random"] = baselines.random_scores(pool, seed)
+        results.append({"poison": kind, "p": p, "seed": seed, "pool": len(pool),
+                        "poison_in_pool": len(poison_ids(pool)), "screens": screen_pool(pool, scores)})
+    return results
+
+
+def summarize_screens(results: Sequence[dict]) -> list[dict]:
+    """Per (poison, p, screen) over the pools' seeds: recall with its two-level bootstrap interval (over seeds and
+    poison records), and the mean benign removed, AUROC and ρ with length."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["poison"], r["p"]), []).append(r)
+    rows = []
+    for (kind, p), rs in sorted(groups.items()):
+        for name in SCREENS:
+            got = [(r["seed"], r["screens"][name]) for r in rs if name in r["screens"]]
+            if not got:
+                continue
+            rows.append({"poison": kind, "p": p, "screen": name, "seeds": len(got),
+                         "recall": stats.interval({seed: s["found"] for seed, s in got}),
+                         **{k: stats.mean_present(s[k] for _, s in got)
+                            for k in ("benign_removed", "auroc", "length_rho")}})
+    return rows
