@@ -378,15 +378,22 @@ def test_screen_scores_only_records_it_has_not_seen(tmp_path):
 
         def offline_rows(self, records, s):
             seen.extend(("offline", r["response"]) for r in records)
-            return [{"sqsd": float(len(r["response"])), "danger": 1.0} for r in records]
+            return [{"sqsd": float(len(r["response"])) if len(r["response"]) > 1 else None, "danger": 1.0}
+                    for r in records]  # "a": no response token left to score
 
     def pool(responses, poisoned):
         return [{"prompt": "p", "response": x, "poison": x in poisoned} for x in responses]
 
     first = {("k", 0.5, 0): pool(["a", "bb"], {"bb"}), ("k", 0.5, 1): pool(["bb", "a"], {"bb"})}
-    screen.screen(Counting(), first, TINY, tmp_path)
+    results = screen.screen(Counting(), first, TINY, tmp_path)
     per_record = len(screen.PER_RECORD) - 1  # the offline score and its danger term come from one pass
     assert len(seen) == 2 * per_record
+    assert [r["screens"]["offline"]["auroc"] for r in results] == [1.0, 1.0]  # unscored ranks last
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    json.loads(screen.scores_file(tmp_path, TINY).read_text(), parse_constant=refuse)  # null, not -Infinity
     seen.clear()
     screen.screen(Counting(), {**first, ("k", 0.5, 2): pool(["a", "ccc"], {"ccc"})}, TINY, tmp_path)
     assert sorted(set(seen)) == sorted({(n, "ccc") for n, _ in seen}) and len(seen) == per_record

@@ -39,8 +39,9 @@ def scores_file(cache: str | Path, settings) -> Path:
 
 
 def score_records(lab, pools: Sequence[Sequence[dict]], settings, path: Path) -> dict[str, dict[str, float]]:
-    """``{screen: {record_key: score}}`` for every record of ``pools`` and every per-record screen, reading
-    ``path`` and scoring only what it lacks (each screen's scores are written atomically as soon as they exist)."""
+    """``{screen: {record_key: score}}`` for every record of ``pools`` and every per-record screen (None where the
+    offline score has no response token to score), reading ``path`` and scoring only what it lacks (each screen's
+    scores are written atomically as soon as they exist)."""
     known = json.loads(path.read_text()) if path.is_file() else {}
     unique = {record_key(r): r for pool in pools for r in pool}
     for name in PER_RECORD:
@@ -49,12 +50,10 @@ def score_records(lab, pools: Sequence[Sequence[dict]], settings, path: Path) ->
         if not missing:
             continue
         records = [unique[k] for k in missing]
-        if name in ("offline", "offline danger term"):
+        if name in ("offline", "offline danger term"):  # None: no response token left to score
             rows = lab.offline_rows(records, settings)
-            offline = [r["sqsd"] if r["sqsd"] is not None else float("-inf") for r in rows]
-            danger = [r["danger"] if r.get("danger") is not None else float("-inf") for r in rows]
-            known.setdefault("offline", {}).update(zip(missing, offline))
-            known.setdefault("offline danger term", {}).update(zip(missing, danger))
+            known.setdefault("offline", {}).update(zip(missing, (r["sqsd"] for r in rows)))
+            known.setdefault("offline danger term", {}).update(zip(missing, (r.get("danger") for r in rows)))
         else:
             have.update(zip(missing, lab.scores(name, records, 0, settings)))
         write_atomic(path, known)
@@ -84,7 +83,7 @@ def screen(lab, pools: Mapping[tuple[str, float, int], Sequence[dict]], settings
     results = []
     for (kind, p, seed), pool in pools.items():
         keys = [record_key(r) for r in pool]
-        scores = {name: [known[name][k] for k in keys] for name in PER_RECORD}
+        scores = {name: [_ranked_last(known[name][k]) for k in keys] for name in PER_RECORD}
         scores["random"] = baselines.random_scores(pool, seed)
         results.append({"poison": kind, "p": p, "seed": seed, "pool": len(pool),
                         "poison_in_pool": len(poison_ids(pool)), "screens": screen_pool(pool, scores)})
@@ -108,3 +107,9 @@ def summarize_screens(results: Sequence[dict]) -> list[dict]:
                          **{k: stats.mean_present(s[k] for _, s in got)
                             for k in ("benign_removed", "auroc", "length_rho")}})
     return rows
+
+
+def _ranked_last(score: float | None) -> float:
+    """A record without a score (no response token left to score) ranks below every scored one, as in the offline
+    filter run."""
+    return float("-inf") if score is None else score
