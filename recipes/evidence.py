@@ -97,12 +97,15 @@ def _screened(path: Path, runs: list[Run]) -> list[dict] | None:
 
 def publish(results: list[dict], summary: Path, screening: list[dict] | None = None) -> None:
     """The summary (JSON), every run's result beside it (<name>-runs.json, with the pools' screening), the tables
-    (.md) and the figure (.png)."""
+    (.md) and the figures (.png, and <name>-screening.png where the pools were screened)."""
     written = write_summary(results, summary, screening)
     write_atomic(summary.with_name(f"{summary.stem}-runs.json"),
                  {"runs": results, **({"screening": screening} if screening else {})})
     summary.with_suffix(".md").write_text(report.table(written), encoding="utf-8")
     report.figure(written).savefig(summary.with_suffix(".png"), dpi=120)
+    plot = report.screening_figure(written)
+    if plot is not None:
+        plot.savefig(summary.with_name(f"{summary.stem}-screening.png"), dpi=120)
 
 
 if __name__ == "__main__":

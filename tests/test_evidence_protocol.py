@@ -365,6 +365,7 @@ def test_screen_against_each_filter_scored_on_its_own_pool(lab, counted, tmp_pat
     assert keyword["auroc"] == pytest.approx(sum(r["screens"]["keyword"]["auroc"] for r in results) / 2)
     assert [x["screen"] for x in rows] == list(screen.SCREENS)
     assert "### Screening before training" in report.table({**summarize([]), "screening": rows})
+    assert len(report.screening_figure({"screening": rows}).axes) == 1 and report.screening_figure({}) is None
 
 
 def test_screen_scores_only_records_it_has_not_seen(tmp_path):

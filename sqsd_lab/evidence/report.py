@@ -212,4 +212,31 @@ def figure(summary: dict) -> Figure:
     return fig
 
 
-__all__ = ["figure", "judges_of", "table"]
+def screening_figure(summary: dict) -> Figure | None:
+    """The screening before training: each screen's recall (points, 95 % intervals) and AUROC (crosses) per poison
+    kind, one panel each; dotted: chance AUROC. None without screening."""
+    rows = summary.get("screening") or []
+    if not rows:
+        return None
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["poison"], row["p"]), []).append(row)
+    fig = Figure(figsize=(4 * len(groups), 0.3 * max(len(g) for g in groups.values()) + 1.6))
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, ((kind, p), group) in zip(axes, groups.items()):
+        ys = range(len(group))
+        ax.errorbar([r["recall"]["mean"] for r in group], ys, xerr=_errors([r["recall"] for r in group]), fmt="o",
+                    ms=4, capsize=2, label="recall at k")
+        ax.plot([r["auroc"] if r["auroc"] is not None else float("nan") for r in group], ys, "x", color="tab:red",
+                label="AUROC")
+        ax.axvline(0.5, ls=":", lw=0.6, color="grey")
+        ax.set_yticks(ys, [r["screen"] for r in group] if ax is axes[0] else [""] * len(group), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set(title=f"{kind}, p = {p:g}", xlabel="share of the poison removed / AUROC")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["figure", "judges_of", "screening_figure", "table"]
