@@ -205,15 +205,16 @@ screening and the drops' control, then the peers (SafeLoRA, the WaRP mask), the 
 control, and the combinations and the anchor's λ sweep (safety against utility)."""
 QUICK_SEEDED = ("no_defence", "drops")
 """The quick plan's conditions on more seeds: the poison's effect and the recommended drops against it."""
-QUICK_FILTERS = ("filter:keyword", "filter:gradient similarity")
-"""The filters users would otherwise pick, run in the quick plan on identity shifting too."""
+QUICK_REMOVALS = ("filter:keyword", "filter:gradient similarity", "offline")
+"""Removals before training run in the quick plan on identity shifting too: the filters users would otherwise pick
+and SQSD's own offline screening."""
 SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "random")
 """Run at p = 5 % and 20 % (identity-shifting poison, fewer seeds)."""
 
 
 def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Run]:
     """``quick`` (2 CPU cores, small evaluations: disjoint harmful poison at 10 % with QUICK_CONDITIONS on 2 seeds and
-    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED on 6 seeds and QUICK_FILTERS on 3;
+    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED on 6 seeds and QUICK_REMOVALS on 3;
     gradient-similar benign poison at 10 % with QUICK_SEEDED on 2) or
     ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking poisons and 4 on
     disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on identity shifting);
@@ -224,7 +225,7 @@ def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | No
                  (["identity shifting", "gradient-similar benign"], [0.1], QUICK_SEEDED, seeds or [0, 1]),
                  (["disjoint harmful"], [0.1], QUICK_SEEDED, seeds or [2]),
                  (["identity shifting"], [0.1], QUICK_SEEDED, seeds or range(2, 6)),
-                 (["identity shifting"], [0.1], QUICK_FILTERS, seeds or range(3))]
+                 (["identity shifting"], [0.1], QUICK_REMOVALS, seeds or range(3))]
     elif mode == "full":
         settings = Settings()
         many, few = list(seeds or range(8)), list(seeds or range(4))
