@@ -35,9 +35,9 @@ from sqsd_lab.adapters import init_seed, theta_0
 from sqsd_lab.data import load_model, tokenize_chats
 from sqsd_lab.demo import DemoSizes, run_demo
 from sqsd_lab.evidence import stats
+from sqsd_lab.evidence.report import shown_rho
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.protect import BY_NAME, Experiment, Inputs, Settings, poisoned_pool, summarize, table
-from sqsd_lab.windows import shown_rho
 
 CONDITIONS = ("drop z-score > 2", "robust z > 3, kept out")
 

@@ -27,10 +27,10 @@ from sqsd_callback.sinks.heatmap import new_figure
 from sqsd_lab.data import tokenize_chats
 from sqsd_lab.demo import run_demo
 from sqsd_lab.evidence import stats
+from sqsd_lab.evidence.report import shown_rho
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.protect import Experiment, Inputs, Settings, poisoned_pool
 from sqsd_lab.refusal import refusal_rate
-from sqsd_lab.windows import shown_rho
 
 SIGNALS = ("drift", "drift_danger", "drift_safety", "projection/danger/danger", "projection/safety/safety", "norm")
 

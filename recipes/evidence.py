@@ -13,7 +13,6 @@ SQSD's offline score would remove), its per-record scores cached under --cache t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sqsd_lab.evidence import report
 from sqsd_lab.evidence.files import write_atomic
 from sqsd_lab.evidence.judges import add_judge_arguments, judge_from_args
 from sqsd_lab.evidence.protocol import Run, Runner, embedded_lab, plan, poisoned_pools, write_summary
-from sqsd_lab.evidence.screen import screen
+from sqsd_lab.evidence.screen import cached_results, screen
 
 
 def estimate(pending: list[Run], measured: dict) -> tuple[float, float]:
@@ -48,20 +47,20 @@ def main() -> None:
     p.add_argument("--summary", help="where the summary goes (default: benchmarks/results/evidence-summary.json, "
                    "evidence-quick-summary.json with --quick); every run's result, per-prompt outcomes included, "
                    "goes next to it as <name>-runs.json, the tables as <name>.md and the figure as <name>.png")
-    p.add_argument("--cached-only", action="store_true", help="run nothing: write the summary, tables and figure of "
-                   "the plan's runs already in --cache (no model is loaded)")
+    p.add_argument("--cached-only", action="store_true", help="run nothing: write the summary, tables and figures of "
+                   "the plan's runs and pool screening already in --cache (no model is loaded)")
     add_judge_arguments(p)
     opts = p.parse_args()
     summary = Path(opts.summary or f"benchmarks/results/evidence{'-quick' if opts.quick else ''}-summary.json")
     only = [c.strip() for c in opts.only.split(",") if c.strip()] or None
     runs = plan("quick" if opts.quick else "full", opts.seeds, only)
     cache = Path(opts.cache)
-    screened = cache / "screening.json"
+    settings, pools = runs[0].settings, poisoned_pools(runs)
     if opts.cached_only:
         runner = Runner(None, cache)
         results = [runner.result(r) for r in runs if runner.done(r)]
         print(f"{len(results)} of the plan's {len(runs)} runs are cached")
-        publish(results, summary, _screened(screened, runs))
+        publish(results, summary, cached_results(cache, settings, pools))
         print(f"summary: {summary}")
         return
     lab = embedded_lab(opts.demo_cache, cache / "inputs", judge_from_args(opts))
@@ -78,21 +77,10 @@ def main() -> None:
             tqdm.write(f"{rate:.0f} tokens/s over a run (training and evaluation, "
                        f"{time.perf_counter() - start:.0f} s): about {left / 3600:.1f} h for the {len(pending)} left")
             timed = True
-        publish(results, summary)
-    pools = {at: lab.pool(*at, runs[0].settings) for at in poisoned_pools(runs)}
-    screening = screen(lab, pools, runs[0].settings, cache)
-    write_atomic(screened, {"pools": screening})
+        publish(results, summary, cached_results(cache, settings, pools))
+    screening = screen(lab, {at: lab.pool(*at, settings) for at in pools}, settings, cache)
     publish(results, summary, screening)
     print(f"summary: {summary}")
-
-
-def _screened(path: Path, runs: list[Run]) -> list[dict] | None:
-    """The cached screening of the plan's pools (None unless every pool of the plan is in it)."""
-    if not path.is_file():
-        return None
-    pools = {(r["poison"], r["p"], r["seed"]): r for r in json.loads(path.read_text())["pools"]}
-    wanted = poisoned_pools(runs)
-    return [pools[at] for at in wanted] if all(at in pools for at in wanted) else None
 
 
 def publish(results: list[dict], summary: Path, screening: list[dict] | None = None) -> None:
@@ -103,9 +91,11 @@ def publish(results: list[dict], summary: Path, screening: list[dict] | None = N
                  {"runs": results, **({"screening": screening} if screening else {})})
     summary.with_suffix(".md").write_text(report.table(written), encoding="utf-8")
     report.figure(written).savefig(summary.with_suffix(".png"), dpi=120)
-    plot = report.screening_figure(written)
+    plot, path = report.screening_figure(written), summary.with_name(f"{summary.stem}-screening.png")
     if plot is not None:
-        plot.savefig(summary.with_name(f"{summary.stem}-screening.png"), dpi=120)
+        plot.savefig(path, dpi=120)
+    else:  # no screening (yet): no figure of an older one beside these tables
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from sqsd_callback.sinks import read_jsonl
 from sqsd_lab.adapters import direction_sets, theta_0
 from sqsd_lab.data import load_model, tokenize_chats
 from sqsd_lab.evidence import stats
+from sqsd_lab.evidence.report import shown_rho
 from sqsd_lab.finetune import lora_config
-from sqsd_lab.windows import shown_rho
 
 
 def main() -> None:
@@ -101,7 +101,7 @@ def main() -> None:
                for i, a in enumerate(names)], "",
              f"Spearman's rho over the {len(samples)} records of sqsd demo's pool; {result['minutes']:.1f} min.", "",
              "| | score variant | " + " | ".join(terms[names[0]]) + " |", "|---|---|" + "---|" * len(terms[names[0]]),
-             *[f"| ({i + 1}) | {a} | " + " | ".join(f"{v:.2f}" if k.startswith("median") else f"{v:+.2f}"
+             *[f"| ({i + 1}) | {a} | " + " | ".join(f"{v:.2f}" if k.startswith("median") else shown_rho(v)
                                                    for k, v in terms[a].items()) + " |" for i, a in enumerate(names)],
              "", "The size of each term (medians over the records) and Spearman's rho of SQSD with each term and with "
              "the number of scored response tokens."]

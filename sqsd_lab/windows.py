@@ -22,7 +22,7 @@ from sqsd_callback.sinks.heatmap import new_figure
 from sqsd_lab.data import tokenize_chats
 from sqsd_lab.evidence import judges, stats
 from sqsd_lab.evidence.files import write_atomic
-from sqsd_lab.evidence.report import shown_interval
+from sqsd_lab.evidence.report import shown_interval, shown_rho
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.screening import rank_windows, windows_within
 
@@ -258,11 +258,6 @@ def seeds_table(combined: dict, theta_0: dict | None = None) -> str:
                      f"{', '.join(shown_rho(r) for r in x['rho_per_seed'])}; mean {shown_rho(x['rho_mean'])}{spread}; "
                      f"ρ of the seed means {shown_rho(x['rho_of_mean'])} (the paper's ordering is ρ = −1).")
     return "\n".join(lines) + "\n"
-
-
-def shown_rho(x: float | None) -> str:
-    """``+0.50``, or ``n/a`` where ρ is undefined (a constant measure)."""
-    return "n/a" if x is None else f"{x:+.2f}"
 
 
 def seeds_plot(combined: dict, path: Path, theta_0: dict | None = None) -> None:

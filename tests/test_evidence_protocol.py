@@ -357,6 +357,9 @@ def test_screen_against_each_filter_scored_on_its_own_pool(lab, counted, tmp_pat
     monkeypatch.setattr(lab, "scores", unused)
     monkeypatch.setattr(lab, "offline_rows", unused)
     assert screen.screen(lab, pools, TINY, tmp_path) == results  # every per-record score read from the cache
+    assert screen.cached_results(tmp_path, TINY, list(pools)[::-1]) == results[::-1]  # in the order asked
+    assert screen.cached_results(tmp_path, TINY, [("identity shifting", 0.25, 7)]) is None  # not screened
+    assert screen.cached_results(tmp_path, replace(TINY, max_length=32), list(pools)) is None  # other Settings
     rows = screen.summarize_screens(results)
     keyword = next(x for x in rows if x["screen"] == "keyword")
     assert keyword["seeds"] == 2 and keyword["recall"]["mean"] == pytest.approx(
@@ -379,8 +382,8 @@ def test_screen_scores_only_records_it_has_not_seen(tmp_path):
 
         def offline_rows(self, records, s):
             seen.extend(("offline", r["response"]) for r in records)
-            return [{"sqsd": float(len(r["response"])) if len(r["response"]) > 1 else None, "danger": 1.0}
-                    for r in records]  # "a": no response token left to score
+            return [{"sqsd": -float(len(r["response"])) if len(r["response"]) > 1 else None, "danger": 1.0}
+                    for r in records]  # "a": no response token left to score; a score of 0 would rank it first
 
     def pool(responses, poisoned):
         return [{"prompt": "p", "response": x, "poison": x in poisoned} for x in responses]
@@ -398,3 +401,4 @@ def test_screen_scores_only_records_it_has_not_seen(tmp_path):
     seen.clear()
     screen.screen(Counting(), {**first, ("k", 0.5, 2): pool(["a", "ccc"], {"ccc"})}, TINY, tmp_path)
     assert sorted(set(seen)) == sorted({(n, "ccc") for n, _ in seen}) and len(seen) == per_record
+    assert len(screen.cached_results(tmp_path, TINY, [*first, ("k", 0.5, 2)])) == 3  # the results joined, not replaced

@@ -134,6 +134,11 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return float((stats.average_ranks(scores)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def response_words(record: dict) -> int:
+    """A record's response length in words: what every ranking's ρ with length and the length thirds use."""
+    return len(record["response"].split())
+
+
 def length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> float | None:
     """Spearman's ρ between a ranking's scores and the responses' lengths (Pearson on average ranks); None where
     either is constant."""
@@ -144,4 +149,5 @@ def length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> flo
 
 __all__ = ["HARM_CATEGORIES", "OPENER", "activation_projection", "auroc", "categories", "filters",
            "gradient_similarity", "keyword_scores", "length_correlation", "moderation_scores",
-           "recall_and_benign_removed", "remove", "random_scores", "representation_similarity", "topic_words"]
+           "recall_and_benign_removed", "remove", "random_scores", "representation_similarity", "response_words",
+           "topic_words"]

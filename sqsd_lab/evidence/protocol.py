@@ -385,7 +385,7 @@ class Runner:
             k = len(poison.poison_ids(pool))
         name = "random" if c.remove == "random" else c.remove
         scores = self.lab.scores(name, pool, run.seed, s)
-        rho = baselines.length_correlation(scores, [_words(r) for r in pool])
+        rho = baselines.length_correlation(scores, [baselines.response_words(r) for r in pool])
         return set(baselines.remove(scores, k)), rho
 
     @staticmethod
@@ -635,7 +635,7 @@ def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -
         if row.get("sqsd") is not None:
             first.setdefault(kept[row["index"]], row)
     at, k = sorted(first), len(poison_at)
-    labels, words = [bool(pool[i]["poison"]) for i in at], [_words(pool[i]) for i in at]
+    labels, words = [bool(pool[i]["poison"]) for i in at], [baselines.response_words(pool[i]) for i in at]
 
     def ranked(scores: list[float]) -> tuple[list[int], dict]:
         """The top k's pool positions, and recall, benign removed and AUROC of ranking by ``scores``."""
@@ -656,23 +656,18 @@ def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -
             "top": sorted(top), "by_term": {**by_term, "length": alone([float(w) for w in words])}}
 
 
-def _words(record: dict) -> int:
-    """A record's response length in words: what every ranking's ρ with length and the length thirds use."""
-    return len(record["response"].split())
-
-
 def by_length(pool: Sequence[dict], removed: Iterable[int], strata: int = 3) -> list[dict]:
     """Recall and benign removed within each of ``strata`` equal-size groups of the pool ordered by response length
     (words; ties by position), shortest first: whether a removal finds the poison at every length or only where
     the poison is long (or short). None for a stratum's recall where it holds no poison."""
-    order = sorted(range(len(pool)), key=lambda i: (_words(pool[i]), i))
+    words = [baselines.response_words(r) for r in pool]
+    order = sorted(range(len(pool)), key=lambda i: (words[i], i))
     removed, out = set(removed), []
     for k in range(strata):
         group = order[k * len(pool) // strata:(k + 1) * len(pool) // strata]
         poison_in = [i for i in group if pool[i]["poison"]]
         benign = len(group) - len(poison_in)
-        out.append({"words": [_words(pool[group[0]]), _words(pool[group[-1]])], "records": len(group),
-                    "poison": len(poison_in),
+        out.append({"words": [words[group[0]], words[group[-1]]], "records": len(group), "poison": len(poison_in),
                     "recall": sum(i in removed for i in poison_in) / len(poison_in) if poison_in else None,
                     "benign_removed": sum(i in removed for i in group if not pool[i]["poison"]) / benign
                     if benign else None})
@@ -744,8 +739,8 @@ def summarize(results: Sequence[dict]) -> dict:
 
 
 def write_summary(results: Sequence[dict], path: str | Path, screening: Sequence[dict] | None = None) -> dict:
-    """summarize(results) written (atomically) to ``path``, with the pools' screening before training
-    (``screening``: screen.summarize_screens of screen.screen's results) where given; refuses an empty result
+    """summarize(results) written (atomically) to ``path``, with the pools' screening before training where given
+    (``screening``: screen.screen's results, summarized by screen.summarize_screens); refuses an empty result
     list."""
     if not results:
         raise ValueError("no results to summarize; run the plan first (recipes/evidence.py)")

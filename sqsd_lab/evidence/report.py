@@ -13,6 +13,11 @@ def shown_interval(i: dict | None, digits: int = 2) -> str:
     return f"{i['mean']:.{digits}f} [{i['ci_low']:.{digits}f}, {i['ci_high']:.{digits}f}]"
 
 
+def shown_rho(x: float | None) -> str:
+    """A rank correlation for a table: ``+0.50``, or ``n/a`` where it is undefined (a constant side)."""
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
 def _number(x: float | None, fmt: str = ".2f") -> str:
     """A number, or a dash for None."""
     return "–" if x is None else format(x, fmt)
@@ -225,8 +230,9 @@ def screening_figure(summary: dict) -> Figure | None:
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, ((kind, p), group) in zip(axes, groups.items()):
         ys = range(len(group))
-        ax.errorbar([r["recall"]["mean"] for r in group], ys, xerr=_errors([r["recall"] for r in group]), fmt="o",
-                    ms=4, capsize=2, label="recall at k")
+        found = [(y, r["recall"]) for y, r in zip(ys, group) if r["recall"] is not None]  # None: no poison
+        ax.errorbar([i["mean"] for _, i in found], [y for y, _ in found], xerr=_errors([i for _, i in found]),
+                    fmt="o", ms=4, capsize=2, label="recall at k")
         ax.plot([r["auroc"] if r["auroc"] is not None else float("nan") for r in group], ys, "x", color="tab:red",
                 label="AUROC")
         ax.axvline(0.5, ls=":", lw=0.6, color="grey")

@@ -5,7 +5,9 @@ in the quick plan (moderation, representation similarity, activation projection)
 alone are read here on every poison kind.
 
 Every screen but ``random`` scores a record by itself, so each record is scored once per screen however many pools
-hold it, and the scores are cached in one file per Settings.
+hold it; the scores and each pool's results are cached per Settings and SCREEN_VERSION. A record's score equals the
+one a trained filter run computes on its pool up to float rounding (the records are batched and padded differently),
+so the two removals can differ where two records nearly tie.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ SCREENS = ("keyword", "moderation", "gradient similarity", "representation simil
 """What a pool is screened by: the baseline filters (baselines.filters), SQSD's offline score (``sqsd score``, the
 README's protocol) and its danger term alone, and a random draw of the same count."""
 PER_RECORD = tuple(n for n in SCREENS if n != "random")
+SCREEN_VERSION = 1
+"""Bump it when a screen scores otherwise: cached scores and results of another version are not read."""
 
 
 def record_key(record: Mapping) -> str:
@@ -32,13 +36,33 @@ def record_key(record: Mapping) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _tag(settings) -> str:
+    text = json.dumps({"version": SCREEN_VERSION, **asdict(settings)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def scores_file(cache: str | Path, settings) -> Path:
     """Where the per-record screen scores of one Settings are cached."""
-    text = json.dumps(asdict(settings), sort_keys=True)
-    return Path(cache) / f"screen-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    return Path(cache) / f"screen-{_tag(settings)}.json"
 
 
-def score_records(lab, pools: Sequence[Sequence[dict]], settings, path: Path) -> dict[str, dict[str, float]]:
+def results_file(cache: str | Path, settings) -> Path:
+    """Where the screened pools' results of one Settings are cached (``{"pools": [screen's results]}``)."""
+    return Path(cache) / f"screening-{_tag(settings)}.json"
+
+
+def cached_results(cache: str | Path, settings, wanted: Sequence[tuple[str, float, int]]) -> list[dict] | None:
+    """The cached results of the ``wanted`` pools (poison kind, share, seed) in that order; None unless every one
+    of them was screened with these Settings."""
+    path = results_file(cache, settings)
+    if not path.is_file():
+        return None
+    pools = {(r["poison"], r["p"], r["seed"]): r for r in json.loads(path.read_text())["pools"]}
+    return [pools[at] for at in wanted] if all(at in pools for at in wanted) else None
+
+
+def score_records(lab, pools: Sequence[Sequence[dict]], settings,
+                  path: Path) -> dict[str, dict[str, float | None]]:
     """``{screen: {record_key: score}}`` for every record of ``pools`` and every per-record screen (None where the
     offline score has no response token to score), reading ``path`` and scoring only what it lacks (each screen's
     scores are written atomically as soon as they exist)."""
@@ -64,7 +88,7 @@ def screen_pool(pool: Sequence[dict], scores: Mapping[str, Sequence[float]]) -> 
     """Per screen, its removal at the filters' budget over one pool: recall, benign removed, AUROC, ρ with
     response length, and which poison records it found (``found``, in pool order)."""
     at = poison_ids(pool)
-    labels, words = [bool(r["poison"]) for r in pool], [len(r["response"].split()) for r in pool]
+    labels, words = [bool(r["poison"]) for r in pool], [baselines.response_words(r) for r in pool]
     out = {}
     for name, values in scores.items():
         removed = set(baselines.remove(values, len(at)))
@@ -78,7 +102,8 @@ def screen_pool(pool: Sequence[dict], scores: Mapping[str, Sequence[float]]) -> 
 def screen(lab, pools: Mapping[tuple[str, float, int], Sequence[dict]], settings, cache: str | Path) -> list[dict]:
     """Every poisoned pool (keyed by poison kind, share, seed) screened by every SCREENS entry: one result per
     pool, ``{"poison", "p", "seed", "pool", "poison_in_pool", "screens": screen_pool(...)}``; the per-record
-    scores come from (and go to) the cache, ``random`` is drawn per pool from its seed as the random filter is."""
+    scores come from (and go to) the cache, ``random`` is drawn per pool from its seed as the random filter is; the
+    results join those of other pools cached with these Settings (results_file)."""
     known = score_records(lab, list(pools.values()), settings, scores_file(cache, settings))
     results = []
     for (kind, p, seed), pool in pools.items():
@@ -87,6 +112,11 @@ def screen(lab, pools: Mapping[tuple[str, float, int], Sequence[dict]], settings
         scores["random"] = baselines.random_scores(pool, seed)
         results.append({"poison": kind, "p": p, "seed": seed, "pool": len(pool),
                         "poison_in_pool": len(poison_ids(pool)), "screens": screen_pool(pool, scores)})
+    path = results_file(cache, settings)
+    saved = {(r["poison"], r["p"], r["seed"]): r for r in
+             (json.loads(path.read_text())["pools"] if path.is_file() else [])}
+    saved.update({(r["poison"], r["p"], r["seed"]): r for r in results})
+    write_atomic(path, {"pools": list(saved.values())})
     return results
 
 
