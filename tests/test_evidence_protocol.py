@@ -341,6 +341,7 @@ def test_screen_against_each_filter_scored_on_its_own_pool(lab, counted, tmp_pat
         oracle = {name: lab.scores(name, pool, seed, TINY) for name in protocol.BASELINES}
         oracle["offline"] = lab.scores("offline", pool, seed, TINY)
         oracle["offline danger term"] = [x["danger"] for x in rows]
+        oracle["offline −safety term"] = [-x["safety"] for x in rows]
         for name, scores in oracle.items():
             got = r["screens"][name]
             removed = set(baselines.remove(scores, len(at)))
@@ -382,15 +383,15 @@ def test_screen_scores_only_records_it_has_not_seen(tmp_path):
 
         def offline_rows(self, records, s):
             seen.extend(("offline", r["response"]) for r in records)
-            return [{"sqsd": -float(len(r["response"])) if len(r["response"]) > 1 else None, "danger": 1.0}
-                    for r in records]  # "a": no response token left to score; a score of 0 would rank it first
+            return [{"sqsd": -float(len(r["response"])) if len(r["response"]) > 1 else None, "danger": 1.0,
+                     "safety": 0.5} for r in records]  # "a": no response token left; a 0 would rank it first
 
     def pool(responses, poisoned):
         return [{"prompt": "p", "response": x, "poison": x in poisoned} for x in responses]
 
     first = {("k", 0.5, 0): pool(["a", "bb"], {"bb"}), ("k", 0.5, 1): pool(["bb", "a"], {"bb"})}
     results = screen.screen(Counting(), first, TINY, tmp_path)
-    per_record = len(screen.PER_RECORD) - 1  # the offline score and its danger term come from one pass
+    per_record = len(screen.PER_RECORD) - 2  # the offline score and its two terms come from one pass
     assert len(seen) == 2 * per_record
     assert [r["screens"]["offline"]["auroc"] for r in results] == [1.0, 1.0]  # unscored ranks last
 

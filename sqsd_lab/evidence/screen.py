@@ -23,9 +23,13 @@ from sqsd_lab.evidence.files import write_atomic
 from sqsd_lab.evidence.poison import poison_ids
 
 SCREENS = ("keyword", "moderation", "gradient similarity", "representation similarity", "activation projection",
-           "offline", "offline danger term", "random")
+           "offline", "offline danger term", "offline −safety term", "random")
 """What a pool is screened by: the baseline filters (baselines.filters), SQSD's offline score (``sqsd score``, the
-README's protocol) and its danger term alone, and a random draw of the same count."""
+README's protocol), each of its terms alone (danger, and −safety: what SQSD adds to it), and a random draw of the
+same count."""
+OFFLINE = {"offline": lambda row: row["sqsd"], "offline danger term": lambda row: row.get("danger"),
+           "offline −safety term": lambda row: None if row.get("safety") is None else -row["safety"]}
+"""The screens read off one ``sqsd score`` row per record."""
 PER_RECORD = tuple(n for n in SCREENS if n != "random")
 SCREEN_VERSION = 1
 """Bump it when a screen scores otherwise: cached scores and results of another version are not read."""
@@ -74,10 +78,10 @@ def score_records(lab, pools: Sequence[Sequence[dict]], settings,
         if not missing:
             continue
         records = [unique[k] for k in missing]
-        if name in ("offline", "offline danger term"):  # None: no response token left to score
+        if name in OFFLINE:  # one scoring pass gives all three; None: no response token left to score
             rows = lab.offline_rows(records, settings)
-            known.setdefault("offline", {}).update(zip(missing, (r["sqsd"] for r in rows)))
-            known.setdefault("offline danger term", {}).update(zip(missing, (r.get("danger") for r in rows)))
+            for term, read in OFFLINE.items():
+                known.setdefault(term, {}).update(zip(missing, (read(r) for r in rows)))
         else:
             have.update(zip(missing, lab.scores(name, records, 0, settings)))
         write_atomic(path, known)
