@@ -124,7 +124,7 @@ def _screening_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["### Screening before training", "", "Each poisoned pool of the plan scored before any training by every "
-             "filter and by SQSD's offline score (`sqsd score` at θ₀, and its danger term alone); its top k removed, "
+             "filter and by SQSD's offline score (`sqsd score` at θ₀, and each of its terms alone); its top k removed, "
              "k the pool's poison count. No model was trained for this table.", "",
              "| poison, p | screen | seeds | recall | benign removed | AUROC | ρ with length |",
              "|---|---|---|---|---|---|---|"]

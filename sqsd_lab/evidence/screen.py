@@ -1,7 +1,7 @@
 """Screening before training: for each poisoned pool of a plan, what every filter and SQSD's offline score would
 remove at the filters' budget (k = the pool's poison count): recall, benign removed, AUROC over every threshold and
 Spearman's ρ with response length, without fine-tuning anything. The filters without a training run of their own
-in the quick plan (moderation, representation similarity, activation projection) and SQSD's offline danger term
+in the quick plan (moderation, representation similarity, activation projection) and each of SQSD's offline terms
 alone are read here on every poison kind.
 
 Every screen but ``random`` scores a record by itself, so each record is scored once per screen however many pools
