@@ -134,6 +134,16 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return float((stats.average_ranks(scores)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def ranking_measures(scores: Sequence[float], ids: Sequence[int], poison_ids: Sequence[int],
+                     n: int) -> tuple[list[int], dict]:
+    """A ranking of the records at pool positions ``ids`` (of a pool of ``n``) by ``scores``, read as a filter at the
+    filters' budget (k = the pool's poison count): its top k's positions, their recall and benign removed, and the
+    ranking's AUROC over every threshold."""
+    top = [ids[j] for j in remove(scores, len(poison_ids))]
+    poison = set(poison_ids)
+    return top, {**recall_and_benign_removed(top, poison_ids, n), "auroc": auroc(scores, [i in poison for i in ids])}
+
+
 def response_words(record: dict) -> int:
     """A record's response length in words: what every ranking's ρ with length and the length thirds use."""
     return len(record["response"].split())
@@ -149,5 +159,5 @@ def length_correlation(scores: Sequence[float], lengths: Sequence[float]) -> flo
 
 __all__ = ["HARM_CATEGORIES", "OPENER", "activation_projection", "auroc", "categories", "filters",
            "gradient_similarity", "keyword_scores", "length_correlation", "moderation_scores",
-           "recall_and_benign_removed", "remove", "random_scores", "representation_similarity", "response_words",
-           "topic_words"]
+           "ranking_measures", "recall_and_benign_removed", "remove", "random_scores", "representation_similarity",
+           "response_words", "topic_words"]

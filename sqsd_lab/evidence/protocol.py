@@ -635,13 +635,10 @@ def online_ranking(train_dir: Path, kept: Sequence[int], pool: Sequence[dict]) -
         if row.get("sqsd") is not None:
             first.setdefault(kept[row["index"]], row)
     at, k = sorted(first), len(poison_at)
-    labels, words = [bool(pool[i]["poison"]) for i in at], [baselines.response_words(pool[i]) for i in at]
+    words = [baselines.response_words(pool[i]) for i in at]
 
     def ranked(scores: list[float]) -> tuple[list[int], dict]:
-        """The top k's pool positions, and recall, benign removed and AUROC of ranking by ``scores``."""
-        top = [at[j] for j in baselines.remove(scores, k)]
-        return top, {**baselines.recall_and_benign_removed(top, poison_at, len(pool)),
-                     "auroc": baselines.auroc(scores, labels)}
+        return baselines.ranking_measures(scores, at, poison_at, len(pool))
 
     def alone(scores: list[float]) -> dict:
         found = ranked(scores)[1]

@@ -58,11 +58,14 @@ def results_file(cache: str | Path, settings) -> Path:
 def cached_results(cache: str | Path, settings, wanted: Sequence[tuple[str, float, int]]) -> list[dict] | None:
     """The cached results of the ``wanted`` pools (poison kind, share, seed) in that order; None unless every one
     of them was screened with these Settings."""
-    path = results_file(cache, settings)
-    if not path.is_file():
-        return None
-    pools = {(r["poison"], r["p"], r["seed"]): r for r in json.loads(path.read_text())["pools"]}
+    pools = _saved(results_file(cache, settings))
     return [pools[at] for at in wanted] if all(at in pools for at in wanted) else None
+
+
+def _saved(path: Path) -> dict[tuple, dict]:
+    """The pool results saved at ``path`` (a results_file) by (poison kind, share, seed); {} where there is none."""
+    pools = json.loads(path.read_text())["pools"] if path.is_file() else []
+    return {(r["poison"], r["p"], r["seed"]): r for r in pools}
 
 
 def score_records(lab, pools: Sequence[Sequence[dict]], settings,
@@ -91,14 +94,12 @@ def score_records(lab, pools: Sequence[Sequence[dict]], settings,
 def screen_pool(pool: Sequence[dict], scores: Mapping[str, Sequence[float]]) -> dict[str, dict]:
     """Per screen, its removal at the filters' budget over one pool: recall, benign removed, AUROC, ρ with
     response length, and which poison records it found (``found``, in pool order)."""
-    at = poison_ids(pool)
-    labels, words = [bool(r["poison"]) for r in pool], [baselines.response_words(r) for r in pool]
+    at, words = poison_ids(pool), [baselines.response_words(r) for r in pool]
     out = {}
     for name, values in scores.items():
-        removed = set(baselines.remove(values, len(at)))
-        out[name] = {**baselines.recall_and_benign_removed(sorted(removed), at, len(pool)),
-                     "auroc": baselines.auroc(values, labels),
-                     "length_rho": baselines.length_correlation(values, words),
+        top, found = baselines.ranking_measures(values, range(len(pool)), at, len(pool))
+        removed = set(top)
+        out[name] = {**found, "length_rho": baselines.length_correlation(values, words),
                      "found": [float(i in removed) for i in at]}
     return out
 
@@ -117,8 +118,7 @@ def screen(lab, pools: Mapping[tuple[str, float, int], Sequence[dict]], settings
         results.append({"poison": kind, "p": p, "seed": seed, "pool": len(pool),
                         "poison_in_pool": len(poison_ids(pool)), "screens": screen_pool(pool, scores)})
     path = results_file(cache, settings)
-    saved = {(r["poison"], r["p"], r["seed"]): r for r in
-             (json.loads(path.read_text())["pools"] if path.is_file() else [])}
+    saved = _saved(path)
     saved.update({(r["poison"], r["p"], r["seed"]): r for r in results})
     write_atomic(path, {"pools": list(saved.values())})
     return results
