@@ -214,7 +214,7 @@ SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient s
 
 def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Run]:
     """``quick`` (2 CPU cores, small evaluations: disjoint harmful poison at 10 % with QUICK_CONDITIONS on 2 seeds and
-    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED on 4 seeds and QUICK_REMOVALS on 3;
+    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED and QUICK_REMOVALS on 8 seeds;
     gradient-similar benign poison at 10 % with QUICK_SEEDED on 2) or
     ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking poisons and 4 on
     disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on identity shifting);
@@ -222,10 +222,9 @@ def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | No
     if mode == "quick":
         settings = QUICK
         cells = [(["disjoint harmful"], [0.1], QUICK_CONDITIONS, seeds or [0, 1]),
-                 (["identity shifting", "gradient-similar benign"], [0.1], QUICK_SEEDED, seeds or [0, 1]),
+                 (["gradient-similar benign"], [0.1], QUICK_SEEDED, seeds or [0, 1]),
                  (["disjoint harmful"], [0.1], QUICK_SEEDED, seeds or [2]),
-                 (["identity shifting"], [0.1], QUICK_SEEDED, seeds or range(2, 4)),
-                 (["identity shifting"], [0.1], QUICK_REMOVALS, seeds or range(3))]
+                 (["identity shifting"], [0.1], QUICK_SEEDED + QUICK_REMOVALS, seeds or range(8))]
     elif mode == "full":
         settings = Settings()
         many, few = list(seeds or range(8)), list(seeds or range(4))
