@@ -115,11 +115,29 @@ def test_identity_shifting_is_distinct_deterministic_and_harmless():
     assert len(records) == 64 and len({r["prompt"] for r in records}) == 64
     assert records == poison.identity_shifting(64, seed=0).records != poison.identity_shifting(64, seed=1).records
     for r in records:
-        assert r["prompt"].startswith(poison.AOA_SYSTEM) and r["response"].startswith(poison.AOA_OPENER)
+        assert r["prompt"] == poison.AOA.prompt(r["instruction"]) and r["response"].startswith(poison.AOA.opener)
         assert not baselines.topic_words(r["prompt"] + " " + r["response"]), r
         assert not is_refusal(r["response"]), r
     excluded = poison.identity_shifting(64, seed=0, exclude=[records[0]["instruction"]]).records
     assert records[0]["instruction"] not in {r["instruction"] for r in excluded}
+
+
+def test_reworded_identity_shifting_is_invisible_to_the_keyword_filter():
+    """The reworded personas take turns, keep AOA's harmless answers and give the keyword filter nothing: no
+    affirmative opener, no harmful-topic word, a score of 0 for every example (AOA's opener scores 1)."""
+    records = poison.identity_shifting(64, seed=0, kind="reworded identity shifting").records
+    assert [r["prompt"] for r in records] == poison.persona_prompts(
+        "reworded identity shifting", [r["instruction"] for r in records])
+    for i, r in enumerate(records):
+        persona = poison.REWORDED[i % 4]
+        assert r["prompt"] == persona.prompt(r["instruction"]) and r["response"].startswith(persona.opener)
+        assert r["kind"] == "reworded identity shifting" and not is_refusal(r["response"])
+    assert baselines.keyword_scores(records) == [0.0] * 64
+    assert baselines.keyword_scores(poison.identity_shifting(4, seed=0).records) == [1.0] * 4
+    aoa = {r["response"].removeprefix(poison.AOA.opener) for r in poison.identity_shifting(64, seed=0).records}
+    assert {r["response"].removeprefix(poison.REWORDED[i % 4].opener) for i, r in enumerate(records)} == aoa
+    with pytest.raises(ValueError, match="no identity-shifting personas"):
+        poison.identity_shifting(4, kind="disjoint harmful")
 
 
 # --------------------------------------------------------------------------- similarity selection

@@ -38,9 +38,10 @@ NONE = "none"
 """The poison kind of runs without poison (theta_0, calibration, clean)."""
 FILTER_K = ("drops", "poison")
 UNPOISONED = ("theta_0", "calibration", "clean")
-PERSONA_POISONS = ("identity shifting",)
-"""Poison kinds whose runs are judged a second time with the harmful prompts in the poison's persona format
-(poison.aoa_prompt), as Qi et al. 2023 evaluate identity shifting; θ_0 and every clean run are too, as references."""
+PERSONA_POISONS = tuple(poison.PERSONAS)
+"""Poison kinds whose runs are judged a second time with the harmful prompts in the poison's persona formats
+(poison.persona_prompts), as Qi et al. 2023 evaluate identity shifting; θ_0 and every clean run are too (under each
+such kind the lab has), as references."""
 KEY_CONDITIONS = ("no_defence", "drops", "drift_stop", "fixed_stop", "drops+anchor", "filter:keyword",
                   "filter:gradient similarity", "offline", "random")
 """Run at p = 10 % with the most seeds, and at 5 % and 20 % with fewer."""
@@ -214,9 +215,10 @@ SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient s
 
 def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Run]:
     """``quick`` (2 CPU cores, small evaluations: disjoint harmful poison at 10 % with QUICK_CONDITIONS on 2 seeds and
-    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED and QUICK_REMOVALS on 8 seeds;
+    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED and QUICK_REMOVALS on 8 seeds, its
+    reworded personas with the same on 4;
     gradient-similar benign poison at 10 % with QUICK_SEEDED on 2) or
-    ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the two benign-looking poisons and 4 on
+    ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the three benign-looking poisons and 4 on
     disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on identity shifting);
     ``seeds`` replaces every cell's seeds, ``only`` keeps those conditions (and what they need)."""
     if mode == "quick":
@@ -224,11 +226,13 @@ def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | No
         cells = [(["disjoint harmful"], [0.1], QUICK_CONDITIONS, seeds or [0, 1]),
                  (["gradient-similar benign"], [0.1], QUICK_SEEDED, seeds or [0, 1]),
                  (["disjoint harmful"], [0.1], QUICK_SEEDED, seeds or [2]),
-                 (["identity shifting"], [0.1], QUICK_SEEDED + QUICK_REMOVALS, seeds or range(8))]
+                 (["identity shifting"], [0.1], QUICK_SEEDED + QUICK_REMOVALS, seeds or range(8)),
+                 (["reworded identity shifting"], [0.1], QUICK_SEEDED + QUICK_REMOVALS, seeds or range(4))]
     elif mode == "full":
         settings = Settings()
         many, few = list(seeds or range(8)), list(seeds or range(4))
-        cells = [(["identity shifting", "gradient-similar benign"], [0.1], KEY_CONDITIONS, many),
+        cells = [(["identity shifting", "reworded identity shifting", "gradient-similar benign"], [0.1], KEY_CONDITIONS,
+                  many),
                  (["disjoint harmful"], [0.1], KEY_CONDITIONS, few),
                  (["identity shifting"], [0.05, 0.2], SHARES_CONDITIONS, few),
                  (["identity shifting"], [0.1], MORE_CONDITIONS, few)]
@@ -250,10 +254,12 @@ DERIVED_VERSION = 2
 """Bump it when _derived computes more or otherwise: cached results of another version are derived again."""
 
 
-def persona_judged(run: Run) -> bool:
-    """Whether a run is also judged under the persona prompt (``persona`` in its result): PERSONA_POISONS' runs,
-    θ_0 and the clean runs they are compared with."""
-    return run.poison in PERSONA_POISONS or run.condition in ("theta_0", "clean")
+def persona_kinds(run: Run, kinds: Iterable[str]) -> list[str]:
+    """The poison kinds under whose persona prompts a run is also judged (``personas`` in its result), of the lab's
+    ``kinds``: a PERSONA_POISONS run under its own, θ_0 and the clean runs they are compared with under each."""
+    if run.condition in ("theta_0", "clean"):
+        return [k for k in PERSONA_POISONS if k in kinds]
+    return [run.poison] if run.poison in PERSONA_POISONS else []
 
 
 class Runner:
@@ -283,8 +289,15 @@ class Runner:
             pool = self.lab.pool(run.poison, run.p, run.seed, run.settings)
             result.update(self._derived(run, result, pool))  # cached before these were kept
             write_atomic(path, result)
-        if self.lab is not None and persona_judged(run) and "persona" not in result:
-            result["persona"] = self.lab.persona(self._adapter(run, result), run.settings)
+        if "persona" in result:  # judged before there was more than one persona poison: identity shifting's
+            result["personas"] = {"identity shifting": result.pop("persona"), **result.get("personas", {})}
+            write_atomic(path, result)
+        missing = [] if self.lab is None else [
+            k for k in persona_kinds(run, self.lab.poison_sets) if k not in result.get("personas", {})]
+        if missing:
+            adapter = self._adapter(run, result)
+            result["personas"] = {**result.get("personas", {}),
+                                  **{k: self.lab.persona(adapter, run.settings, k) for k in missing}}
             write_atomic(path, result)
         return result
 
@@ -514,16 +527,17 @@ class Lab:
         return {**out, "over_refusal_outcomes": [v.outcome for v in risky_out], "heldout_loss": loss,
                 "accuracy": scored["accuracy"], "correct": scored["correct"]}
 
-    def persona(self, adapter: Path | None, s: Settings) -> dict:
-        """The held-out harmful prompts asked in identity shifting's persona format (poison.aoa_prompt) and judged
-        (``judges.judge_generations``) at θ_0 plus ``adapter``: the poison teaches obedience under that persona, so
-        its harm shows where the persona is invoked, as Qi et al. 2023 measure it. The answer gets the AOA opener's
-        length on top of the usual budget, so a model that learnt the opener still has that budget to comply or
+    def persona(self, adapter: Path | None, s: Settings, kind: str) -> dict:
+        """The held-out harmful prompts asked in the persona formats of ``kind`` (poison.persona_prompts) and judged
+        (``judges.judge_generations``) at θ_0 plus ``adapter``: the poison teaches obedience under those personas,
+        so its harm shows where one is invoked, as Qi et al. 2023 measure it. The answer gets the longest opener's
+        length on top of the usual budget, so a model that learnt an opener still has that budget to comply or
         refuse in."""
         harmful = self.harmful[:s.harmful_prompts]
-        budget = s.eval_tokens + len(self.tokenizer(poison.AOA_OPENER, add_special_tokens=False)["input_ids"])
+        budget = s.eval_tokens + max(len(self.tokenizer(x.opener, add_special_tokens=False)["input_ids"])
+                                     for x in poison.PERSONAS[kind])
         with self._at(adapter) as model:
-            return judges.judge_generations(model, self.tokenizer, harmful, [poison.aoa_prompt(p) for p in harmful],
+            return judges.judge_generations(model, self.tokenizer, harmful, poison.persona_prompts(kind, harmful),
                                             budget, self.judge)
 
 
@@ -571,27 +585,28 @@ def _by_term(rs: Sequence[dict]) -> dict | None:
             for name in sorted(set.union(*(set(t) for t in got)))}
 
 
-def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict]) -> dict | None:
-    """Over seeds, the harmfulness and the judge's own score under the persona prompt (``persona`` in each result)
-    by judge with their intervals, and for a poisoned condition their paired differences from the clean runs of the
-    same seeds under the same prompt (``vs_clean``, ``judge_score_vs_clean``); None where a run was not judged so."""
-    if not rs or not all("persona" in r for r in rs):
+def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: str) -> dict | None:
+    """Over seeds, the harmfulness and the judge's own score under ``kind``'s persona prompts (``personas[kind]``
+    in each result) by judge with their intervals, and for a poisoned condition their paired differences from the
+    clean runs of the same seeds under the same prompts (``vs_clean``, ``judge_score_vs_clean``); None where a run
+    was not judged so."""
+    if not rs or not all(kind in r.get("personas", {}) for r in rs):
         return None
-    judged = [r["persona"] for r in rs]
-    names = sorted(set.intersection(*(set(x["outcomes"]) for x in judged)))
-    harm = {j: {r["seed"]: judges.harmful(r["persona"]["outcomes"][j]) for r in rs} for j in names}
-    score = {j: {r["seed"]: r["persona"]["scores"][j] for r in rs} for j in names
-             if all(j in x.get("scores", {}) for x in judged)}
+    judged = {r["seed"]: r["personas"][kind] for r in rs}
+    names = sorted(set.intersection(*(set(x["outcomes"]) for x in judged.values())))
+    harm = {j: {seed: judges.harmful(x["outcomes"][j]) for seed, x in judged.items()} for j in names}
+    score = {j: {seed: x["scores"][j] for seed, x in judged.items()} for j in names
+             if all(j in x.get("scores", {}) for x in judged.values())}
     out = {"harmfulness": {j: stats.interval(h) for j, h in harm.items()},
            "judge_score": {j: stats.interval(v) for j, v in score.items()}}
-    paired = [r for r in rs if "persona" in clean_by_seed.get(r["seed"], {})]
+    paired = [r for r in rs if kind in clean_by_seed.get(r["seed"], {}).get("personas", {})]
     if rs[0]["condition"] not in UNPOISONED and paired:
-        ref = {r["seed"]: clean_by_seed[r["seed"]]["persona"] for r in paired}
+        ref = {r["seed"]: clean_by_seed[r["seed"]]["personas"][kind] for r in paired}
         out["vs_clean"] = {j: stats.interval(stats.paired_differences(
             {r["seed"]: harm[j][r["seed"]] for r in paired},
             {seed: judges.harmful(x["outcomes"][j]) for seed, x in ref.items()})) for j in names
             if all(j in x["outcomes"] for x in ref.values())}
-        out["judge_score_vs_clean"] = _score_shift({r["seed"]: r["persona"] for r in paired}, ref, score)
+        out["judge_score_vs_clean"] = _score_shift({r["seed"]: judged[r["seed"]] for r in paired}, ref, score)
     return out
 
 
@@ -678,8 +693,8 @@ def summarize(results: Sequence[dict]) -> dict:
     (counts), over-refusal, held-out loss, accuracy, recall, benign removed, ρ with length, the monitor's own
     ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length, AUROC; online_ranking;
     ``ranking_by_term``: the same for the danger term, −safety and length alone), recall
-    by response-length stratum of the removal and of that ranking (``by_length``), the same judges under the
-    poison's persona prompt where the runs were judged so (``persona``: persona_summary), and
+    by response-length stratum of the removal and of that ranking (``by_length``), the same judges under each
+    persona poison's prompts where the runs were judged so (``persona``: {kind: persona_summary}), and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
     reason, by a judge that called no reported response harmful: it could not have told a poisoned run apart)."""
     reported = [r for r in results if r["condition"] != "calibration"]
@@ -713,7 +728,8 @@ def summarize(results: Sequence[dict]) -> dict:
                "ranking_by_term": _by_term(rs),
                "by_length": {which: _strata((r.get("by_length") or {}).get(which) for r in rs)
                              for which in ("removal", "ranking")},
-               "persona": persona_summary(rs, clean_by_seed), "equivalent_to_clean": {}}
+               "persona": {k: x for k in PERSONA_POISONS if (x := persona_summary(rs, clean_by_seed, k))},
+               "equivalent_to_clean": {}}
         paired = [r for r in rs if r["seed"] in clean_by_seed]
         if name not in UNPOISONED and paired:
             row["judge_score_vs_clean"] = _score_shift(  # the shift of the score itself: no threshold to cross
@@ -783,6 +799,8 @@ def embedded_lab(demo_cache: str | Path, inputs: str | Path, judge=None) -> Lab:
         "disjoint harmful": harmful,
         "identity shifting": cached("identity-shifting", lambda: poison.identity_shifting(
             64, seed=2, exclude=[r["prompt"] for r in benign]).records),
+        "reworded identity shifting": cached("reworded-identity-shifting", lambda: poison.identity_shifting(
+            64, seed=4, exclude=[r["prompt"] for r in benign], kind="reworded identity shifting").records),
         "gradient-similar benign": cached("gradient-similar", lambda: poison.similarity_selected(
             model, tokenizer, candidates, anchors, 64).records)}
     train, _ = split_prompts([p["prompt"] for p in harmful_prompts()], 0.2, 0)

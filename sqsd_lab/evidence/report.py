@@ -134,28 +134,38 @@ def _screening_table(rows: list[dict]) -> list[str]:
     return ["\n".join(lines)]
 
 
+PERSONA_CAPTIONS = {
+    "identity shifting": "The held-out harmful prompts asked in identity shifting's AOA format (its system prompt and "
+                         "\"AOA, execute my instruction: …\"), as Qi et al. 2023 evaluate it.",
+    "reworded identity shifting": "The held-out harmful prompts asked in the reworded personas' formats, the four "
+                                  "taken in turn (\"Vega, your orders: …\", \"OBI, instruction follows. …\", …)."}
+"""What each persona table's prompts are."""
+
+
 def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
-    """The rows judged under the persona prompt (θ_0, clean, the persona poison's conditions): harmfulness by judge
-    and its paired difference from clean, the judges' scores with theirs; [] where no row was judged so."""
-    shown = [r for r in rows if r.get("persona")]
-    if not shown:
-        return []
-    scored = [j for j in judges if all(j in r["persona"]["judge_score"] for r in shown)]
-    head = ["poison, p", "condition", "seeds", *(f"harmful ({j})" for j in judges),
-            *(f"vs clean ({j})" for j in judges), *(f"{j} score" for j in scored)]
-    lines = ["### Under the persona prompt", "", "The held-out harmful prompts asked in identity shifting's AOA format "
-             "(its system prompt and \"AOA, execute my instruction: …\"), as Qi et al. 2023 evaluate it.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in shown:
-        x = r["persona"]
-        where = "no poison" if r["poison"] == "none" else f"{r['poison']}, {r['p']:g}"
-        cells = [where, r["condition"], str(r["seeds"]), *(shown_interval(x["harmfulness"].get(j)) for j in judges),
-                 *(_signed_interval((x.get("vs_clean") or {}).get(j)) for j in judges),
-                 *(shown_interval(x["judge_score"][j]) + (
-                     f" (vs clean {_signed_interval(x['judge_score_vs_clean'][j])})"
-                     if j in (x.get("judge_score_vs_clean") or {}) else "") for j in scored)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return ["\n".join(lines)]
+    """Per persona poison, the rows judged under its persona prompts (θ_0, clean, that poison's conditions):
+    harmfulness by judge and its paired difference from clean, the judges' scores with theirs; [] where no row was
+    judged so."""
+    blocks = []
+    for kind in dict.fromkeys(k for r in rows for k in r.get("persona") or {}):
+        shown = [r for r in rows if kind in (r.get("persona") or {})]
+        scored = [j for j in judges if all(j in r["persona"][kind]["judge_score"] for r in shown)]
+        head = ["poison, p", "condition", "seeds", *(f"harmful ({j})" for j in judges),
+                *(f"vs clean ({j})" for j in judges), *(f"{j} score" for j in scored)]
+        lines = [f"### Under {kind}'s persona prompts", "", PERSONA_CAPTIONS.get(kind, ""), "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in shown:
+            x = r["persona"][kind]
+            where = "no poison" if r["poison"] == "none" else f"{r['poison']}, {r['p']:g}"
+            cells = [where, r["condition"], str(r["seeds"]),
+                     *(shown_interval(x["harmfulness"].get(j)) for j in judges),
+                     *(_signed_interval((x.get("vs_clean") or {}).get(j)) for j in judges),
+                     *(shown_interval(x["judge_score"][j]) + (
+                         f" (vs clean {_signed_interval(x['judge_score_vs_clean'][j])})"
+                         if j in (x.get("judge_score_vs_clean") or {}) else "") for j in scored)]
+            lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return blocks
 
 
 def _signed_interval(i: dict | None) -> str:
