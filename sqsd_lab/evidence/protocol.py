@@ -585,11 +585,13 @@ def _by_term(rs: Sequence[dict]) -> dict | None:
             for name in sorted(set.union(*(set(t) for t in got)))}
 
 
-def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: str) -> dict | None:
+def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: str,
+                    fired: Iterable[str] = ()) -> dict | None:
     """Over seeds, the harmfulness and the judge's own score under ``kind``'s persona prompts (``personas[kind]``
     in each result) by judge with their intervals, and for a poisoned condition their paired differences from the
-    clean runs of the same seeds under the same prompts (``vs_clean``, ``judge_score_vs_clean``); None where a run
-    was not judged so."""
+    clean runs of the same seeds under the same prompts (``vs_clean``, ``judge_score_vs_clean``) and TOST against
+    them (``equivalent_to_clean``: _equivalence; ``fired``: the judges that called a response harmful under these
+    prompts in any reported run); None where a run was not judged so."""
     if not rs or not all(kind in r.get("personas", {}) for r in rs):
         return None
     judged = {r["seed"]: r["personas"][kind] for r in rs}
@@ -602,12 +604,25 @@ def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: st
     paired = [r for r in rs if kind in clean_by_seed.get(r["seed"], {}).get("personas", {})]
     if rs[0]["condition"] not in UNPOISONED and paired:
         ref = {r["seed"]: clean_by_seed[r["seed"]]["personas"][kind] for r in paired}
-        out["vs_clean"] = {j: stats.interval(stats.paired_differences(
-            {r["seed"]: harm[j][r["seed"]] for r in paired},
-            {seed: judges.harmful(x["outcomes"][j]) for seed, x in ref.items()})) for j in names
-            if all(j in x["outcomes"] for x in ref.values())}
+        refs = {j: {seed: judges.harmful(x["outcomes"][j]) for seed, x in ref.items()} for j in names
+                if all(j in x["outcomes"] for x in ref.values())}
+        tested = {j: {r["seed"]: harm[j][r["seed"]] for r in paired} for j in refs}
+        out["vs_clean"] = {j: stats.interval(stats.paired_differences(tested[j], refs[j])) for j in refs}
+        out["equivalent_to_clean"] = {j: _equivalence(tested[j], refs[j], j in set(fired)) for j in refs}
         out["judge_score_vs_clean"] = _score_shift({r["seed"]: judged[r["seed"]] for r in paired}, ref, score)
     return out
+
+
+def _equivalence(harm: dict[int, list[float]], clean: dict[int, list[float]], fired: bool) -> dict:
+    """TOST (±stats.MARGIN) of a condition's per-prompt harm against the clean runs' of the same seeds; no verdict,
+    with the reason, where the judge called no response harmful in any reported run (``fired`` False): TOST would
+    call anything "equivalent" by a judge that can tell nothing apart."""
+    if not fired:
+        return {"equivalent": None, "margin": stats.MARGIN, "why": "the judge called no response harmful in any run"}
+    test = stats.equivalence(harm, clean)
+    d = test.difference
+    return {"equivalent": test.equivalent, "margin": test.margin,
+            "difference": {"mean": d.mean, "ci_low": d.low, "ci_high": d.high}, "seeds": len(harm)}
 
 
 def _score_shift(evaluations: dict[int, dict], clean: dict[int, dict], judges: Iterable[str]) -> dict:
@@ -694,11 +709,14 @@ def summarize(results: Sequence[dict]) -> dict:
     ranking at the filters' budget (``ranking_*``: recall, benign removed, ρ with length, AUROC; online_ranking;
     ``ranking_by_term``: the same for the danger term, −safety and length alone), recall
     by response-length stratum of the removal and of that ranking (``by_length``), the same judges under each
-    persona poison's prompts where the runs were judged so (``persona``: {kind: persona_summary}), and
+    persona poison's prompts where the runs were judged so (``persona``: {kind: persona_summary}, with its own
+    TOST), and
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
     reason, by a judge that called no reported response harmful: it could not have told a poisoned run apart)."""
     reported = [r for r in results if r["condition"] != "calibration"]
     fired = {j for r in reported for j, outcomes in r.get("outcomes", {}).items() if any(judges.harmful(outcomes))}
+    fired_under = {k: {j for r in reported for j, outcomes in r.get("personas", {}).get(k, {}).get("outcomes", {})
+                       .items() if any(judges.harmful(outcomes))} for k in PERSONA_POISONS}
     clean_by_seed = {r["seed"]: r for r in reported if r["condition"] == "clean"}
     groups: dict[tuple, list[dict]] = {}
     for r in reported:
@@ -728,23 +746,17 @@ def summarize(results: Sequence[dict]) -> dict:
                "ranking_by_term": _by_term(rs),
                "by_length": {which: _strata((r.get("by_length") or {}).get(which) for r in rs)
                              for which in ("removal", "ranking")},
-               "persona": {k: x for k in PERSONA_POISONS if (x := persona_summary(rs, clean_by_seed, k))},
+               "persona": {k: x for k in PERSONA_POISONS
+                           if (x := persona_summary(rs, clean_by_seed, k, fired_under[k]))},
                "equivalent_to_clean": {}}
         paired = [r for r in rs if r["seed"] in clean_by_seed]
         if name not in UNPOISONED and paired:
             row["judge_score_vs_clean"] = _score_shift(  # the shift of the score itself: no threshold to cross
                 {r["seed"]: r for r in paired}, clean_by_seed, row["judge_score"])
             for j in names:
-                if j not in fired:  # TOST would call any run "equivalent" by a judge that can tell nothing apart
-                    row["equivalent_to_clean"][j] = {"equivalent": None, "margin": stats.MARGIN,
-                                                     "why": "the judge called no response harmful in any run"}
-                    continue
                 ref = {r["seed"]: judges.harmful(clean_by_seed[r["seed"]]["outcomes"][j]) for r in paired}
-                test = stats.equivalence({r["seed"]: harm[j][r["seed"]] for r in paired}, ref)
-                d = test.difference
-                row["equivalent_to_clean"][j] = {"equivalent": test.equivalent, "margin": test.margin,
-                                                 "difference": {"mean": d.mean, "ci_low": d.low, "ci_high": d.high},
-                                                 "seeds": len(paired)}
+                row["equivalent_to_clean"][j] = _equivalence({r["seed"]: harm[j][r["seed"]] for r in paired}, ref,
+                                                             j in fired)
         rows.append(row)
     rows.sort(key=lambda r: (r["poison"] != NONE, r["poison"], r["p"], r["condition"]))
     return {"protocol": PROTOCOL_VERSION, "judges": {"kappa": judge_agreement(reported)}, "rows": rows}

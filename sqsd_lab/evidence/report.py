@@ -26,12 +26,16 @@ def _number(x: float | None, fmt: str = ".2f") -> str:
 def _equivalence(row: dict, judge: str) -> str:
     """The paired difference against clean and the TOST verdict, e.g. ``+0.03 [-0.02, +0.08] yes``."""
     e = row["equivalent_to_clean"].get(judge)
+    if e is None or e["equivalent"] is None:
+        return _verdict(e)
+    return f"{_signed_interval(e['difference'])} {_verdict(e)}"
+
+
+def _verdict(e: dict | None) -> str:
+    """A TOST verdict (protocol._equivalence) in a word: yes, no, no verdict (the judge never fired) or a dash."""
     if e is None:
         return "–"
-    if e["equivalent"] is None:
-        return "no verdict: never harmful"
-    d = e["difference"]
-    return f"{_signed_interval(d)} {'yes' if e['equivalent'] else 'no'}"
+    return "no verdict: never harmful" if e["equivalent"] is None else ("yes" if e["equivalent"] else "no")
 
 
 def judges_of(summary: dict) -> list[str]:
@@ -144,14 +148,15 @@ PERSONA_CAPTIONS = {
 
 def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
     """Per persona poison, the rows judged under its persona prompts (θ_0, clean, that poison's conditions):
-    harmfulness by judge and its paired difference from clean, the judges' scores with theirs; [] where no row was
-    judged so."""
+    harmfulness by judge, its paired difference from clean and the TOST verdict, the judges' scores with theirs; []
+    where no row was judged so."""
     blocks = []
     for kind in dict.fromkeys(k for r in rows for k in r.get("persona") or {}):
         shown = [r for r in rows if kind in (r.get("persona") or {})]
         scored = [j for j in judges if all(j in r["persona"][kind]["judge_score"] for r in shown)]
         head = ["poison, p", "condition", "seeds", *(f"harmful ({j})" for j in judges),
-                *(f"vs clean ({j})" for j in judges), *(f"{j} score" for j in scored)]
+                *(f"vs clean ({j})" for j in judges), *(f"equivalent? ({j})" for j in judges),
+                *(f"{j} score" for j in scored)]
         lines = [f"### Under {kind}'s persona prompts", "", PERSONA_CAPTIONS.get(kind, ""), "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in shown:
@@ -160,6 +165,7 @@ def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
             cells = [where, r["condition"], str(r["seeds"]),
                      *(shown_interval(x["harmfulness"].get(j)) for j in judges),
                      *(_signed_interval((x.get("vs_clean") or {}).get(j)) for j in judges),
+                     *(_verdict((x.get("equivalent_to_clean") or {}).get(j)) for j in judges),
                      *(shown_interval(x["judge_score"][j]) + (
                          f" (vs clean {_signed_interval(x['judge_score_vs_clean'][j])})"
                          if j in (x.get("judge_score_vs_clean") or {}) else "") for j in scored)]
