@@ -22,7 +22,7 @@ from sqsd_callback.sinks.heatmap import new_figure
 from sqsd_lab.data import tokenize_chats
 from sqsd_lab.evidence import judges, stats
 from sqsd_lab.evidence.files import write_atomic
-from sqsd_lab.evidence.report import shown_interval, shown_rho
+from sqsd_lab.evidence.report import error_bars, shown_interval, shown_rho
 from sqsd_lab.finetune import lora_config, train_lora
 from sqsd_lab.screening import rank_windows, windows_within
 
@@ -269,8 +269,7 @@ def seeds_plot(combined: dict, path: Path, theta_0: dict | None = None) -> None:
     for ax, m in zip(np.atleast_1d(axes), ms):
         cells = combined["measures"][m]["windows"]
         mean = [c["mean"] for c in cells]
-        ax.errorbar(x, mean, yerr=[[c["mean"] - c["ci_low"] for c in cells], [c["ci_high"] - c["mean"] for c in cells]],
-                    fmt="o-", capsize=3, label="window by SQSD rank")
+        ax.errorbar(x, mean, yerr=error_bars(cells), fmt="o-", capsize=3, label="window by SQSD rank")
         ax.axhline(combined["measures"][m]["random"]["mean"], color="grey", ls="--", label="random window")
         if theta_0 is not None:
             ax.axhline(theta_0["measures"][m], color="black", ls=":", label="θ_0 (no fine-tuning)")

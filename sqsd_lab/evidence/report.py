@@ -185,7 +185,7 @@ def _shift(row: dict, judge: str) -> str:
     return f" (vs clean {_signed_interval(d)})" if d else ""
 
 
-def _errors(intervals: list[dict]) -> list[list[float]]:
+def error_bars(intervals: list[dict]) -> list[list[float]]:
     """matplotlib's asymmetric error bars (below, above the mean) of summary intervals."""
     return [[i["mean"] - i["ci_low"] for i in intervals], [i["ci_high"] - i["mean"] for i in intervals]]
 
@@ -210,7 +210,7 @@ def figure(summary: dict) -> Figure:
             ys = [i + offset for i in range(len(rows))]
             values = [r["harmfulness"].get(j) for r in rows]
             kept = [(y, v) for y, v in zip(ys, values) if v is not None]
-            ax_h.errorbar([v["mean"] for _, v in kept], [y for y, _ in kept], xerr=_errors([v for _, v in kept]),
+            ax_h.errorbar([v["mean"] for _, v in kept], [y for y, _ in kept], xerr=error_bars([v for _, v in kept]),
                           fmt="o", ms=4, capsize=2, label=f"{j} judge")
         clean = reference.get("clean")
         if clean is not None:
@@ -247,7 +247,7 @@ def screening_figure(summary: dict) -> Figure | None:
     for ax, ((kind, p), group) in zip(axes, groups.items()):
         ys = range(len(group))
         found = [(y, r["recall"]) for y, r in zip(ys, group) if r["recall"] is not None]  # None: no poison
-        ax.errorbar([i["mean"] for _, i in found], [y for y, _ in found], xerr=_errors([i for _, i in found]),
+        ax.errorbar([i["mean"] for _, i in found], [y for y, _ in found], xerr=error_bars([i for _, i in found]),
                     fmt="o", ms=4, capsize=2, label="recall at k")
         ax.plot([r["auroc"] if r["auroc"] is not None else float("nan") for r in group], ys, "x", color="tab:red",
                 label="AUROC")
