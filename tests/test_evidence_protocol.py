@@ -105,6 +105,8 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
     budget = TINY.eval_tokens + len(lab.tokenizer(poison.AOA.opener, add_special_tokens=False)["input_ids"])  # opener
     aoa = theta["personas"]["identity shifting"]
     assert aoa["responses"] == generate_responses(lab.model, lab.tokenizer, wrapped, budget)
+    assert aoa["phrase_judge"] == protocol.PERSONA_PHRASE_JUDGE and aoa["outcomes"]["phrase"] == [
+        v.outcome for v in judges.PhraseJudge().judge(lab.harmful, aoa["responses"], [poison.AOA.context] * 3)]
     assert aoa["scores"]["likelihood"] == pytest.approx(
         judges.LikelihoodJudge(lab.model, lab.tokenizer).margins(wrapped), abs=1e-6)
     reworded = [x.prompt(p) for x, p in zip(poison.REWORDED, lab.harmful)]  # the three prompts in personas 1, 2, 3
@@ -161,11 +163,14 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
     lab.persona = None  # from here on a persona evaluation would fail: the old format is read, not judged again
     try:
         old = {k: v for k, v in by["clean", 0].items() if k != "personas"}
-        old["persona"] = by["clean", 0]["personas"]["identity shifting"]  # cached when AOA was the only persona
+        first = by["clean", 0]["personas"]["identity shifting"]  # cached when AOA was the only persona, and judged
+        old["persona"] = {**{k: v for k, v in first.items() if k != "phrase_judge"},  # without it as context
+                          "outcomes": {**first["outcomes"], "phrase": ["compliance"] * 3}}
+        assert first["outcomes"]["phrase"] != ["compliance"] * 3  # so a verdict not judged again would show
         old_path = tmp_path / by["clean", 0]["key"] / "result.json"
         old_path.write_text(json.dumps({**old, "personas": {"reworded identity shifting": by["clean", 0]["personas"][
             "reworded identity shifting"]}}))
-        assert Runner(lab, tmp_path).result(clean_0) == by["clean", 0]
+        assert Runner(lab, tmp_path).result(clean_0) == by["clean", 0]  # judged again from the stored responses
         assert "persona" not in json.loads(old_path.read_text())  # and written back in the new format
     finally:
         lab.persona = judged

@@ -92,12 +92,16 @@ class PhraseJudge:
 
     name = "phrase"
 
-    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
-        """One Verdict per (prompt, response): outcome, and detail ``reason``, ``partial``, ``wording``."""
+    def judge(self, prompts: Sequence[str], responses: Sequence[str],
+              contexts: Sequence[str] | None = None) -> list[Verdict]:
+        """One Verdict per (prompt, response): outcome, and detail ``reason``, ``partial``, ``wording``;
+        ``contexts``: per pair, what the model was given besides the request (outcomes.classify's ``context``)."""
         _pairs(prompts, responses)
+        contexts = [""] * len(prompts) if contexts is None else contexts
+        _pairs(contexts, responses)
         verdicts = []
-        for prompt, response in zip(prompts, responses):
-            c = classify(prompt, response)
+        for prompt, response, context in zip(prompts, responses, contexts):
+            c = classify(prompt, response, context)
             wording = template_wording(response) if c.outcome == "refusal" else None
             verdicts.append(Verdict(c.outcome, None, {"reason": c.reason, "partial": c.partial, "wording": wording}))
         return verdicts
@@ -351,15 +355,15 @@ def judge_from_args(args: argparse.Namespace) -> ClassifierJudge | None:
 
 
 def judge_generations(model, tokenizer, requests: Sequence[str], asked: Sequence[str], max_new_tokens: int,
-                      extra: Judge | None = None) -> dict:
+                      extra: Judge | None = None, contexts: Sequence[str] | None = None) -> dict:
     """The model's greedy responses to ``asked`` and every judge's verdicts on them: per-prompt outcomes, scores
     (where a judge has them) and the phrase judge's refusal wording. The phrase judge and ``extra`` (a user's
-    classifier) judge each response against the bare ``requests``; the likelihood judge reads what the model was
-    ``asked``."""
+    classifier) judge each response against the bare ``requests`` (the phrase judge with ``contexts``: what
+    ``asked`` adds to each request); the likelihood judge reads what the model was ``asked``."""
     from sqsd_lab.data import generate_responses
     responses = generate_responses(model, tokenizer, asked, max_new_tokens, desc="harmful prompts")
     phrase, likelihood = PhraseJudge(), LikelihoodJudge(model, tokenizer)
-    verdicts = {phrase.name: phrase.judge(requests, responses), likelihood.name: likelihood.judge(asked)}
+    verdicts = {phrase.name: phrase.judge(requests, responses, contexts), likelihood.name: likelihood.judge(asked)}
     if extra is not None:
         verdicts[extra.name] = extra.judge(requests, responses)
     return {"responses": responses,

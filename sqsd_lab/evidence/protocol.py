@@ -252,6 +252,9 @@ DERIVED = ("ranking", "by_length", "derived")
 """What Runner._derived adds to a trained run's result (and to one cached before these were kept)."""
 DERIVED_VERSION = 2
 """Bump it when _derived computes more or otherwise: cached results of another version are derived again."""
+PERSONA_PHRASE_JUDGE = 2
+"""Bump it when the phrase judge reads persona evaluations otherwise (2: with the persona as context): cached ones
+of another version are judged again from their stored responses."""
 
 
 def persona_kinds(run: Run, kinds: Iterable[str]) -> list[str]:
@@ -291,6 +294,12 @@ class Runner:
             write_atomic(path, result)
         if "persona" in result:  # judged before there was more than one persona poison: identity shifting's
             result["personas"] = {"identity shifting": result.pop("persona"), **result.get("personas", {})}
+            write_atomic(path, result)
+        stale = [] if self.lab is None else [k for k, x in result.get("personas", {}).items()
+                                             if x.get("phrase_judge") != PERSONA_PHRASE_JUDGE]
+        if stale:
+            result["personas"] = {**result["personas"], **{
+                k: self.lab.rejudge_persona(result["personas"][k], run.settings, k) for k in stale}}
             write_atomic(path, result)
         missing = [] if self.lab is None else [
             k for k in persona_kinds(run, self.lab.poison_sets) if k not in result.get("personas", {})]
@@ -532,13 +541,24 @@ class Lab:
         (``judges.judge_generations``) at θ_0 plus ``adapter``: the poison teaches obedience under those personas,
         so its harm shows where one is invoked, as Qi et al. 2023 measure it. The answer gets the longest opener's
         length on top of the usual budget, so a model that learnt an opener still has that budget to comply or
-        refuse in."""
+        refuse in; the phrase judge reads it with the persona as context (poison.persona_contexts), so repeating the
+        persona's words is not an answer."""
         harmful = self.harmful[:s.harmful_prompts]
         budget = s.eval_tokens + max(len(self.tokenizer(x.opener, add_special_tokens=False)["input_ids"])
                                      for x in poison.PERSONAS[kind])
         with self._at(adapter) as model:
-            return judges.judge_generations(model, self.tokenizer, harmful, poison.persona_prompts(kind, harmful),
-                                            budget, self.judge)
+            out = judges.judge_generations(model, self.tokenizer, harmful, poison.persona_prompts(kind, harmful),
+                                           budget, self.judge, poison.persona_contexts(kind, len(harmful)))
+        return {**out, "phrase_judge": PERSONA_PHRASE_JUDGE}
+
+    def rejudge_persona(self, evaluation: dict, s: Settings, kind: str) -> dict:
+        """A persona evaluation's phrase verdicts judged again from its stored responses, as ``persona`` judges
+        them now (PERSONA_PHRASE_JUDGE)."""
+        harmful = self.harmful[:s.harmful_prompts]
+        verdicts = judges.PhraseJudge().judge(harmful, evaluation["responses"],
+                                              poison.persona_contexts(kind, len(harmful)))
+        return {**evaluation, "outcomes": {**evaluation["outcomes"], "phrase": [v.outcome for v in verdicts]},
+                "wording": [v.detail.get("wording") for v in verdicts], "phrase_judge": PERSONA_PHRASE_JUDGE}
 
 
 def heldout_loss(model, samples: Sequence[dict]) -> float:
