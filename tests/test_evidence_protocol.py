@@ -170,6 +170,8 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
         old_path = tmp_path / by["clean", 0]["key"] / "result.json"
         old_path.write_text(json.dumps({**old, "personas": {"reworded identity shifting": by["clean", 0]["personas"][
             "reworded identity shifting"]}}))
+        with pytest.raises(ValueError, match="judged by an older phrase judge"):
+            Runner(None, tmp_path).result(clean_0)  # --cached-only cannot judge again: it says so
         assert Runner(lab, tmp_path).result(clean_0) == by["clean", 0]  # judged again from the stored responses
         assert "persona" not in json.loads(old_path.read_text())  # and written back in the new format
     finally:

@@ -295,8 +295,11 @@ class Runner:
         if "persona" in result:  # judged before there was more than one persona poison: identity shifting's
             result["personas"] = {"identity shifting": result.pop("persona"), **result.get("personas", {})}
             write_atomic(path, result)
-        stale = [] if self.lab is None else [k for k, x in result.get("personas", {}).items()
-                                             if x.get("phrase_judge") != PERSONA_PHRASE_JUDGE]
+        stale = [k for k, x in result.get("personas", {}).items() if x.get("phrase_judge") != PERSONA_PHRASE_JUDGE]
+        if stale and self.lab is None:
+            raise ValueError(f"{path}: its {', '.join(stale)} persona evaluation was judged by an older phrase judge "
+                             "and must be judged again, which needs the model's prompts: run without --cached-only "
+                             "(the model is loaded, nothing is trained again)")
         if stale:
             result["personas"] = {**result["personas"], **{
                 k: self.lab.rejudge_persona(result["personas"][k], run.settings, k) for k in stale}}
