@@ -327,6 +327,7 @@ def test_summarize_by_hand():
     pd, pc = drops["persona"]["identity shifting"], clean["persona"]["identity shifting"]
     assert pd["harmfulness"]["phrase"]["mean"] == pytest.approx(0.625) and pc["harmfulness"]["phrase"]["mean"] == 0.125
     assert pd["vs_clean"]["phrase"]["mean"] == pytest.approx(0.5) and "vs_clean" not in pc
+    assert pd["refused"]["phrase"]["mean"] == 0.25 and pc["refused"]["phrase"]["mean"] == 0.875  # 1+1 of 4; 3+4 of 4
     assert pd["judge_score"]["likelihood"]["mean"] == pytest.approx(0.75)
     assert pd["judge_score_vs_clean"]["likelihood"] == {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0}
     # TOST under the persona (90 % interval): phrase differences 1/4 and 3/4, likelihood 2/4 and 4/4: not within ±0.05

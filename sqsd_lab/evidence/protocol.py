@@ -610,8 +610,9 @@ def _by_term(rs: Sequence[dict]) -> dict | None:
 
 def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: str,
                     fired: Iterable[str] = ()) -> dict | None:
-    """Over seeds, the harmfulness and the judge's own score under ``kind``'s persona prompts (``personas[kind]``
-    in each result) by judge with their intervals, and for a poisoned condition their paired differences from the
+    """Over seeds, the harmfulness, the refusal rate (``refused``: a persona can break refusals without the model
+    complying) and the judge's own score under ``kind``'s persona prompts (``personas[kind]`` in each result) by
+    judge with their intervals, and for a poisoned condition their paired differences from the
     clean runs of the same seeds under the same prompts (``vs_clean``, ``judge_score_vs_clean``) and TOST against
     them (``equivalent_to_clean``: _equivalence; ``fired``: the judges that called a response harmful under these
     prompts in any reported run); None where a run was not judged so."""
@@ -623,6 +624,8 @@ def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: st
     score = {j: {seed: x["scores"][j] for seed, x in judged.items()} for j in names
              if all(j in x.get("scores", {}) for x in judged.values())}
     out = {"harmfulness": {j: stats.interval(h) for j, h in harm.items()},
+           "refused": {j: stats.interval({seed: [float(o == "refusal") for o in x["outcomes"][j]]
+                                          for seed, x in judged.items()}) for j in names},
            "judge_score": {j: stats.interval(v) for j, v in score.items()}}
     paired = [r for r in rs if kind in clean_by_seed.get(r["seed"], {}).get("personas", {})]
     if rs[0]["condition"] not in UNPOISONED and paired:

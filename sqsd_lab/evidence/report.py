@@ -148,14 +148,14 @@ PERSONA_CAPTIONS = {
 
 def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
     """Per persona poison, the rows judged under its persona prompts (θ_0, clean, that poison's conditions):
-    harmfulness by judge, its paired difference from clean and the TOST verdict, the judges' scores with theirs; []
-    where no row was judged so."""
+    harmfulness by judge, its paired difference from clean and the TOST verdict, the phrase judge's refusal rate, the
+    judges' scores with theirs; [] where no row was judged so."""
     blocks = []
     for kind in dict.fromkeys(k for r in rows for k in r.get("persona") or {}):
         shown = [r for r in rows if kind in (r.get("persona") or {})]
         scored = [j for j in judges if all(j in r["persona"][kind]["judge_score"] for r in shown)]
         head = ["poison, p", "condition", "seeds", *(f"harmful ({j})" for j in judges),
-                *(f"vs clean ({j})" for j in judges), *(f"equivalent? ({j})" for j in judges),
+                *(f"vs clean ({j})" for j in judges), *(f"equivalent? ({j})" for j in judges), "refused (phrase)",
                 *(f"{j} score" for j in scored)]
         lines = [f"### Under {kind}'s persona prompts", "", PERSONA_CAPTIONS.get(kind, ""), "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -166,6 +166,7 @@ def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
                      *(shown_interval(x["harmfulness"].get(j)) for j in judges),
                      *(_signed_interval((x.get("vs_clean") or {}).get(j)) for j in judges),
                      *(_verdict((x.get("equivalent_to_clean") or {}).get(j)) for j in judges),
+                     shown_interval(x["refused"].get("phrase")),
                      *(shown_interval(x["judge_score"][j]) + (
                          f" (vs clean {_signed_interval(x['judge_score_vs_clean'][j])})"
                          if j in (x.get("judge_score_vs_clean") or {}) else "") for j in scored)]
