@@ -209,14 +209,17 @@ QUICK_SEEDED = ("no_defence", "drops")
 QUICK_REMOVALS = ("filter:keyword", "filter:gradient similarity", "offline")
 """Removals before training run in the quick plan on identity shifting too: the filters users would otherwise pick
 and SQSD's own offline screening."""
+QUICK_REWORDED = ("drops", "offline", "filter:representation similarity")
+"""Run in the quick plan against reworded identity shifting: the recommended drops, SQSD's offline screening and the
+screen that finds most of that poison before training."""
 SHARES_CONDITIONS = ("no_defence", "drops", "filter:keyword", "filter:gradient similarity", "random")
 """Run at p = 5 % and 20 % (identity-shifting poison, fewer seeds)."""
 
 
 def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Run]:
     """``quick`` (2 CPU cores, small evaluations: disjoint harmful poison at 10 % with QUICK_CONDITIONS on 2 seeds and
-    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED and QUICK_REMOVALS on 8 seeds, its
-    reworded personas with the same on 4;
+    QUICK_SEEDED on a third; identity shifting at 10 % with QUICK_SEEDED on 8 seeds and QUICK_REMOVALS on 3; its
+    reworded personas at 10 % with no defence on 4 seeds and QUICK_REWORDED on 2;
     gradient-similar benign poison at 10 % with QUICK_SEEDED on 2) or
     ``full`` (issue 27's sizes: KEY_CONDITIONS at 10 % with 8 seeds on the three benign-looking poisons and 4 on
     disjoint harmful; SHARES_CONDITIONS at 5 %/20 % and MORE_CONDITIONS at 10 % with 4 seeds on identity shifting);
@@ -226,8 +229,10 @@ def plan(mode: str, seeds: Sequence[int] | None = None, only: Sequence[str] | No
         cells = [(["disjoint harmful"], [0.1], QUICK_CONDITIONS, seeds or [0, 1]),
                  (["gradient-similar benign"], [0.1], QUICK_SEEDED, seeds or [0, 1]),
                  (["disjoint harmful"], [0.1], QUICK_SEEDED, seeds or [2]),
-                 (["identity shifting"], [0.1], QUICK_SEEDED + QUICK_REMOVALS, seeds or range(8)),
-                 (["reworded identity shifting"], [0.1], QUICK_SEEDED + QUICK_REMOVALS, seeds or range(4))]
+                 (["identity shifting"], [0.1], QUICK_SEEDED, seeds or range(8)),
+                 (["identity shifting"], [0.1], QUICK_REMOVALS, seeds or range(3)),
+                 (["reworded identity shifting"], [0.1], ["no_defence"], seeds or range(4)),
+                 (["reworded identity shifting"], [0.1], QUICK_REWORDED, seeds or range(2))]
     elif mode == "full":
         settings = Settings()
         many, few = list(seeds or range(8)), list(seeds or range(4))
