@@ -176,6 +176,12 @@ def test_whole_pipeline_is_cached_and_consistent(lab, counted, tmp_path):
         assert "persona" not in json.loads(old_path.read_text())  # and written back in the new format
     finally:
         lab.persona = judged
+    restored = tmp_path / "restored"  # a cached clean run without its training folder, lacking a persona kind
+    (restored / by["clean", 1]["key"]).mkdir(parents=True)
+    (restored / by["clean", 1]["key"] / "result.json").write_text(json.dumps(
+        {**by["clean", 1], "personas": {"identity shifting": by["clean", 1]["personas"]["identity shifting"]}}))
+    with pytest.raises(FileNotFoundError, match="has no adapter .* reworded identity shifting.s persona prompts"):
+        Runner(lab, restored).result(next(r for r in runs if r.condition == "clean" and r.seed == 1))
 
 
 def test_online_ranking_by_hand(tmp_path):

@@ -313,6 +313,11 @@ class Runner:
             k for k in persona_kinds(run, self.lab.poison_sets) if k not in result.get("personas", {})]
         if missing:
             adapter = self._adapter(run, result)
+            if adapter is not None and not adapter.is_dir():
+                raise FileNotFoundError(
+                    f"{run.label()} has no adapter at {adapter} to judge it under {', '.join(missing)}'s persona "
+                    f"prompts (its result was kept without its training folder, e.g. restored from a -runs.json); "
+                    f"delete {path} to train it again (runs are deterministic) or leave {', '.join(missing)} out")
             result["personas"] = {**result.get("personas", {}),
                                   **{k: self.lab.persona(adapter, run.settings, k) for k in missing}}
             write_atomic(path, result)
