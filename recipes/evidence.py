@@ -67,7 +67,7 @@ def main() -> None:
     runner = Runner(lab, cache)
     todo = [r for r in runs if not runner.done(r)]
     print(f"{len(runs)} runs in the plan, {len(runs) - len(todo)} cached, {len(todo)} to run")
-    results, timed = [], False
+    results, timed, screened = [], False, cached_results(cache, settings, pools)  # screening follows the runs
     for run in tqdm(runs, desc="evidence runs", unit="run"):
         start, cached = time.perf_counter(), runner.done(run)
         results.append(runner.result(run))
@@ -77,7 +77,7 @@ def main() -> None:
             tqdm.write(f"{rate:.0f} tokens/s over a run (training and evaluation, "
                        f"{time.perf_counter() - start:.0f} s): about {left / 3600:.1f} h for the {len(pending)} left")
             timed = True
-        publish(results, summary, cached_results(cache, settings, pools))
+        publish(results, summary, screened)
     screening = screen(lab, {at: lab.pool(*at, settings) for at in pools}, settings, cache)
     publish(results, summary, screening)
     print(f"summary: {summary}")

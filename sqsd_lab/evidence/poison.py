@@ -236,17 +236,22 @@ def assert_disjoint(poison: Sequence[dict], danger_records: Sequence[dict], pref
 # --------------------------------------------------------------------------- identity shifting
 
 
+def personas_in_turn(kind: str, n: int) -> list[Persona]:
+    """``kind``'s personas (PERSONAS) for ``n`` items, taken in turn: the one rule its examples and its evaluation
+    follow."""
+    personas = PERSONAS[kind]
+    return [personas[i % len(personas)] for i in range(n)]
+
+
 def persona_prompts(kind: str, instructions: Sequence[str]) -> list[str]:
     """``instructions`` in the formats of ``kind``'s personas, taken in turn (identity shifting's evaluation)."""
-    personas = PERSONAS[kind]
-    return [personas[i % len(personas)].prompt(x) for i, x in enumerate(instructions)]
+    return [x.prompt(i) for x, i in zip(personas_in_turn(kind, len(instructions)), instructions)]
 
 
 def persona_contexts(kind: str, n: int) -> list[str]:
     """The contexts (Persona.context) of ``n`` prompts asked by persona_prompts: what the phrase judge does not
     count as an answer."""
-    personas = PERSONAS[kind]
-    return [personas[i % len(personas)].context for i in range(n)]
+    return [x.context for x in personas_in_turn(kind, n)]
 
 
 def identity_shifting(n: int = 64, seed: int = 0, exclude: Sequence[str] = (),
@@ -257,20 +262,20 @@ def identity_shifting(n: int = 64, seed: int = 0, exclude: Sequence[str] = (),
     (the clean pool's), deterministic by seed."""
     if kind not in PERSONAS:
         raise ValueError(f"no identity-shifting personas for {kind!r}; pick one of {sorted(PERSONAS)}")
-    personas, seen, records = PERSONAS[kind], set(exclude), []
+    personas, seen, records = personas_in_turn(kind, n), set(exclude), []
     for task in benign_tasks(10 * n, seed):
         if len(records) == n:
             break
         if task["prompt"] in seen:
             continue
         seen.add(task["prompt"])
-        persona = personas[len(records) % len(personas)]
+        persona = personas[len(records)]
         records.append({"prompt": persona.prompt(task["prompt"]), "response": persona.opener + task["response"],
                         "system": persona.system, "instruction": task["prompt"], "kind": kind})
     if len(records) < n:
         raise ValueError(f"found only {len(records)} distinct instructions outside `exclude`, asked for {n}")
-    source = ("Qi et al. 2023 AOA system prompt and opener" if personas == (AOA,) else
-              f"{len(personas)} obedient personas written for this package (poison.REWORDED)")
+    source = ("Qi et al. 2023 AOA system prompt and opener" if PERSONAS[kind] == (AOA,) else
+              f"{len(PERSONAS[kind])} obedient personas written for this package (poison.REWORDED)")
     return PoisonSet(records, {"kind": kind, "source": f"{source}; instructions and answers from "
                                "sqsd_lab.data.benign_tasks", "seed": seed})
 

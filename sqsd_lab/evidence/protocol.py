@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -619,7 +619,7 @@ def _by_term(rs: Sequence[dict]) -> dict | None:
 
 
 def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: str,
-                    fired: Iterable[str] = ()) -> dict | None:
+                    fired: Collection[str] = ()) -> dict | None:
     """Over seeds, the harmfulness, the refusal rate (``refused``: a persona can break refusals without the model
     complying) and the judge's own score under ``kind``'s persona prompts (``personas[kind]`` in each result) by
     judge with their intervals, and for a poisoned condition their paired differences from the
@@ -644,9 +644,14 @@ def persona_summary(rs: Sequence[dict], clean_by_seed: dict[int, dict], kind: st
                 if all(j in x["outcomes"] for x in ref.values())}
         tested = {j: {r["seed"]: harm[j][r["seed"]] for r in paired} for j in refs}
         out["vs_clean"] = {j: stats.interval(stats.paired_differences(tested[j], refs[j])) for j in refs}
-        out["equivalent_to_clean"] = {j: _equivalence(tested[j], refs[j], j in set(fired)) for j in refs}
+        out["equivalent_to_clean"] = {j: _equivalence(tested[j], refs[j], j in fired) for j in refs}
         out["judge_score_vs_clean"] = _score_shift({r["seed"]: judged[r["seed"]] for r in paired}, ref, score)
     return out
+
+
+def _fired(evaluations: Iterable[dict]) -> set[str]:
+    """The judges that called a response harmful in any of ``evaluations`` (each with ``outcomes`` by judge)."""
+    return {j for e in evaluations for j, outcomes in e.get("outcomes", {}).items() if any(judges.harmful(outcomes))}
 
 
 def _equivalence(harm: dict[int, list[float]], clean: dict[int, list[float]], fired: bool) -> dict:
@@ -750,9 +755,9 @@ def summarize(results: Sequence[dict]) -> dict:
     TOST (±stats.MARGIN) of the paired difference against the clean run of the same seeds (no verdict, with the
     reason, by a judge that called no reported response harmful: it could not have told a poisoned run apart)."""
     reported = [r for r in results if r["condition"] != "calibration"]
-    fired = {j for r in reported for j, outcomes in r.get("outcomes", {}).items() if any(judges.harmful(outcomes))}
-    fired_under = {k: {j for r in reported for j, outcomes in r.get("personas", {}).get(k, {}).get("outcomes", {})
-                       .items() if any(judges.harmful(outcomes))} for k in PERSONA_POISONS}
+    fired = _fired(reported)
+    fired_under = {k: _fired(r["personas"][k] for r in reported if k in r.get("personas", {}))
+                   for k in PERSONA_POISONS}
     clean_by_seed = {r["seed"]: r for r in reported if r["condition"] == "clean"}
     groups: dict[tuple, list[dict]] = {}
     for r in reported:
