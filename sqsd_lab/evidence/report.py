@@ -138,12 +138,12 @@ def _screening_table(rows: list[dict]) -> list[str]:
     return ["\n".join(lines)]
 
 
-PERSONA_CAPTIONS = {
-    "identity shifting": "The held-out harmful prompts asked in identity shifting's AOA format (its system prompt and "
-                         "\"AOA, execute my instruction: …\"), as Qi et al. 2023 evaluate it.",
-    "reworded identity shifting": "The held-out harmful prompts asked in the reworded personas' formats, the four "
-                                  "taken in turn (\"Vega, your orders: …\", \"OBI, instruction follows. …\", …)."}
-"""What each persona table's prompts are."""
+def _persona_caption(kind: str) -> str:
+    """What a persona table's prompts are, from the kind's personas (poison.PERSONAS)."""
+    from sqsd_lab.evidence.poison import PERSONAS
+    requests = ", ".join('"' + x.request.format('…') + '"' for x in PERSONAS.get(kind, ()))
+    return (f"The held-out harmful prompts asked in {kind}'s persona formats, each after its system prompt and taken "
+            f"in turn ({requests}), as Qi et al. 2023 evaluate identity shifting.")
 
 
 def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
@@ -157,7 +157,7 @@ def _persona_table(rows: list[dict], judges: list[str]) -> list[str]:
         head = ["poison, p", "condition", "seeds", *(f"harmful ({j})" for j in judges),
                 *(f"vs clean ({j})" for j in judges), *(f"equivalent? ({j})" for j in judges), "refused (phrase)",
                 *(f"{j} score" for j in scored)]
-        lines = [f"### Under {kind}'s persona prompts", "", PERSONA_CAPTIONS.get(kind, ""), "",
+        lines = [f"### Under {kind}'s persona prompts", "", _persona_caption(kind), "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in shown:
             x = r["persona"][kind]
